@@ -1,0 +1,74 @@
+"""Run settings: one pydantic model per concern, `extra="forbid"` so a typo is an error."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from raybatch.protocol import InferenceParameters, Precision
+
+GIB = 1 << 30
+MIB = 1 << 20
+
+
+class EngineConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    replicas: Optional[int] = Field(
+        None,
+        ge=1,
+        description="Engine replicas. None: one per `tensor_parallel_size` GPUs in the "
+        "cluster, or one on a cluster without GPUs. More replicas add throughput and "
+        "memory use; each loads the whole model.",
+    )
+    tensor_parallel_size: int = Field(
+        1, ge=1, description="GPUs per replica, all on one node. Raise it for models that "
+        "do not fit one GPU; it costs inter-GPU traffic per token."
+    )
+    max_model_len: Optional[int] = Field(
+        None, ge=16, description="Context length. None: the model's own. Lower saves KV cache."
+    )
+    max_num_seqs: int = Field(
+        256, ge=1, description="Sequences one engine schedules at once. Higher raises "
+        "throughput until the KV cache is full."
+    )
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
+    cpu_kv_cache_gib: int = Field(
+        1, ge=1, description="KV cache of the CPU engine, in GiB (VLLM_CPU_KVCACHE_SPACE)."
+    )
+    batch_size: int = Field(
+        16, ge=1, description="Rows per batch sent to an engine actor. Small batches keep "
+        "rows moving; with `concurrent_batches` they set how many requests are in flight."
+    )
+    concurrent_batches: int = Field(
+        16, ge=1, description="Batches each engine actor works on at once. batch_size x "
+        "concurrent_batches should exceed max_num_seqs so the engine never starves."
+    )
+    engine_args: dict[str, Any] = Field(
+        default_factory=dict, description="Further vLLM engine arguments, passed as given."
+    )
+
+
+class RunConfig(BaseModel):
+    """One batch job as the data plane runs it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    input: str = Field(description="A .jsonl file or a folder/prefix of .jsonl shards.")
+    output: str = Field(description="A folder/prefix for results, errors and commit records.")
+    model: str = Field(description="A Hugging Face model ID or a local path.")
+    inference_parameters: InferenceParameters = Field(default_factory=InferenceParameters)
+    precision: Precision = Precision.PRECISION_UNSPECIFIED
+    output_cap_bytes: int = Field(8 * GIB, ge=1, description="Committed output never passes this.")
+    max_line_bytes: int = Field(MIB, ge=64, description="Longer input lines are error rows.")
+    max_n: int = Field(16, ge=1, description="Largest `n` a row may ask for.")
+    part_max_rows: int = Field(
+        1000, ge=1, description="Rows per committed part. Smaller parts lose less work "
+        "on a crash and publish progress sooner; larger parts mean fewer objects."
+    )
+    part_max_bytes: int = Field(16 * MIB, ge=1)
+    part_max_seconds: float = Field(
+        5.0, gt=0, description="A part is committed at least this often while rows arrive."
+    )
+    engine: EngineConfig = Field(default_factory=EngineConfig)

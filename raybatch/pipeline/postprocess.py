@@ -1,0 +1,138 @@
+"""Stage 5 — postprocess: engine results and error rows become output lines in the
+OpenAI batch output envelope (the oracle is vLLM's `BatchRequestOutput`)."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Optional
+
+import pyarrow as pa
+
+from raybatch.pipeline.engine import EngineResult, TokenLogprob
+from raybatch.pipeline.rows import OUTPUT_SCHEMA, column
+from raybatch.protocol import (
+    AssistantMessage,
+    BatchError,
+    BatchOutputLine,
+    BatchResponse,
+    ChatChoice,
+    ChatCompletion,
+    CompletionTokensDetails,
+    TextChoice,
+    TextCompletion,
+    Usage,
+)
+
+
+def _chat_logprobs(entries: Optional[list[TokenLogprob]]) -> Optional[dict[str, Any]]:
+    if entries is None:
+        return None
+    return {
+        "content": [
+            {
+                "token": e.token,
+                "logprob": e.logprob,
+                "bytes": e.bytes,
+                "top_logprobs": [t.model_dump() for t in e.top],
+            }
+            for e in entries
+        ]
+    }
+
+
+def _text_logprobs(entries: Optional[list[TokenLogprob]], offset: int) -> Optional[dict[str, Any]]:
+    if entries is None:
+        return None
+    offsets = []
+    for e in entries:
+        offsets.append(offset)
+        offset += len(e.token)
+    return {
+        "tokens": [e.token for e in entries],
+        "token_logprobs": [e.logprob for e in entries],
+        "top_logprobs": [{t.token: t.logprob for t in e.top} for e in entries],
+        "text_offset": offsets,
+    }
+
+
+def build_response_body(result: EngineResult, *, chat: bool, model: str, created: int):
+    completion_tokens = sum(c.completion_tokens for c in result.choices)
+    usage = Usage(
+        prompt_tokens=result.prompt_tokens,
+        completion_tokens=completion_tokens,
+        total_tokens=result.prompt_tokens + completion_tokens,
+        prompt_tokens_details=CompletionTokensDetails(cached_tokens=result.cached_tokens),
+    )
+    if chat:
+        return ChatCompletion(
+            id=f"chatcmpl-{uuid.uuid4().hex}",
+            created=created,
+            model=model,
+            choices=[
+                ChatChoice(
+                    index=i,
+                    message=AssistantMessage(content=c.text),
+                    logprobs=_chat_logprobs(c.logprobs),
+                    finish_reason=c.finish_reason,
+                )
+                for i, c in enumerate(result.choices)
+            ],
+            usage=usage,
+        )
+    prefix = result.prompt_text or ""
+    return TextCompletion(
+        id=f"cmpl-{uuid.uuid4().hex}",
+        created=created,
+        model=model,
+        choices=[
+            TextChoice(
+                index=i,
+                text=prefix + c.text,
+                logprobs=_text_logprobs(c.logprobs, len(prefix)),
+                finish_reason=c.finish_reason,
+            )
+            for i, c in enumerate(result.choices)
+        ],
+        usage=usage,
+    )
+
+
+def finish_rows(batch: pa.Table, *, model: str) -> pa.Table:
+    """Ray Data UDF: engine rows in, output lines (and their token counts) out."""
+    created = int(time.time())
+    out: dict[str, list] = {name: [] for name in OUTPUT_SCHEMA.names}
+    rows = zip(
+        column(batch, "shard"),
+        column(batch, "line"),
+        column(batch, "custom_id"),
+        column(batch, "result"),
+        column(batch, "error_code"),
+        column(batch, "error_message"),
+        column(batch, "kind"),
+    )
+    for shard, line, custom_id, result_json, code, message, kind in rows:
+        tokens = (0, 0, 0)
+        if code is not None:
+            envelope = BatchOutputLine(
+                id=f"batch_req_{uuid.uuid4().hex}",
+                custom_id=custom_id,
+                response=None,
+                error=BatchError(code=code, message=message, line=line, file=shard),
+            )
+        else:
+            result = EngineResult.model_validate_json(result_json)
+            body = build_response_body(result, chat=kind == "chat", model=model, created=created)
+            envelope = BatchOutputLine(
+                id=f"batch_req_{uuid.uuid4().hex}",
+                custom_id=custom_id,
+                response=BatchResponse(
+                    status_code=200, request_id=f"req_{uuid.uuid4().hex}", body=body
+                ),
+                error=None,
+            )
+            tokens = (body.usage.prompt_tokens, body.usage.completion_tokens, result.cached_tokens)
+        values = (shard, line, code is not None, envelope.model_dump_json(), *tokens)
+        for name, value in zip(OUTPUT_SCHEMA.names, values):
+            out[name].append(value)
+    return pa.Table.from_pydict(out, schema=OUTPUT_SCHEMA)

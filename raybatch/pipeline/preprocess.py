@@ -1,0 +1,116 @@
+"""Stage 3 — preprocess: a validated request becomes an `EngineRequest`.
+
+The engine request is what any engine behind `raybatch.pipeline.engine.Engine` needs:
+the chat messages or the prompt, and sampling settings named as vLLM's
+`SamplingParams` names them. It travels between stages as JSON, so blocks stay plain
+string columns whatever the rows hold.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Union
+
+import pyarrow as pa
+from pydantic import BaseModel, ConfigDict
+
+from raybatch.exceptions import RowError
+from raybatch.pipeline.rows import REQUEST_SCHEMA, column
+from raybatch.pipeline.validate import Body, ValidatedRequest, is_blank, validate_line
+from raybatch.protocol import ChatCompletionBody
+
+
+class EngineRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    custom_id: str
+    kind: str  # "chat" | "completion"
+    messages: Optional[list[dict[str, str]]] = None
+    prompt: Optional[Union[str, list[int]]] = None
+    sampling: dict[str, Any]
+    max_tokens: Optional[int] = None  # None: whatever the context leaves
+    structured_output: Optional[dict[str, Any]] = None
+    echo: bool = False
+
+
+def _sampling(body: Body) -> dict[str, Any]:
+    sampling: dict[str, Any] = {
+        "n": body.n,
+        "temperature": body.temperature,
+        "top_p": body.top_p,
+        "top_k": body.top_k,
+        "min_tokens": body.min_tokens,
+        "stop": [body.stop] if isinstance(body.stop, str) else body.stop,
+        "seed": body.seed,
+        "presence_penalty": body.presence_penalty,
+        "frequency_penalty": body.frequency_penalty,
+        "repetition_penalty": body.repetition_penalty,
+        "ignore_eos": body.ignore_eos,
+    }
+    if isinstance(body, ChatCompletionBody):
+        # OpenAI chat: `logprobs` switches them on, `top_logprobs` says how many
+        # alternatives; vLLM's number 0 means "the sampled token only".
+        sampling["logprobs"] = (body.top_logprobs or 0) if body.logprobs else None
+    else:
+        sampling["logprobs"] = body.logprobs
+    return {k: v for k, v in sampling.items() if v is not None}
+
+
+def _structured_output(body: Body) -> Optional[dict[str, Any]]:
+    response_format = body.response_format
+    if response_format is None or response_format.type == "text":
+        return None
+    # Whitespace is disallowed between JSON tokens: models that loop on whitespace
+    # would otherwise fill max_tokens with it and never close the object.
+    if response_format.type == "json_object":
+        return {"json_object": True, "disable_any_whitespace": True}
+    return {"json": response_format.json_schema.schema_, "disable_any_whitespace": True}
+
+
+def to_engine_request(request: ValidatedRequest) -> EngineRequest:
+    body = request.body
+    chat = isinstance(body, ChatCompletionBody)
+    return EngineRequest(
+        custom_id=request.custom_id,
+        kind="chat" if chat else "completion",
+        messages=[{"role": m.role, "content": m.text()} for m in body.messages] if chat else None,
+        prompt=None if chat else body.prompt,
+        sampling=_sampling(body),
+        max_tokens=body.output_limit,
+        structured_output=_structured_output(body),
+        echo=bool(getattr(body, "echo", False)),
+    )
+
+
+def prepare_requests(
+    batch: pa.Table,
+    *,
+    max_line_bytes: int,
+    max_n: int,
+    job_defaults: dict[str, Any],
+    duplicates: frozenset[tuple[str, int]],
+) -> pa.Table:
+    """Ray Data UDF for stages 2 and 3: raw lines in, engine requests or errors out.
+
+    Blank lines are dropped here (the input scan counts them)."""
+    out: dict[str, list] = {name: [] for name in REQUEST_SCHEMA.names}
+    for shard, line, raw in zip(column(batch, "shard"), column(batch, "line"), column(batch, "raw")):
+        if is_blank(raw):
+            continue
+        request_json = code = message = None
+        try:
+            validated = validate_line(
+                raw,
+                max_line_bytes=max_line_bytes,
+                max_n=max_n,
+                job_defaults=job_defaults,
+                is_duplicate=(shard, line) in duplicates,
+            )
+            custom_id = validated.custom_id
+            request_json = to_engine_request(validated).model_dump_json(exclude_none=True)
+        except RowError as error:
+            custom_id, code, message = error.custom_id, error.code, error.message
+        for name, value in zip(
+            REQUEST_SCHEMA.names, (shard, line, custom_id, request_json, code, message)
+        ):
+            out[name].append(value)
+    return pa.Table.from_pydict(out, schema=REQUEST_SCHEMA)

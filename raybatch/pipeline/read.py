@@ -1,0 +1,102 @@
+"""Stage 1 — read: stream the input shards as lines, each keeping its (shard, line).
+
+The read stage is a generator over shards: a task opens one shard and yields batches
+of lines as it goes, so no shard is ever held whole in memory, and a line longer than
+the limit is skipped over in bounded chunks rather than loaded.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import IO, Iterator, Optional
+
+import pyarrow as pa
+
+from raybatch.pipeline.rows import RAW_SCHEMA, column
+from raybatch.storage import Shard, open_shard
+
+UTF8_BOM = b"\xef\xbb\xbf"
+LINES_PER_BATCH = 1024
+_DRAIN_CHUNK = 1 << 20
+
+
+def iter_lines(handle: IO[bytes], max_line_bytes: int) -> Iterator[tuple[int, Optional[bytes]]]:
+    """Yield (1-based line number, line without its line end) for every line.
+
+    A line longer than `max_line_bytes` yields None instead of its bytes. CRLF ends and
+    a UTF-8 BOM at the start of the file are removed.
+    """
+    # fsspec's buffered files ignore readline's size limit; io.BufferedReader honours it.
+    reader = handle if isinstance(handle, io.BufferedReader) else io.BufferedReader(handle, 1 << 20)
+    line_number = 0
+    while True:
+        chunk = reader.readline(max_line_bytes + 2)  # room for "\r\n"
+        if not chunk:
+            return
+        line_number += 1
+        complete = chunk.endswith(b"\n") or len(chunk) < max_line_bytes + 2
+        while not chunk.endswith(b"\n") and not complete:
+            # Too long: skip the rest of the line without holding it.
+            chunk = reader.readline(_DRAIN_CHUNK)
+            if not chunk:
+                break
+        if not complete:
+            yield line_number, None
+            continue
+        if chunk.endswith(b"\n"):
+            chunk = chunk[:-1]
+        if chunk.endswith(b"\r"):
+            chunk = chunk[:-1]
+        if line_number == 1 and chunk.startswith(UTF8_BOM):
+            chunk = chunk[len(UTF8_BOM):]
+        yield line_number, (chunk if len(chunk) <= max_line_bytes else None)
+
+
+def read_shards(
+    batch: pa.Table, *, max_line_bytes: int, skip: Optional[dict[str, "LineSet"]] = None
+) -> Iterator[pa.Table]:
+    """Ray Data generator UDF: a batch of shard descriptions in, batches of lines out.
+
+    Columns out: `shard` (name), `line` (1-based), `raw` (bytes, None if too large).
+    Lines in `skip[shard]` (committed by an earlier run) are left out.
+    """
+    skip = skip or {}
+    for url, name, size in zip(column(batch, "url"), column(batch, "name"), column(batch, "size")):
+        done = skip.get(name)
+        shards, lines, raws = [], [], []
+        with open_shard(Shard(str(url), str(name), int(size))) as handle:
+            for line_number, raw in iter_lines(handle, max_line_bytes):
+                if done is not None and line_number in done:
+                    continue
+                shards.append(str(name))
+                lines.append(line_number)
+                raws.append(raw)
+                if len(lines) >= LINES_PER_BATCH:
+                    yield _table(shards, lines, raws)
+                    shards, lines, raws = [], [], []
+        if lines:
+            yield _table(shards, lines, raws)
+
+
+def _table(shards: list, lines: list, raws: list) -> pa.Table:
+    return pa.Table.from_pydict({"shard": shards, "line": lines, "raw": raws}, schema=RAW_SCHEMA)
+
+
+class LineSet:
+    """A set of line numbers of one shard, one bit each, for the lines a run skips."""
+
+    def __init__(self) -> None:
+        self._bits = bytearray()
+
+    def add(self, line: int) -> None:
+        byte, bit = divmod(line, 8)
+        if byte >= len(self._bits):
+            self._bits.extend(b"\0" * (byte + 1 - len(self._bits)))
+        self._bits[byte] |= 1 << bit
+
+    def __contains__(self, line: int) -> bool:
+        byte, bit = divmod(line, 8)
+        return byte < len(self._bits) and bool(self._bits[byte] & (1 << bit))
+
+    def __len__(self) -> int:
+        return sum(bin(b).count("1") for b in self._bits)

@@ -1,0 +1,68 @@
+"""The columns rows carry between stages, fixed as Arrow schemas.
+
+Every stage returns a table of its schema, so a batch in which some column happens to
+be all null still has the same types as the others, and blocks always concatenate.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pyarrow as pa
+
+# read → validate/preprocess
+RAW_SCHEMA = pa.schema([("shard", pa.string()), ("line", pa.int64()), ("raw", pa.binary())])
+
+# read → input scan (custom_ids for duplicate detection, blank-line counts)
+SCAN_SCHEMA = pa.schema(
+    [
+        ("shard", pa.string()),
+        ("line", pa.int64()),
+        ("custom_id", pa.string()),
+        ("blank", pa.bool_()),
+    ]
+)
+
+# preprocess → engine: a row has a `request` (JSON EngineRequest) or an error.
+REQUEST_SCHEMA = pa.schema(
+    [
+        ("shard", pa.string()),
+        ("line", pa.int64()),
+        ("custom_id", pa.string()),
+        ("request", pa.string()),
+        ("error_code", pa.string()),
+        ("error_message", pa.string()),
+    ]
+)
+
+# engine → postprocess: `result` (JSON EngineResult) replaces `request`.
+ENGINE_SCHEMA = pa.schema(
+    [
+        ("shard", pa.string()),
+        ("line", pa.int64()),
+        ("custom_id", pa.string()),
+        ("kind", pa.string()),  # "chat" | "completion"; null on error rows
+        ("result", pa.string()),
+        ("error_code", pa.string()),
+        ("error_message", pa.string()),
+    ]
+)
+
+# postprocess → writer: one finished output line each.
+OUTPUT_SCHEMA = pa.schema(
+    [
+        ("shard", pa.string()),
+        ("line", pa.int64()),
+        ("is_error", pa.bool_()),
+        ("output", pa.string()),
+        ("prompt_tokens", pa.int64()),
+        ("completion_tokens", pa.int64()),
+        ("cached_tokens", pa.int64()),
+    ]
+)
+
+
+def column(batch: Any, name: str) -> list:
+    """A column of a pyarrow table or a dict batch as a Python list."""
+    values = batch[name]
+    return values.to_pylist() if hasattr(values, "to_pylist") else list(values)

@@ -1,0 +1,304 @@
+"""Wire formats: what users write (input lines, job parameters) and what they get back
+(output envelopes, job progress). Logic lives elsewhere; these are only shapes and
+per-field rules.
+
+Input lines follow the OpenAI batch format; output lines follow the OpenAI batch output
+envelope, checked in the tests against vLLM's own `BatchRequestOutput`. Job-level models
+use the camelCase JSON names of the Fireworks API.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+from typing import Any, Literal, Optional, Union
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic.alias_generators import to_camel
+
+CHAT_URL = "/v1/chat/completions"
+COMPLETIONS_URL = "/v1/completions"
+SUPPORTED_URLS = (CHAT_URL, COMPLETIONS_URL)
+
+
+class ErrorCode(str, enum.Enum):
+    """Codes of the error file's `error.code`. One per way a line can fail."""
+
+    INVALID_JSON = "invalid_json"
+    INVALID_REQUEST = "invalid_request"
+    MISSING_CUSTOM_ID = "missing_custom_id"
+    DUPLICATE_CUSTOM_ID = "duplicate_custom_id"
+    LINE_TOO_LARGE = "line_too_large"
+    CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"
+    ENGINE_ERROR = "engine_error"
+
+
+class Precision(str, enum.Enum):
+    """The seed's precision names. `raybatch.precision` maps each to engine arguments."""
+
+    PRECISION_UNSPECIFIED = "PRECISION_UNSPECIFIED"
+    FP16 = "FP16"
+    FP8 = "FP8"
+    FP8_MM = "FP8_MM"
+    FP8_AR = "FP8_AR"
+    FP8_MM_KV_ATTN = "FP8_MM_KV_ATTN"
+    FP8_KV = "FP8_KV"
+    FP8_MM_V2 = "FP8_MM_V2"
+    FP8_V2 = "FP8_V2"
+    FP8_MM_KV_ATTN_V2 = "FP8_MM_KV_ATTN_V2"
+    NF4 = "NF4"
+    FP4 = "FP4"
+    BF16 = "BF16"
+    FP4_BLOCKSCALED_MM = "FP4_BLOCKSCALED_MM"
+    FP4_MX_MOE = "FP4_MX_MOE"
+
+
+class CamelModel(BaseModel):
+    """Job-level JSON uses camelCase names; Python code uses snake_case."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
+
+
+class InferenceParameters(CamelModel):
+    """Job-wide sampling defaults. A row's own value wins over these."""
+
+    max_tokens: Optional[int] = Field(None, ge=1)
+    temperature: Optional[float] = Field(None, ge=0, allow_inf_nan=False)
+    top_p: Optional[float] = Field(None, gt=0, le=1, allow_inf_nan=False)
+    top_k: Optional[int] = Field(None, ge=-1)
+    n: Optional[int] = Field(None, ge=1)
+    extra_body: Optional[str] = Field(
+        None, description="A JSON object, as a string, of further body fields for every row."
+    )
+
+    @field_validator("extra_body")
+    @classmethod
+    def _extra_body_is_json_object(cls, value: Optional[str]) -> Optional[str]:
+        if value is not None:
+            try:
+                parsed = json.loads(value)
+            except ValueError as exc:
+                raise ValueError(f"extraBody is not valid JSON: {exc}") from None
+            if not isinstance(parsed, dict):
+                raise ValueError("extraBody must be a JSON object")
+        return value
+
+    def row_defaults(self) -> dict[str, Any]:
+        """The body fields these parameters stand for, as a row would spell them."""
+        defaults: dict[str, Any] = json.loads(self.extra_body) if self.extra_body else {}
+        named = {
+            "max_tokens": self.max_tokens,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "top_k": self.top_k,
+            "n": self.n,
+        }
+        defaults.update({k: v for k, v in named.items() if v is not None})
+        return defaults
+
+
+class JobProgress(CamelModel):
+    """The job's counters, kept equal to the committed output files."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore")
+
+    percent: float = 0.0
+    total_input_requests: int = 0
+    total_processed_requests: int = 0
+    successfully_processed_requests: int = 0
+    failed_requests: int = 0
+    output_rows: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cached_input_token_count: int = 0
+
+
+# --------------------------------------------------------------------------- input lines
+
+
+class _Body(BaseModel):
+    """Fields shared by chat and completion bodies. `strict` keeps "5" from passing as 5."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    model: Optional[str] = Field(None, description="Ignored: the job's model serves every row.")
+    max_tokens: Optional[int] = Field(None, ge=1)
+    max_completion_tokens: Optional[int] = Field(None, ge=1)
+    temperature: Optional[float] = Field(None, ge=0, allow_inf_nan=False)
+    top_p: Optional[float] = Field(None, gt=0, le=1, allow_inf_nan=False)
+    top_k: Optional[int] = Field(None, ge=-1)
+    n: Optional[int] = Field(None, ge=1)
+    stop: Optional[Union[str, list[str]]] = None
+    seed: Optional[int] = None
+    presence_penalty: Optional[float] = Field(None, ge=-2, le=2, allow_inf_nan=False)
+    frequency_penalty: Optional[float] = Field(None, ge=-2, le=2, allow_inf_nan=False)
+    repetition_penalty: Optional[float] = Field(None, gt=0, allow_inf_nan=False)
+    min_tokens: Optional[int] = Field(None, ge=0)
+    ignore_eos: Optional[bool] = None
+    response_format: Optional["ResponseFormat"] = None
+
+    @field_validator("n")
+    @classmethod
+    def _n_within_limit(cls, value: Optional[int], info: ValidationInfo) -> Optional[int]:
+        max_n = (info.context or {}).get("max_n")
+        if value is not None and max_n is not None and value > max_n:
+            raise ValueError(f"n must be at most {max_n}")
+        return value
+
+    @property
+    def output_limit(self) -> Optional[int]:
+        return self.max_completion_tokens or self.max_tokens
+
+
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    name: Optional[str] = None
+    schema_: dict[str, Any] = Field(alias="schema")
+    strict: Optional[bool] = None
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: Optional[JsonSchemaFormat] = None
+
+    @model_validator(mode="after")
+    def _schema_given_for_json_schema(self) -> "ResponseFormat":
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("response_format of type json_schema needs a json_schema object")
+        return self
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Optional[Union[str, list[TextPart]]] = None
+    name: Optional[str] = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class ChatCompletionBody(_Body):
+    messages: list[ChatMessage] = Field(min_length=1)
+    logprobs: Optional[bool] = None
+    top_logprobs: Optional[int] = Field(None, ge=0, le=20)
+
+
+class CompletionBody(_Body):
+    prompt: Union[str, list[int]]
+    logprobs: Optional[int] = Field(None, ge=0, le=20)
+    echo: Optional[bool] = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_not_empty(cls, value: Union[str, list[int]]) -> Union[str, list[int]]:
+        if len(value) == 0:
+            raise ValueError("prompt must not be empty")
+        return value
+
+
+class BatchInputLine(BaseModel):
+    """One line of the input file."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    custom_id: str
+    method: Literal["POST"] = "POST"
+    url: str = CHAT_URL
+    body: dict[str, Any]
+
+
+# -------------------------------------------------------------------------- output lines
+
+
+class CompletionTokensDetails(BaseModel):
+    cached_tokens: int = 0
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    prompt_tokens_details: CompletionTokensDetails
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: Optional[str]
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: Optional[dict[str, Any]] = None
+    finish_reason: Optional[str]
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class TextChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: Optional[dict[str, Any]] = None
+    finish_reason: Optional[str]
+
+
+class TextCompletion(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[TextChoice]
+    usage: Usage
+
+
+class BatchResponse(BaseModel):
+    status_code: int
+    request_id: str
+    body: Union[ChatCompletion, TextCompletion, dict[str, Any]]
+
+
+class BatchError(BaseModel):
+    code: ErrorCode
+    message: str
+    line: int = Field(description="1-based line number in `file`.")
+    file: str = Field(description="The input shard, relative to the input location.")
+
+
+class BatchOutputLine(BaseModel):
+    """One line of results.jsonl (`error` null) or errors.jsonl (`error` set)."""
+
+    id: str
+    custom_id: Optional[str]
+    response: Optional[BatchResponse]
+    error: Optional[BatchError]
+

@@ -1,0 +1,233 @@
+"""One batch job, start to end: plan engines, scan the input, stream it through the
+pipeline, commit parts, publish the result files and report.
+
+    read → validate → preprocess → engine → postprocess → write
+    (pipeline/read.py … pipeline/write.py, in that order)
+
+A run resumes where an earlier run with the same output location stopped: committed
+lines are skipped, so running the same command again after a crash or a cap finishes the
+job without repeating work.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from collections import defaultdict
+from typing import Callable, Optional
+
+import ray
+from pydantic import BaseModel
+
+from raybatch.config import RunConfig
+from raybatch.exceptions import ConfigError, OutputConflictError
+from raybatch.pipeline.engine import EngineStage
+from raybatch.pipeline.postprocess import finish_rows
+from raybatch.pipeline.preprocess import prepare_requests
+from raybatch.pipeline.read import read_shards
+from raybatch.pipeline.validate import scan_custom_ids, validate_body
+from raybatch.pipeline.write import (
+    STATE_DIR,
+    OutputStatus,
+    OutputWriter,
+    committed_lines,
+    load_commits,
+    publish_files,
+)
+from raybatch.precision import EnginePlan, plan_engines
+from raybatch.protocol import CHAT_URL, COMPLETIONS_URL
+from raybatch.storage import Location, Shard, list_shards
+
+logger = logging.getLogger(__name__)
+
+RUN_FILE = f"{STATE_DIR}/run.json"
+
+
+class InputScan(BaseModel):
+    lines: int = 0  # non-blank lines: the job's totalInputRequests
+    blank_lines: int = 0
+    duplicates: set[tuple[str, int]] = set()
+
+
+class RunSummary(BaseModel):
+    state: str  # "completed" | "output_cap_reached"
+    status: OutputStatus
+    blank_lines: int
+    wall_seconds: float
+
+    @property
+    def tokens_per_second(self) -> float:
+        progress = self.status.progress
+        return (progress.input_tokens + progress.output_tokens) / max(self.wall_seconds, 1e-9)
+
+
+def ensure_ray(num_cpus: Optional[int] = None) -> None:
+    """Join the cluster in RAY_ADDRESS, or start a local one."""
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=False)
+    else:
+        # Logical CPUs above the physical count: the engine actor holds one while its
+        # own threads use every core, and the light read/write stages need room beside it.
+        ray.init(num_cpus=num_cpus or max(4, os.cpu_count() or 1), log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+
+
+def cluster_plan(config: RunConfig) -> EnginePlan:
+    gpus_per_node = [
+        node.get("Resources", {}).get("GPU", 0.0) for node in ray.nodes() if node.get("Alive")
+    ]
+    return plan_engines(config.engine, config.precision, ray.cluster_resources(), gpus_per_node)
+
+
+def _check_job_defaults(config: RunConfig) -> dict:
+    """The job's parameters must be valid on their own, or every row would fail."""
+    defaults = config.inference_parameters.row_defaults()
+    for url, probe in ((CHAT_URL, {"messages": [{"role": "user", "content": "x"}]}), (COMPLETIONS_URL, {"prompt": "x"})):
+        try:
+            validate_body(url, {**defaults, **probe}, max_n=config.max_n)
+        except Exception as exc:
+            raise ConfigError(f"invalid inference parameters: {getattr(exc, 'message', exc)}") from None
+    return defaults
+
+
+def _claim_output(output: Location, config: RunConfig) -> None:
+    """Record what this output belongs to; refuse to mix two different jobs' parts."""
+    identity = config.model_dump(
+        mode="json", include={"input", "model", "inference_parameters", "precision", "max_line_bytes", "max_n"}
+    )
+    if output.exists(RUN_FILE):
+        earlier = json.loads(output.read_bytes(RUN_FILE))
+        if earlier != identity:
+            changed = sorted(k for k in identity if identity[k] != earlier.get(k))
+            raise OutputConflictError(
+                f"{config.output} holds output of a run with different {', '.join(changed)}; "
+                "use another output location or delete this one"
+            )
+        return
+    output.write_atomic(RUN_FILE, json.dumps(identity, indent=2).encode())
+
+
+def _lines(shards: list[Shard], config: RunConfig, skip=None) -> ray.data.Dataset:
+    items = [{"url": s.url, "name": s.name, "size": s.size} for s in shards]
+    return ray.data.from_items(items, override_num_blocks=min(len(items), 64)).map_batches(
+        read_shards,
+        batch_size=1,
+        batch_format="pyarrow",
+        fn_kwargs={"max_line_bytes": config.max_line_bytes, "skip": skip},
+    )
+
+
+def scan_input(shards: list[Shard], config: RunConfig) -> InputScan:
+    """Count the lines and find every custom_id that an earlier line already claimed."""
+    scan = InputScan()
+    first: dict[str, tuple[int, int]] = {}
+    claims: dict[str, list[tuple[int, int]]] = defaultdict(list)
+    order = {s.name: i for i, s in enumerate(shards)}
+    dataset = _lines(shards, config).map_batches(
+        scan_custom_ids, batch_format="pyarrow", fn_kwargs={"max_line_bytes": config.max_line_bytes}
+    )
+    for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
+        for shard, line, custom_id, blank in zip(*(batch[c].to_pylist() for c in batch.column_names)):
+            if blank:
+                scan.blank_lines += 1
+                continue
+            scan.lines += 1
+            if custom_id is not None:
+                key = (order[shard], line)
+                claims[custom_id].append(key)
+                if custom_id not in first or key < first[custom_id]:
+                    first[custom_id] = key
+    names = [s.name for s in shards]
+    scan.duplicates = {
+        (names[s], line) for cid, keys in claims.items() if len(keys) > 1 for (s, line) in keys if (s, line) != first[cid]
+    }
+    return scan
+
+
+def build_pipeline(
+    shards: list[Shard], config: RunConfig, plan: EnginePlan, scan: InputScan, skip
+) -> ray.data.Dataset:
+    prepared = _lines(shards, config, skip).map_batches(
+        prepare_requests,
+        batch_format="pyarrow",
+        fn_kwargs={
+            "max_line_bytes": config.max_line_bytes,
+            "max_n": config.max_n,
+            "job_defaults": config.inference_parameters.row_defaults(),
+            "duplicates": frozenset(scan.duplicates),
+        },
+    )
+    engine = config.engine
+    answered = prepared.map_batches(
+        EngineStage,
+        batch_size=engine.batch_size,
+        batch_format="pyarrow",
+        fn_constructor_kwargs={
+            "kind": "vllm",
+            "model": config.model,
+            "engine_args": plan.engine_args,
+            "cpu_kv_cache_gib": engine.cpu_kv_cache_gib,
+        },
+        compute=ray.data.ActorPoolStrategy(
+            size=plan.replicas, max_tasks_in_flight_per_actor=2 * engine.concurrent_batches
+        ),
+        max_concurrency=engine.concurrent_batches,
+        num_gpus=plan.gpus_per_replica,
+        num_cpus=1 if plan.device == "cpu" else 0,
+        accelerator_type=plan.accelerator_type,
+    )
+    return answered.map_batches(finish_rows, batch_format="pyarrow", fn_kwargs={"model": config.model})
+
+
+def run_job(
+    config: RunConfig, on_progress: Optional[Callable[[OutputStatus], None]] = None
+) -> RunSummary:
+    """Run one job to the end (or to the output cap). Raises RaybatchError subclasses
+    for settings that cannot work, before any engine starts."""
+    started = time.monotonic()
+    _check_job_defaults(config)
+    shards = list_shards(config.input)
+    output = Location(config.output)
+    ensure_ray()
+    plan = cluster_plan(config)
+    _claim_output(output, config)
+    scan = scan_input(shards, config)
+    skip = committed_lines(load_commits(output))
+    writer = ray.remote(num_cpus=0, max_restarts=3, max_task_retries=3)(OutputWriter).remote(
+        config.output,
+        cap_bytes=config.output_cap_bytes,
+        part_max_rows=config.part_max_rows,
+        part_max_bytes=config.part_max_bytes,
+        part_max_seconds=config.part_max_seconds,
+        total_input_requests=scan.lines,
+    )
+    status: OutputStatus = ray.get(writer.status.remote())
+    if on_progress:
+        on_progress(status)
+    remaining = scan.lines - status.progress.total_processed_requests
+    if remaining > 0 and not status.cap_reached:
+        for batch in build_pipeline(shards, config, plan, scan, skip).iter_batches(
+            batch_format="pyarrow", batch_size=None
+        ):
+            status = ray.get(writer.append.remote(batch))
+            if on_progress:
+                on_progress(status)
+            if status.cap_reached:
+                break
+    status = ray.get(writer.flush.remote())
+    if on_progress:
+        on_progress(status)
+    ray.kill(writer)
+    publish_files(output)
+    return RunSummary(
+        state="output_cap_reached" if status.cap_reached else "completed",
+        status=status,
+        blank_lines=scan.blank_lines,
+        wall_seconds=time.monotonic() - started,
+    )

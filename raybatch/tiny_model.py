@@ -1,0 +1,91 @@
+"""A tiny random-weight Llama with a tokenizer trained on the spot.
+
+No model hub is reachable on our CI and development machines, so tests and the
+README's first command use this model. It is small enough to start in vLLM's CPU build
+in well under a minute and generates ~8k tokens/s on two cores. Its text is noise; its
+shapes, tokenizer and chat template are real, which is what the pipeline needs.
+
+The same seed gives the same bytes: the corpus is fixed, BPE training is deterministic
+and the weights come from a seeded generator.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+# A ChatML-style template, so chat rows are rendered the way real chat models render them.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+VOCAB_SIZE = 1024
+MAX_POSITION_EMBEDDINGS = 2048
+
+
+def _training_corpus() -> list[str]:
+    """A fixed corpus: enough English, JSON and digits for merges that look like words."""
+    words = (
+        "the quick brown fox jumps over the lazy dog while a batch of requests streams "
+        "through ray data into vllm engines and every line ends up exactly once in the "
+        "results file or in the error file hello world answer question summary token "
+        "model prompt completion system user assistant json object schema color red green"
+    ).split()
+    lines = []
+    for i in range(400):
+        sentence = " ".join(words[(i * 7 + j * 3) % len(words)] for j in range(12))
+        lines.append(f"{sentence}. {{\"id\": {i}, \"value\": \"{words[i % len(words)]}\"}}")
+    return lines
+
+
+def build_tiny_model(path: str | os.PathLike, seed: int = 0) -> Path:
+    """Write the model to `path` (created if needed) and return it."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(_training_corpus(), trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    fast.model_max_length = MAX_POSITION_EMBEDDINGS
+    fast.save_pretrained(out)
+
+    config = LlamaConfig(
+        vocab_size=len(fast),
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,  # head dimension 64: vLLM CPU needs >= 32
+        num_key_value_heads=4,
+        max_position_embeddings=MAX_POSITION_EMBEDDINGS,
+        bos_token_id=fast.bos_token_id,
+        eos_token_id=fast.eos_token_id,
+        pad_token_id=fast.pad_token_id,
+        tie_word_embeddings=True,
+        torch_dtype="bfloat16",
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(out, safe_serialization=True)
+    return out
