@@ -1,0 +1,106 @@
+"""Test helpers: input builders and the invariant checker every run is held to."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Optional
+
+import fsspec
+
+
+@dataclass
+class Expected:
+    """What one input line must become."""
+
+    shard: str
+    line: int
+    custom_id: Optional[str]  # the custom_id echoed in the output (None: unreadable)
+    error: Optional[str] = None  # error code, or None for a result row
+    blank: bool = False
+
+
+@dataclass
+class InputBuilder:
+    """Builds shards line by line and remembers what each line must become."""
+
+    shards: dict[str, list[bytes]] = field(default_factory=dict)
+    expected: list[Expected] = field(default_factory=list)
+
+    def add(self, shard: str, raw, custom_id=None, error=None, blank=False, end=b"\n") -> None:
+        data = raw if isinstance(raw, bytes) else json.dumps(raw).encode()
+        lines = self.shards.setdefault(shard, [])
+        lines.append(data + end)
+        self.expected.append(Expected(shard, len(lines), custom_id, error, blank))
+
+    def ok(self, shard: str, custom_id: str, body: dict, **top) -> None:
+        self.add(shard, {"custom_id": custom_id, "body": body, **top}, custom_id)
+
+    def write(self, url: str) -> None:
+        fs, root = fsspec.core.url_to_fs(url)
+        for name, lines in self.shards.items():
+            fs.makedirs(f"{root.rstrip('/')}/{name}".rsplit("/", 1)[0], exist_ok=True)
+            with fs.open(f"{root.rstrip('/')}/{name}", "wb") as handle:
+                handle.write(b"".join(lines))
+
+    def lines(self) -> list[Expected]:
+        return [e for e in self.expected if not e.blank]
+
+
+def read_jsonl(url: str) -> list[dict]:
+    fs, path = fsspec.core.url_to_fs(url)
+    data = fs.cat_file(path)
+    assert data == b"" or data.endswith(b"\n"), "torn last line"
+    return [json.loads(line) for line in data.splitlines()]
+
+
+def check_run(output_url: str, expected: list[Expected], *, complete: bool = True) -> dict:
+    """The invariants: every non-blank input line is in exactly one of the two files
+    (or, for a run that stopped early, in neither), with the expected outcome; no torn
+    lines; jobProgress equals the files. Returns {custom_id: result row}."""
+    results = read_jsonl(f"{output_url}/results.jsonl")
+    errors = read_jsonl(f"{output_url}/errors.jsonl")
+    by_custom_id = {row["custom_id"]: row for row in results}
+    assert len(by_custom_id) == len(results), "a custom_id appears twice in results"
+    by_position = {}
+    for row in errors:
+        key = (row["error"]["file"], row["error"]["line"])
+        assert key not in by_position, f"line {key} appears twice in errors"
+        by_position[key] = row
+    seen = 0
+    for line in (e for e in expected if not e.blank):
+        key = (line.shard, line.line)
+        if line.error is None:
+            in_results = line.custom_id in by_custom_id
+            assert key not in by_position, f"{key} expected as a result, found error {by_position[key]['error']}"
+            assert in_results or not complete, f"{key} ({line.custom_id}) missing from results"
+            seen += in_results
+        else:
+            row = by_position.get(key)
+            assert line.custom_id not in by_custom_id or _claimed_elsewhere(line, expected)
+            if row is None:
+                assert not complete, f"{key} missing from errors (expected {line.error})"
+                continue
+            assert row["error"]["code"] == line.error, f"{key}: {row['error']} != {line.error}"
+            assert row["custom_id"] == line.custom_id
+            assert row["response"] is None
+            seen += 1
+    assert seen == len(results) + len(errors), "output holds lines the input does not"
+    progress_file = json.loads(fsspec.open(f"{output_url}/_raybatch/progress.json").open().read())
+    progress = progress_file["progress"]
+    assert progress["successfullyProcessedRequests"] == len(results)
+    assert progress["failedRequests"] == len(errors)
+    assert progress["totalProcessedRequests"] == len(results) + len(errors)
+    assert progress["totalInputRequests"] == len([e for e in expected if not e.blank])
+    usage = [r["response"]["body"]["usage"] for r in results]
+    assert progress["inputTokens"] == sum(u["prompt_tokens"] for u in usage)
+    assert progress["outputTokens"] == sum(u["completion_tokens"] for u in usage)
+    assert progress["cachedInputTokenCount"] == sum(
+        u["prompt_tokens_details"]["cached_tokens"] for u in usage
+    )
+    return by_custom_id
+
+
+def _claimed_elsewhere(line: Expected, expected: list[Expected]) -> bool:
+    """A duplicate's custom_id is in results because an earlier line claimed it."""
+    return line.error == "duplicate_custom_id"
