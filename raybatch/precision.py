@@ -107,6 +107,7 @@ def plan_engines(
     }
     if config.max_model_len:
         engine_args["max_model_len"] = config.max_model_len
+    engine_args.update(config.engine_args)
 
     if total_gpus == 0:
         if rule.min_compute_capability is not None:
