@@ -1,0 +1,74 @@
+"""The writer and the commit records, on local storage, without Ray."""
+
+import json
+
+import pyarrow as pa
+
+from raybatch.pipeline.rows import OUTPUT_SCHEMA
+from raybatch.pipeline.write import OutputWriter, load_commits, publish_files
+from raybatch.storage import Location
+
+
+def batch(lines, shard="in.jsonl", error_every=0):
+    rows = {name: [] for name in OUTPUT_SCHEMA.names}
+    for line in lines:
+        is_error = bool(error_every) and line % error_every == 0
+        values = (shard, line, is_error, json.dumps({"line": line, "pad": "x" * 20}), 3, 2, 1)
+        for name, value in zip(OUTPUT_SCHEMA.names, values):
+            rows[name].append(value)
+    return pa.Table.from_pydict(rows, schema=OUTPUT_SCHEMA)
+
+
+def writer(out, cap=10**9, rows=4, total=10):
+    return OutputWriter(str(out), cap_bytes=cap, part_max_rows=rows, part_max_bytes=10**9, part_max_seconds=3600, total_input_requests=total)
+
+
+def output_lines(out):
+    publish_files(Location(str(out)))
+    results = (out / "results.jsonl").read_bytes().splitlines()
+    errors = (out / "errors.jsonl").read_bytes().splitlines()
+    return [json.loads(x)["line"] for x in results], [json.loads(x)["line"] for x in errors]
+
+
+def test_parts_commit_every_n_rows_and_counters_match(tmp_path):
+    w = writer(tmp_path)
+    w.append(batch(range(1, 11), error_every=5))
+    status = w.flush()
+    assert [c.seq for c in load_commits(Location(str(tmp_path)))] == [1, 2, 3]
+    assert status.progress.total_processed_requests == 10
+    assert status.progress.failed_requests == 2
+    assert status.progress.input_tokens == 30 and status.progress.cached_input_token_count == 10
+    results, errors = output_lines(tmp_path)
+    assert sorted(results + errors) == list(range(1, 11)) and errors == [5, 10]
+
+
+def test_repeated_rows_are_written_once(tmp_path):
+    w = writer(tmp_path)
+    w.append(batch([1, 2, 3]))
+    w.append(batch([2, 3, 4, 5]))  # a retried task sends rows again
+    w.flush()
+    again = writer(tmp_path)  # a re-run over the same output
+    again.append(batch([1, 5, 6]))
+    again.flush()
+    assert sorted(output_lines(tmp_path)[0]) == [1, 2, 3, 4, 5, 6]
+    assert output_lines(tmp_path)[0] == output_lines(tmp_path)[0]  # publishing is idempotent
+
+
+def test_uncommitted_part_data_is_ignored(tmp_path):
+    w = writer(tmp_path)
+    w.append(batch([1, 2, 3, 4]))
+    (tmp_path / "_raybatch" / "parts" / "00000002-dead.results.jsonl").write_text('{"line": 99}\n')
+    assert output_lines(tmp_path)[0] == [1, 2, 3, 4]
+
+
+def test_cap_keeps_whole_lines_that_fit(tmp_path):
+    line_size = len(json.dumps({"line": 1, "pad": "x" * 20})) + 1
+    w = writer(tmp_path, cap=line_size * 6 + 5, rows=4)
+    status = w.append(batch(range(1, 11)))
+    assert status.cap_reached
+    assert status.committed_bytes == line_size * 6
+    status = w.flush()
+    assert status.progress.total_processed_requests == 6
+    assert output_lines(tmp_path)[0] == [1, 2, 3, 4, 5, 6]
+    progress = json.loads((tmp_path / "_raybatch" / "progress.json").read_text())
+    assert progress["capReached"] and progress["progress"]["totalProcessedRequests"] == 6
