@@ -11,6 +11,7 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 from typing import Optional
 
 from pydantic import ValidationError
@@ -44,7 +45,7 @@ def _run_parser(sub) -> None:
 def _build_config(args: argparse.Namespace):
     from raybatch.config import RunConfig
 
-    fields: dict = json.loads(open(args.config).read()) if args.config else {}
+    fields: dict = json.loads(Path(args.config).read_text()) if args.config else {}
     fields.update(input=args.input, output=args.output, model=args.model, precision=args.precision)
     parameters = {
         "max_tokens": args.max_tokens,

@@ -14,8 +14,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 import time
+import warnings
 from collections import defaultdict
 from typing import Callable, Optional
 
@@ -23,7 +23,7 @@ import ray
 from pydantic import BaseModel
 
 from raybatch.config import RunConfig
-from raybatch.exceptions import ConfigError, OutputConflictError
+from raybatch.exceptions import ConfigError, OutputConflictError, RowError
 from raybatch.pipeline.engine import EngineStage
 from raybatch.pipeline.postprocess import finish_rows
 from raybatch.pipeline.preprocess import prepare_requests
@@ -88,11 +88,12 @@ def cluster_plan(config: RunConfig) -> EnginePlan:
 def _check_job_defaults(config: RunConfig) -> dict:
     """The job's parameters must be valid on their own, or every row would fail."""
     defaults = config.inference_parameters.row_defaults()
-    for url, probe in ((CHAT_URL, {"messages": [{"role": "user", "content": "x"}]}), (COMPLETIONS_URL, {"prompt": "x"})):
+    probes = ((CHAT_URL, {"messages": [{"role": "user", "content": "x"}]}), (COMPLETIONS_URL, {"prompt": "x"}))
+    for url, probe in probes:
         try:
             validate_body(url, {**defaults, **probe}, max_n=config.max_n)
-        except Exception as exc:
-            raise ConfigError(f"invalid inference parameters: {getattr(exc, 'message', exc)}") from None
+        except RowError as error:
+            raise ConfigError(f"invalid inference parameters: {error.message}") from None
     return defaults
 
 
@@ -133,7 +134,8 @@ def scan_input(shards: list[Shard], config: RunConfig) -> InputScan:
         scan_custom_ids, batch_format="pyarrow", fn_kwargs={"max_line_bytes": config.max_line_bytes}
     )
     for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
-        for shard, line, custom_id, blank in zip(*(batch[c].to_pylist() for c in batch.column_names)):
+        columns = (batch[name].to_pylist() for name in ("shard", "line", "custom_id", "blank"))
+        for shard, line, custom_id, blank in zip(*columns):
             if blank:
                 scan.blank_lines += 1
                 continue
@@ -164,6 +166,9 @@ def build_pipeline(
         },
     )
     engine = config.engine
+    # `max_concurrency` (batches each engine actor works on at once) has no named
+    # parameter yet; ray.data.llm passes it the same way.
+    warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
     answered = prepared.map_batches(
         EngineStage,
         batch_size=engine.batch_size,

@@ -38,3 +38,30 @@ def test_line_set():
         s.add(n)
     assert [n in s for n in (0, 1, 2, 8, 9, 10, 1000, 5000)] == [False, True, False, True, True, False, True, False]
     assert len(s) == 4
+
+
+def test_memory_stays_bounded_on_a_huge_line():
+    import tracemalloc
+
+    class Endless(io.RawIOBase):
+        """50 MB of one line, produced on the fly so the input itself takes no memory."""
+
+        def __init__(self):
+            self.left = 50 << 20
+
+        def readable(self):
+            return True
+
+        def readinto(self, buffer):
+            n = min(len(buffer), self.left)
+            buffer[:n] = b"x" * n
+            self.left -= n
+            if self.left == 0 and n:
+                buffer[n - 1 : n] = b"\n"
+            return n
+
+    tracemalloc.start()
+    assert list(iter_lines(io.BufferedReader(Endless(), 1 << 20), 1 << 20)) == [(1, None)]
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 8 << 20, peak
