@@ -78,27 +78,30 @@ def mixed_input() -> InputBuilder:
     return b
 
 
-@pytest.fixture(scope="module")
-def mixed_run(tmp_path_factory, ray_cluster, tiny_model):
-    root = tmp_path_factory.mktemp("mixed")
-    builder = mixed_input()
-    builder.write(str(root / "in"))
-    config = RunConfig(
+def mixed_config(root, model: str) -> RunConfig:
+    return RunConfig(
         input=str(root / "in"),
         output=str(root / "out"),
-        model=tiny_model,
+        model=model,
         inference_parameters=InferenceParameters(max_tokens=16, temperature=0.8),
         max_line_bytes=MAX_LINE_BYTES,
         part_max_rows=7,
         engine=ENGINE,
     )
-    summary = run_job(config)
-    return builder, str(root / "out"), summary
+
+
+@pytest.fixture(scope="module")
+def mixed_run(tmp_path_factory, ray_cluster, tiny_model):
+    root = tmp_path_factory.mktemp("mixed")
+    builder = mixed_input()
+    builder.write(str(root / "in"))
+    summary = run_job(mixed_config(root, tiny_model))
+    return builder, root, summary
 
 
 def test_every_line_accounted_for_exactly_once(mixed_run):
-    builder, out, summary = mixed_run
-    check_run(out, builder.expected)
+    builder, root, summary = mixed_run
+    check_run(str(root / "out"), builder.expected)
     assert summary.state == "completed"
     assert summary.blank_lines == 2
     progress = summary.status.progress
@@ -111,7 +114,7 @@ def test_output_lines_match_vllm_batch_output_model(mixed_run):
     from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionResponse
     from vllm.entrypoints.openai.completion.protocol import CompletionResponse
 
-    _, out, _ = mixed_run
+    out = str(mixed_run[1] / "out")
     for row in read_jsonl(f"{out}/results.jsonl"):
         assert row["id"].startswith("batch_req_") and row["error"] is None
         body = row["response"]["body"]
@@ -135,7 +138,7 @@ def test_output_lines_match_vllm_batch_output_model(mixed_run):
 
 
 def test_chat_and_completion_bodies(mixed_run):
-    builder, out, _ = mixed_run
+    builder, out = mixed_run[0], str(mixed_run[1] / "out")
     rows = check_run(out, builder.expected)
     body = rows["n-three"]["response"]["body"]
     assert body["object"] == "chat.completion"
@@ -161,14 +164,14 @@ def test_chat_and_completion_bodies(mixed_run):
 
 
 def test_job_parameters_fill_in_and_row_values_win(mixed_run):
-    builder, out, _ = mixed_run
+    builder, out = mixed_run[0], str(mixed_run[1] / "out")
     rows = check_run(out, builder.expected)
     assert rows["job-defaults"]["response"]["body"]["usage"]["completion_tokens"] == 16
     assert rows["own-max"]["response"]["body"]["usage"]["completion_tokens"] == 5
 
 
 def test_seed_and_temperature_zero_are_reproducible(mixed_run):
-    builder, out, _ = mixed_run
+    builder, out = mixed_run[0], str(mixed_run[1] / "out")
     rows = check_run(out, builder.expected)
 
     def text(custom_id):
@@ -179,7 +182,7 @@ def test_seed_and_temperature_zero_are_reproducible(mixed_run):
 
 
 def test_structured_output_parses_and_matches_schema(mixed_run):
-    builder, out, _ = mixed_run
+    builder, out = mixed_run[0], str(mixed_run[1] / "out")
     rows = check_run(out, builder.expected)
     schema_choice = rows["schema"]["response"]["body"]["choices"][0]
     assert schema_choice["finish_reason"] == "stop"
@@ -192,7 +195,7 @@ def test_structured_output_parses_and_matches_schema(mixed_run):
 
 
 def test_error_rows_say_what_and_where(mixed_run):
-    _, out, _ = mixed_run
+    out = str(mixed_run[1] / "out")
     errors = {(r["error"]["file"], r["error"]["line"]): r for r in read_jsonl(f"{out}/errors.jsonl")}
     too_large = next(r for r in errors.values() if r["error"]["code"] == "line_too_large")
     assert str(MAX_LINE_BYTES) in too_large["error"]["message"]
@@ -206,17 +209,9 @@ def test_error_rows_say_what_and_where(mixed_run):
 
 def test_rerun_commits_nothing_twice(mixed_run, tiny_model):
     """Running the same job again finds everything committed: no engine, no new part."""
-    builder, out, summary = mixed_run
-    config = RunConfig(
-        input=out.replace("/out", "/in"),
-        output=out,
-        model=tiny_model,
-        inference_parameters=InferenceParameters(max_tokens=16, temperature=0.8),
-        max_line_bytes=MAX_LINE_BYTES,
-        part_max_rows=7,
-        engine=ENGINE,
-    )
-    again = run_job(config)
+    builder, root, summary = mixed_run
+    again = run_job(mixed_config(root, tiny_model))
     assert again.status.committed_bytes == summary.status.committed_bytes
-    check_run(out, builder.expected)
+    assert again.status.progress == summary.status.progress
+    check_run(str(root / "out"), builder.expected)
 
