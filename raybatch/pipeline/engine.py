@@ -128,14 +128,20 @@ class VllmEngine:
             params = SamplingParams(max_tokens=self._max_tokens(request, len(prompt_ids)), **sampling)
         except (ValueError, TypeError) as exc:
             raise RowError(ErrorCode.INVALID_REQUEST, str(exc)) from None
+        from vllm.v1.engine.exceptions import EngineDeadError
+
         final = None
         try:
             async for output in self._llm.generate(
                 TokensPrompt(prompt_token_ids=prompt_ids), params, f"{request.custom_id}-{uuid.uuid4().hex}"
             ):
                 final = output
+        except EngineDeadError:
+            raise  # the whole engine is gone: no row is to blame, none becomes an error
         except ValueError as exc:  # vLLM's per-request input checks
             raise RowError(ErrorCode.INVALID_REQUEST, str(exc)) from None
+        except Exception as exc:  # EngineGenerateError and kin: this request alone failed
+            raise RowError(ErrorCode.ENGINE_ERROR, f"{type(exc).__name__}: {exc}") from None
         choices = [
             Choice(
                 text=completion.text,

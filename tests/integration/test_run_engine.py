@@ -46,7 +46,7 @@ def mixed_input() -> InputBuilder:
     b.ok(a, "own-max", chat("Use my own max_tokens.", max_tokens=5, ignore_eos=True))
     b.ok(a, "completion-text", {"prompt": "The quick brown fox", "max_tokens": 8}, url="/v1/completions", method="POST")
     b.ok(a, "completion-ids", {"prompt": [5, 6, 7, 8], "max_tokens": 4, "logprobs": 2}, url="/v1/completions")
-    b.ok(a, "schema", chat("A color as JSON.", max_tokens=40, response_format={"type": "json_schema", "json_schema": {"name": "c", "schema": SCHEMA}}))
+    b.ok(a, "schema", chat("A color as JSON.", max_tokens=40, seed=3, response_format={"type": "json_schema", "json_schema": {"name": "c", "schema": SCHEMA}}))
     b.ok(a, "json-object", chat("Any JSON object.", max_tokens=60, temperature=0, response_format={"type": "json_object"}))
     b.ok(a, "logprobs", chat("With logprobs.", max_tokens=4, logprobs=True, top_logprobs=2))
     b.add(a, b"", blank=True)
