@@ -2,7 +2,8 @@
 
 Exit status of `raybatch run`: 0 every line processed (some may be error rows);
 2 a setting is wrong (nothing ran); 3 output cap reached (committed output kept;
-run again with a larger cap to finish); 1 anything else.
+run again with a larger cap to finish); 1 anything else, including a run that ended
+with lines uncommitted (run again to finish them).
 """
 
 from __future__ import annotations
@@ -98,7 +99,7 @@ def _print_summary(summary) -> None:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from raybatch.exceptions import ConfigError, OutputConflictError
+    from raybatch.exceptions import ConfigError, IncompleteRunError, OutputConflictError
     from raybatch.runner import run_job
 
     try:
@@ -112,6 +113,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     except (ConfigError, OutputConflictError) as exc:
         print(f"raybatch run: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    except IncompleteRunError as exc:
+        print(f"raybatch run: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     finally:
         bar.close()
     _print_summary(summary)

@@ -3,10 +3,9 @@
     RaybatchError                 base class; never raised itself
     ├── ConfigError               a setting is wrong; fix it and run again (not recoverable)
     │   └── PrecisionNotServable  the cluster has no hardware for the asked precision
-    ├── StorageError              object storage refused or lost a request (recoverable by retry)
     ├── OutputConflictError       OUT already holds output of a different run (not recoverable)
-    ├── OutputCapReached          the next part would pass the output cap; the run stops,
-    │                             committed output is kept (a continuation can finish it)
+    ├── IncompleteRunError        the pipeline ended with lines uncommitted (recoverable:
+    │                             run again, committed lines are skipped)
     └── RowError                  one line cannot be answered; it becomes an error row
 
 Per-line problems never escape a pipeline stage: a `RowError` is caught where it is
@@ -33,10 +32,6 @@ class PrecisionNotServable(ConfigError):
     """
 
 
-class StorageError(RaybatchError):
-    """Object storage failed a request. Recoverable: callers retry with backoff."""
-
-
 class OutputConflictError(RaybatchError):
     """The output location holds parts of a run with a different input or settings.
 
@@ -45,11 +40,10 @@ class OutputConflictError(RaybatchError):
     """
 
 
-class OutputCapReached(RaybatchError):
-    """Committing the next part would pass the output size cap.
+class IncompleteRunError(RaybatchError):
+    """The pipeline finished but some lines were never committed.
 
-    The run stops; every committed part is kept and the remaining lines stay
-    unprocessed for a continuation job.
+    Recoverable: running the same job again processes exactly the missing lines.
     """
 
 

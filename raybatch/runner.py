@@ -23,7 +23,7 @@ import ray
 from pydantic import BaseModel
 
 from raybatch.config import RunConfig
-from raybatch.exceptions import ConfigError, OutputConflictError, RowError
+from raybatch.exceptions import ConfigError, IncompleteRunError, OutputConflictError, RowError
 from raybatch.pipeline.engine import EngineStage
 from raybatch.pipeline.postprocess import finish_rows
 from raybatch.pipeline.preprocess import prepare_requests
@@ -204,7 +204,9 @@ def run_job(
     _claim_output(output, config)
     scan = scan_input(shards, config)
     skip = committed_lines(load_commits(output))
-    writer = ray.remote(num_cpus=0, max_restarts=3, max_task_retries=3)(OutputWriter).remote(
+    # No restarts: a restarted writer would have lost its uncommitted buffer while the
+    # stream moved on. A writer crash fails the run; running it again resumes.
+    writer = ray.remote(num_cpus=0, max_restarts=0)(OutputWriter).remote(
         config.output,
         cap_bytes=config.output_cap_bytes,
         part_max_rows=config.part_max_rows,
@@ -230,6 +232,13 @@ def run_job(
         on_progress(status)
     ray.kill(writer)
     publish_files(output)
+    missing = scan.lines - status.progress.total_processed_requests
+    if missing and not status.cap_reached:
+        # Never report a job complete that is not: every line must be in a file.
+        raise IncompleteRunError(
+            f"{missing} of {scan.lines} lines were not committed; run the same command "
+            "again to process them (committed lines are skipped)"
+        )
     return RunSummary(
         state="output_cap_reached" if status.cap_reached else "completed",
         status=status,
