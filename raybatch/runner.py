@@ -16,7 +16,6 @@ import logging
 import os
 import time
 import warnings
-from collections import defaultdict
 from typing import Callable, Optional
 
 import ray
@@ -128,7 +127,7 @@ def scan_input(shards: list[Shard], config: RunConfig) -> InputScan:
     """Count the lines and find every custom_id that an earlier line already claimed."""
     scan = InputScan()
     first: dict[str, tuple[int, int]] = {}
-    claims: dict[str, list[tuple[int, int]]] = defaultdict(list)
+    later: list[tuple[int, int]] = []  # every claim that is not (or no longer) the first
     order = {s.name: i for i, s in enumerate(shards)}
     dataset = _lines(shards, config).map_batches(
         scan_custom_ids, batch_format="pyarrow", fn_kwargs={"max_line_bytes": config.max_line_bytes}
@@ -142,13 +141,14 @@ def scan_input(shards: list[Shard], config: RunConfig) -> InputScan:
             scan.lines += 1
             if custom_id is not None:
                 key = (order[shard], line)
-                claims[custom_id].append(key)
-                if custom_id not in first or key < first[custom_id]:
+                earlier = first.setdefault(custom_id, key)
+                if key < earlier:
                     first[custom_id] = key
+                    later.append(earlier)
+                elif key != earlier:
+                    later.append(key)
     names = [s.name for s in shards]
-    scan.duplicates = {
-        (names[s], line) for cid, keys in claims.items() if len(keys) > 1 for (s, line) in keys if (s, line) != first[cid]
-    }
+    scan.duplicates = {(names[s], line) for s, line in later}
     return scan
 
 

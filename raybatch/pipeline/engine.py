@@ -119,6 +119,7 @@ class VllmEngine:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
         from vllm.sampling_params import StructuredOutputsParams
+        from vllm.v1.engine.exceptions import EngineDeadError
 
         prompt_ids = self._prompt_ids(request)
         sampling = dict(request.sampling)
@@ -128,8 +129,6 @@ class VllmEngine:
             params = SamplingParams(max_tokens=self._max_tokens(request, len(prompt_ids)), **sampling)
         except (ValueError, TypeError) as exc:
             raise RowError(ErrorCode.INVALID_REQUEST, str(exc)) from None
-        from vllm.v1.engine.exceptions import EngineDeadError
-
         final = None
         try:
             async for output in self._llm.generate(
