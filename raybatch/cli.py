@@ -143,10 +143,19 @@ def main(argv: Optional[list[str]] = None) -> int:
     tiny = sub.add_parser("tiny-model", help="write a tiny random Llama for tests and demos")
     tiny.add_argument("path")
     tiny.add_argument("--seed", type=int, default=0)
+    from raybatch.cli_service import add_service_commands
+    from raybatch.exceptions import ConfigError
+
+    add_service_commands(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     handlers = {"run": _cmd_run, "tiny-model": _cmd_tiny_model}
-    return handlers[args.command](args)
+    handler = getattr(args, "handler", None) or handlers[args.command]
+    try:
+        return handler(args)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_CONFIG
 
 
 if __name__ == "__main__":

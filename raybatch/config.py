@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any, Optional
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -48,6 +49,8 @@ class EngineConfig(BaseModel):
     engine_args: dict[str, Any] = Field(
         default_factory=dict, description="Further vLLM engine arguments, passed as given."
     )
+    kind: str = Field("vllm", description="'vllm', or 'scripted': the deterministic test "
+                      "engine (pipeline/scripted_engine.py), for fault injection only.")
 
 
 class RunConfig(BaseModel):
@@ -72,3 +75,47 @@ class RunConfig(BaseModel):
         5.0, gt=0, description="A part is committed at least this often while rows arrive."
     )
     engine: EngineConfig = Field(default_factory=EngineConfig)
+    skip_succeeded_in: list[str] = Field(
+        default_factory=list, description="Output folders of earlier runs on the same "
+        "input (a continuation's parent chain): lines they answered successfully are "
+        "skipped and not counted; their error rows and unprocessed lines run here."
+    )
+
+
+def default_storage() -> str:
+    return os.environ.get("RAYBATCH_STORAGE") or os.path.expanduser("~/.raybatch/storage")
+
+
+class ModelEntry(BaseModel):
+    """A model the service serves under a short name (the job's `model` field)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    source: str = Field(description="Hugging Face model ID or a path every node can read.")
+    engine_kind: str = Field("vllm", description="'vllm', or 'scripted' (the deterministic "
+                             "test engine, for fault injection only).")
+    engine_args: dict[str, Any] = Field(default_factory=dict)
+
+
+class ServiceConfig(BaseModel):
+    """The control plane's settings (`raybatch up`, the Serve config's `args`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    storage: str = Field(default_factory=default_storage, description="Root of every record "
+                         "and file: a local folder, file:// or s3:// URL every node can reach.")
+    max_dataset_bytes: int = Field(500 * MIB, ge=1, description="Total size limit of one dataset.")
+    max_upload_bytes: int = Field(150 * MIB, ge=1, description="Largest `:upload` request body.")
+    max_json_body_bytes: int = Field(MIB, ge=1024, description="Largest body of any other request.")
+    max_running_jobs: int = Field(1, ge=1, description="Jobs running at once; the rest wait "
+                                  "PENDING. Each running job holds its engines.")
+    max_job_duration_seconds: float = Field(24 * 3600, gt=0, description="A job running "
+                                            "longer EXPIRES, keeping partial results.")
+    progress_interval_seconds: float = Field(2.0, gt=0, description="How often the scheduler "
+                                             "publishes jobProgress and checks drivers.")
+    signed_url_seconds: int = Field(3600, ge=1, description="Lifetime of upload/download URLs.")
+    models: dict[str, ModelEntry] = Field(default_factory=dict, description="Served model "
+                                          "names. A model not listed is a model ID or path "
+                                          "for vLLM itself.")
+    run_defaults: dict[str, Any] = Field(default_factory=dict, description="Further RunConfig "
+                                         "fields for every job (engine, part sizes, cap).")

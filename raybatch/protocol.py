@@ -109,7 +109,7 @@ class JobProgress(CamelModel):
 
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore")
 
-    percent: float = 0.0
+    percent: int = 0
     total_input_requests: int = 0
     total_processed_requests: int = 0
     successfully_processed_requests: int = 0

@@ -35,6 +35,7 @@ from raybatch.pipeline.write import (
     committed_lines,
     load_commits,
     publish_files,
+    succeeded_lines,
 )
 from raybatch.precision import EnginePlan, plan_engines
 from raybatch.protocol import CHAT_URL, COMPLETIONS_URL
@@ -99,7 +100,9 @@ def _check_job_defaults(config: RunConfig) -> dict:
 def _claim_output(output: Location, config: RunConfig) -> None:
     """Record what this output belongs to; refuse to mix two different jobs' parts."""
     identity = config.model_dump(
-        mode="json", include={"input", "model", "inference_parameters", "precision", "max_line_bytes", "max_n"}
+        mode="json", include={
+            "input", "model", "inference_parameters", "precision", "max_line_bytes", "max_n", "skip_succeeded_in"
+        }
     )
     if output.exists(RUN_FILE):
         earlier = json.loads(output.read_bytes(RUN_FILE))
@@ -174,7 +177,7 @@ def build_pipeline(
         batch_size=engine.batch_size,
         batch_format="pyarrow",
         fn_constructor_kwargs={
-            "kind": "vllm",
+            "kind": engine.kind,
             "model": config.model,
             "engine_args": plan.engine_args,
             "cpu_kv_cache_gib": engine.cpu_kv_cache_gib,
@@ -191,10 +194,11 @@ def build_pipeline(
 
 
 def run_job(
-    config: RunConfig, on_progress: Optional[Callable[[OutputStatus], None]] = None
+    config: RunConfig, on_progress: Optional[Callable[[OutputStatus], None]] = None, publish: bool = True
 ) -> RunSummary:
     """Run one job to the end (or to the output cap). Raises RaybatchError subclasses
-    for settings that cannot work, before any engine starts."""
+    for settings that cannot work, before any engine starts. `publish=False` leaves
+    writing results.jsonl/errors.jsonl from the parts to the caller."""
     started = time.monotonic()
     _check_job_defaults(config)
     shards = list_shards(config.input)
@@ -203,7 +207,12 @@ def run_job(
     plan = cluster_plan(config)
     _claim_output(output, config)
     scan = scan_input(shards, config)
-    skip = committed_lines(load_commits(output))
+    inherited: dict = {}
+    for earlier in config.skip_succeeded_in:
+        succeeded_lines(load_commits(Location(earlier)), into=inherited)
+    # A continuation owns only the lines its parent chain did not answer successfully.
+    total = scan.lines - sum(len(lines) for lines in inherited.values())
+    skip = committed_lines(load_commits(output), into=inherited)
     # No restarts: a restarted writer would have lost its uncommitted buffer while the
     # stream moved on. A writer crash fails the run; running it again resumes.
     writer = ray.remote(num_cpus=0, max_restarts=0)(OutputWriter).remote(
@@ -212,12 +221,12 @@ def run_job(
         part_max_rows=config.part_max_rows,
         part_max_bytes=config.part_max_bytes,
         part_max_seconds=config.part_max_seconds,
-        total_input_requests=scan.lines,
+        total_input_requests=total,
     )
     status: OutputStatus = ray.get(writer.status.remote())
     if on_progress:
         on_progress(status)
-    remaining = scan.lines - status.progress.total_processed_requests
+    remaining = total - status.progress.total_processed_requests
     if remaining > 0 and not status.cap_reached:
         for batch in build_pipeline(shards, config, plan, scan, skip).iter_batches(
             batch_format="pyarrow", batch_size=None
@@ -231,12 +240,13 @@ def run_job(
     if on_progress:
         on_progress(status)
     ray.kill(writer)
-    publish_files(output)
-    missing = scan.lines - status.progress.total_processed_requests
+    if publish:
+        publish_files(output)
+    missing = total - status.progress.total_processed_requests
     if missing and not status.cap_reached:
         # Never report a job complete that is not: every line must be in a file.
         raise IncompleteRunError(
-            f"{missing} of {scan.lines} lines were not committed; run the same command "
+            f"{missing} of {total} lines were not committed; run the same command "
             "again to process them (committed lines are skipped)"
         )
     return RunSummary(

@@ -166,6 +166,10 @@ class VllmEngine:
 def build_engine(kind: str, model: str, engine_args: dict[str, Any], cpu_kv_cache_gib: int) -> Engine:
     if kind == "vllm":
         return VllmEngine(model, engine_args, cpu_kv_cache_gib)
+    if kind == "scripted":
+        from raybatch.pipeline.scripted_engine import ScriptedEngine
+
+        return ScriptedEngine(engine_args)
     raise ValueError(f"unknown engine kind {kind!r}")
 
 

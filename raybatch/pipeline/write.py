@@ -45,6 +45,9 @@ class PartCommit(BaseModel):
     lines: dict[str, list[tuple[int, int]]] = Field(
         description="Per shard, the inclusive ranges of line numbers in this part."
     )
+    error_lines: dict[str, list[tuple[int, int]]] = Field(
+        default_factory=dict, description="The subset of `lines` that are error rows."
+    )
     results: int
     errors: int
     bytes: int
@@ -78,8 +81,8 @@ def load_commits(location: Location) -> list[PartCommit]:
     return sorted(records, key=lambda r: r.seq)
 
 
-def committed_lines(commits: list[PartCommit]) -> dict[str, LineSet]:
-    done: dict[str, LineSet] = {}
+def committed_lines(commits: list[PartCommit], into: Optional[dict[str, LineSet]] = None) -> dict[str, LineSet]:
+    done: dict[str, LineSet] = {} if into is None else into
     for record in commits:
         for shard, ranges in record.lines.items():
             line_set = done.setdefault(shard, LineSet())
@@ -89,12 +92,29 @@ def committed_lines(commits: list[PartCommit]) -> dict[str, LineSet]:
     return done
 
 
+def succeeded_lines(commits: list[PartCommit], into: dict[str, LineSet]) -> dict[str, LineSet]:
+    """Add the lines these commits answered successfully (not error rows) to `into`."""
+    for record in commits:
+        for shard, ranges in record.lines.items():
+            failed = LineSet()
+            for first, last in record.error_lines.get(shard, ()):
+                for line in range(first, last + 1):
+                    failed.add(line)
+            line_set = into.setdefault(shard, LineSet())
+            for first, last in ranges:
+                for line in range(first, last + 1):
+                    if line not in failed:
+                        line_set.add(line)
+    return into
+
+
 def progress_of(commits: list[PartCommit], total_input_requests: int) -> JobProgress:
     results = sum(r.results for r in commits)
     errors = sum(r.errors for r in commits)
     processed = results + errors
     return JobProgress(
-        percent=round(100.0 * processed / total_input_requests, 2) if total_input_requests else 100.0,
+        # Whole percent, floored: 100 only when every line is in a file.
+        percent=100 * processed // total_input_requests if total_input_requests else 100,
         total_input_requests=total_input_requests,
         total_processed_requests=processed,
         successfully_processed_requests=results,
@@ -201,13 +221,17 @@ class OutputWriter:
             if name:
                 self._out.write_atomic(name, data)
         lines: dict[str, list[int]] = {}
+        error_lines: dict[str, list[int]] = {}
         for row in rows:
             lines.setdefault(row[0], []).append(row[1])
+            if row[2]:
+                error_lines.setdefault(row[0], []).append(row[1])
         record = PartCommit(
             seq=seq,
             results_file=results_file,
             errors_file=errors_file,
             lines={shard: _ranges(numbers) for shard, numbers in lines.items()},
+            error_lines={shard: _ranges(numbers) for shard, numbers in error_lines.items()},
             results=sum(1 for r in rows if not r[2]),
             errors=sum(1 for r in rows if r[2]),
             bytes=size,

@@ -1,0 +1,331 @@
+"""The Serve app: Fireworks' datasets and batchInferenceJobs REST API.
+
+Every request: path IDs checked (400 before any storage call) → API key checked (401)
+→ the key's account must be the path's account (else 404: another account's resources
+do not exist for you) → the operation. Bodies over the limit get 413 before they are
+read. Errors are `{"error": {"code", "message", "status"}}`.
+
+`build_app(args)` is the application builder for `serve run`/`serve deploy`/KubeRay:
+`import_path: raybatch.api.app:build_app`, `args` = ServiceConfig fields.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+from typing import Any, Optional
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+from pydantic import BaseModel, ValidationError
+from ray import serve
+
+from raybatch.api.auth import authenticate
+from raybatch.api.datasets import DatasetService
+from raybatch.api.signing import SIGNED_PREFIX, UrlSigner
+from raybatch.config import ServiceConfig
+from raybatch.exceptions import ApiError, InvalidArgument, NotFound, PayloadTooLarge
+from raybatch.resources import (
+    CreateDatasetRequest,
+    CreateJobRequest,
+    DatasetFields,
+    FileUrls,
+    JobState,
+    ListDatasetsResponse,
+    ListJobsResponse,
+    check_id,
+)
+from raybatch.store import Store
+
+logger = logging.getLogger("raybatch.api")
+
+MAX_PAGE_SIZE, DEFAULT_PAGE_SIZE = 200, 50
+api = FastAPI(title="raybatch", docs_url=None, redoc_url=None)
+
+
+def _error(error: ApiError) -> JSONResponse:
+    body = {"error": {"code": error.http_status, "message": error.message, "status": error.status}}
+    return JSONResponse(body, status_code=error.http_status)
+
+
+@api.exception_handler(ApiError)
+async def _api_error(request: Request, error: ApiError) -> JSONResponse:
+    # An ApiError raised in the scheduler actor arrives wrapped; its cause carries the data.
+    return _error(getattr(error, "cause", None) or error)
+
+
+# The replica's settings, set by its constructor. The middleware is added at import
+# time because Serve imports this module afresh in each replica process.
+_settings: dict[str, ServiceConfig] = {"config": ServiceConfig()}
+
+
+class BodyLimit:
+    """ASGI middleware: 413 for a body over its limit, counted as it streams (a
+    Content-Length is not trusted, and chunked bodies have none)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    def _limit(self, path: str) -> int:
+        config = _settings["config"]
+        if path.endswith(":upload"):
+            return config.max_upload_bytes
+        if path.startswith(SIGNED_PREFIX):
+            return config.max_dataset_bytes
+        return config.max_json_body_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        limit = self._limit(scope["path"])
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        too_large = PayloadTooLarge(f"request body over the limit of {limit} bytes")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            return await _error(too_large)(scope, receive, send)
+        seen = 0
+
+        async def counted_receive():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > limit:
+                raise too_large
+            return message
+
+        return await self.app(scope, counted_receive, send)
+
+
+api.add_middleware(BodyLimit)
+
+
+def _page(items: list, page_size: Optional[int], page_token: Optional[str]) -> tuple[list, str]:
+    size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+    if size < 1:
+        raise InvalidArgument("pageSize must be positive")
+    start = 0
+    if page_token:
+        try:
+            start = int(base64.urlsafe_b64decode(page_token.encode()).decode())
+        except ValueError:
+            raise InvalidArgument("invalid pageToken") from None
+        if start < 0 or start > len(items):
+            raise InvalidArgument("invalid pageToken")
+    end = start + size
+    token = base64.urlsafe_b64encode(str(end).encode()).decode() if end < len(items) else ""
+    return items[start:end], token
+
+
+def _parse_filter(text: Optional[str]) -> Optional[set[str]]:
+    """The part of AIP-160 that jobs need: `state = X` or-ed together (`state=X OR state=Y`)."""
+    if not text or not text.strip():
+        return None
+    states = set()
+    for term in text.split(" OR "):
+        field, _, value = term.partition("=")
+        value = value.strip().strip('"')
+        if field.strip() != "state" or value not in {s.value for s in JobState}:
+            raise InvalidArgument(f"unsupported filter {text!r}: use state=JOB_STATE_... (OR state=...)")
+        states.add(value)
+    return states
+
+
+def _parse_order(text: Optional[str]) -> bool:
+    """orderBy on createTime: True for descending."""
+    if not text or not text.strip():
+        return False
+    field, _, direction = text.strip().partition(" ")
+    if field not in ("createTime", "create_time", "created_time") or direction.strip() not in ("", "asc", "desc"):
+        raise InvalidArgument(f"unsupported orderBy {text!r}: use 'createTime' or 'createTime desc'")
+    return direction.strip() == "desc"
+
+
+def _json(model: BaseModel) -> dict:
+    return model.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+async def _body(request: Request, model: type[BaseModel]) -> Any:
+    raw = await request.body()
+    try:
+        return model.model_validate_json(raw or b"{}")
+    except ValidationError as error:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in error.errors())
+        raise InvalidArgument(f"invalid request body: {problems}") from None
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0})
+@serve.ingress(api)
+class RaybatchApi:
+    def __init__(self, config: ServiceConfig):
+        from raybatch.jobs.scheduler import scheduler_handle
+
+        import ray
+
+        self.config = _settings["config"] = config
+        self.store = Store(config.storage)
+        self.scheduler = scheduler_handle(config)
+        ray.get(self.scheduler.ready.remote())  # it makes the signing key first
+        self.datasets = DatasetService(self.store, config)
+        self.signer = UrlSigner(self.store, config.signed_url_seconds)
+
+    def _caller(self, request: Request, account: str, *ids: str):
+        """IDs first (no storage call for a bad one), then the key, then the account."""
+        check_id(account, "account ID")
+        for resource_id in ids:
+            check_id(resource_id)
+        key = authenticate(self.store, request.headers.get("authorization"))
+        if key.account != account:
+            raise NotFound(f"account {account} not found")
+        return key
+
+    @api.get("/healthz")
+    def healthz(self) -> dict:
+        return {"ok": True}
+
+    # ----------------------------------------------------------------- datasets
+
+    @api.post("/v1/accounts/{account}/datasets")
+    async def create_dataset(self, account: str, request: Request):
+        body: CreateDatasetRequest = await _body(request, CreateDatasetRequest)
+        key = self._caller(request, account, body.dataset_id)
+        return _json(self.datasets.create(account, body.dataset_id, body.dataset, key.key_id))
+
+    @api.get("/v1/accounts/{account}/datasets")
+    def list_datasets(self, account: str, request: Request, pageSize: Optional[int] = None, pageToken: Optional[str] = None):
+        self._caller(request, account)
+        found = sorted(self.store.list_datasets(account), key=lambda d: (d.create_time, d.name))
+        page, token = _page(found, pageSize, pageToken)
+        return _json(ListDatasetsResponse(datasets=page, next_page_token=token, total_size=len(found)))
+
+    @api.get("/v1/accounts/{account}/datasets/{reference}")
+    def get_dataset(self, account: str, reference: str, request: Request, downloadLineage: bool = False):
+        dataset_id, _, verb = reference.partition(":")
+        self._caller(request, account, dataset_id)
+        if verb == "getDownloadEndpoint":
+            files = self.datasets.download_files(account, dataset_id, downloadLineage)
+            base = str(request.base_url)
+            urls = {name: self.signer.url(base, "get", path) for name, path in files.items()}
+            return _json(FileUrls(filename_to_signed_urls=urls))
+        if verb:
+            raise NotFound(f"no method {verb!r} on datasets")
+        return _json(self.datasets.get(account, dataset_id))
+
+    @api.patch("/v1/accounts/{account}/datasets/{dataset_id}")
+    async def update_dataset(self, account: str, dataset_id: str, request: Request):
+        fields = await _body(request, DatasetFields)
+        self._caller(request, account, dataset_id)
+        return _json(self.datasets.update(account, dataset_id, fields))
+
+    @api.delete("/v1/accounts/{account}/datasets/{dataset_id}")
+    def delete_dataset(self, account: str, dataset_id: str, request: Request):
+        self._caller(request, account, dataset_id)
+        self.datasets.delete(account, dataset_id)
+        return {}
+
+    @api.post("/v1/accounts/{account}/datasets/{reference}")
+    async def dataset_method(self, account: str, reference: str, request: Request):
+        dataset_id, _, verb = reference.partition(":")
+        self._caller(request, account, dataset_id)
+        if verb == "upload":
+            form = await request.form(max_files=1, max_fields=4)
+            upload = form.get("file")
+            if upload is None or isinstance(upload, str):
+                raise InvalidArgument("multipart field 'file' is missing")
+            try:
+                return await run_in_threadpool(
+                    self.datasets.upload, account, dataset_id, upload.filename or "", upload.file
+                )
+            finally:
+                await form.close()
+        if verb == "getUploadEndpoint":
+            body: FileUrls = await _body(request, FileUrls)
+            plan = self.datasets.upload_plan(account, dataset_id, body.filename_to_size or {})
+            folder = self.store.dataset_files(account, dataset_id)
+            relative = folder.root[len(self.store.location.root) + 1 :]
+            base = str(request.base_url)
+            urls = {name: self.signer.url(base, "put", f"{relative}/{name}", size) for name, size in plan.items()}
+            return _json(FileUrls(filename_to_signed_urls=urls))
+        if verb == "validateUpload":
+            return _json(self.datasets.validate(account, dataset_id))
+        raise NotFound(f"no method {verb!r} on datasets")
+
+    # ---------------------------------------------- local signed upload/download
+
+    @api.put(SIGNED_PREFIX + "{token}")
+    async def signed_put(self, token: str, request: Request):
+        note = self.signer.open(token, "put")
+        written = 0
+        # Streamed, at most the registered size, and published only when complete.
+        with self.store.location.open_atomic_writer(note["path"]) as writer:
+            async for chunk in request.stream():
+                written += len(chunk)
+                if written > note["size"]:
+                    raise PayloadTooLarge(f"more bytes than the {note['size']} registered for this file")
+                writer.write(chunk)
+        return {"bytes": written}
+
+    @api.get(SIGNED_PREFIX + "{token}")
+    def signed_get(self, token: str):
+        note = self.signer.open(token, "get")
+        location = self.store.location
+        if not location.exists(note["path"]):
+            raise NotFound("file not found")
+        handle = location.fs.open(location.path(note["path"]), "rb")
+
+        def chunks():
+            with handle:
+                while chunk := handle.read(1 << 20):
+                    yield chunk
+
+        return StreamingResponse(chunks(), media_type="application/octet-stream")
+
+    # ------------------------------------------------------------------- jobs
+
+    @api.post("/v1/accounts/{account}/batchInferenceJobs")
+    async def create_job(self, account: str, request: Request, batchInferenceJobId: Optional[str] = None):
+        body: CreateJobRequest = await _body(request, CreateJobRequest)
+        key = self._caller(request, account, *([batchInferenceJobId] if batchInferenceJobId else []))
+        return await self.scheduler.create_job.remote(account, batchInferenceJobId, body, key.key_id)
+
+    @api.get("/v1/accounts/{account}/batchInferenceJobs")
+    def list_jobs(
+        self,
+        account: str,
+        request: Request,
+        pageSize: Optional[int] = None,
+        pageToken: Optional[str] = None,
+        orderBy: Optional[str] = None,
+        filter: Optional[str] = None,
+    ):
+        self._caller(request, account)
+        states, descending = _parse_filter(filter), _parse_order(orderBy)
+        jobs = [r.job for r in self.store.list_jobs(account) if states is None or r.job.state.value in states]
+        jobs.sort(key=lambda j: (j.create_time, j.name), reverse=descending)
+        page, token = _page(jobs, pageSize, pageToken)
+        return _json(ListJobsResponse(batch_inference_jobs=page, next_page_token=token, total_size=len(jobs)))
+
+    @api.get("/v1/accounts/{account}/batchInferenceJobs/{job_id}")
+    def get_job(self, account: str, job_id: str, request: Request):
+        self._caller(request, account, job_id)
+        record = self.store.get_job(account, job_id)
+        if record is None:
+            raise NotFound(f"batch inference job {job_id} not found")
+        return _json(record.job)
+
+    @api.post("/v1/accounts/{account}/batchInferenceJobs/{reference}")
+    async def job_method(self, account: str, reference: str, request: Request):
+        job_id, _, verb = reference.partition(":")
+        self._caller(request, account, job_id)
+        if verb != "cancel":
+            raise NotFound(f"no method {verb!r} on batchInferenceJobs")
+        return await self.scheduler.cancel_job.remote(account, job_id)
+
+    @api.delete("/v1/accounts/{account}/batchInferenceJobs/{job_id}")
+    async def delete_job(self, account: str, job_id: str, request: Request):
+        self._caller(request, account, job_id)
+        await self.scheduler.delete_job.remote(account, job_id)
+        return Response(content=b"{}", media_type="application/json")
+
+
+def build_app(args: dict) -> serve.Application:
+    return RaybatchApi.bind(ServiceConfig.model_validate(args or {}))

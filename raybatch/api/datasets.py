@@ -1,0 +1,214 @@
+"""Dataset operations behind the routes: create, upload (one request, or signed URLs
+then `:validateUpload`), download URLs (with lineage), update, delete.
+
+A dataset is UPLOADING until its upload is validated (line count and total size
+checked), then READY and unchangeable. A job's output dataset becomes READY when the
+job ends.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import IO
+
+from raybatch.config import ServiceConfig
+from raybatch.exceptions import FailedPrecondition, InvalidArgument, NotFound, PayloadTooLarge
+from raybatch.pipeline.read import iter_lines
+from raybatch.resources import (
+    DATASETS,
+    JOBS,
+    Dataset,
+    DatasetFields,
+    DatasetState,
+    check_id,
+    now,
+    parse_reference,
+    resource_name,
+)
+from raybatch.store import Store
+
+# Plain file names only: no folders, nothing hidden, nothing the pipeline would skip.
+FILENAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}\.jsonl")
+UPLOAD_PLAN = "upload.json"  # files registered by :getUploadEndpoint, with their sizes
+CHUNK = 1 << 20
+
+
+def check_filename(name: str) -> str:
+    if not isinstance(name, str) or not FILENAME.fullmatch(name) or ".." in name:
+        raise InvalidArgument(
+            f"invalid file name {name!r}: use letters, digits, '.', '_', '-' and end in .jsonl"
+        )
+    return name
+
+
+class DatasetService:
+    def __init__(self, store: Store, config: ServiceConfig):
+        self.store = store
+        self.config = config
+
+    def get(self, account: str, dataset_id: str) -> Dataset:
+        dataset = self.store.get_dataset(account, check_id(dataset_id))
+        if dataset is None:
+            raise NotFound(f"dataset {dataset_id} not found")
+        return dataset
+
+    def create(self, account: str, dataset_id: str, fields: DatasetFields, created_by: str) -> Dataset:
+        check_id(dataset_id, "dataset ID")
+        if self.store.get_dataset(account, dataset_id) is not None:
+            from raybatch.exceptions import AlreadyExists
+
+            raise AlreadyExists(f"dataset {dataset_id} already exists")
+        time_now = now()
+        dataset = Dataset(
+            name=resource_name(account, DATASETS, dataset_id),
+            create_time=time_now,
+            update_time=time_now,
+            created_by=created_by,
+            **fields.model_dump(exclude_none=True),
+        )
+        self.store.put_dataset(account, dataset_id, dataset)
+        return dataset
+
+    def update(self, account: str, dataset_id: str, fields: DatasetFields) -> Dataset:
+        dataset = self.get(account, dataset_id)
+        dataset = dataset.model_copy(update={**fields.model_dump(exclude_none=True), "update_time": now()})
+        self.store.put_dataset(account, dataset_id, dataset)
+        return dataset
+
+    def delete(self, account: str, dataset_id: str) -> None:
+        dataset = self.get(account, dataset_id)
+        for record in self.store.list_jobs(account):
+            uses = {record.job.input_dataset_id, record.job.output_dataset_id}
+            if dataset.name in uses and not record.job.state.terminal:
+                raise FailedPrecondition(f"dataset {dataset_id} is in use by {record.job.name}, which has not ended")
+        self.store.delete_dataset(account, dataset_id)
+
+    def _uploading(self, account: str, dataset_id: str) -> Dataset:
+        dataset = self.get(account, dataset_id)
+        if dataset.state != DatasetState.UPLOADING or dataset.source_job_name:
+            raise FailedPrecondition(f"dataset {dataset_id} is {dataset.state.value}; its files cannot change")
+        return dataset
+
+    def _stored_bytes(self, account: str, dataset_id: str, besides: str = "") -> int:
+        files = self.store.dataset_files(account, dataset_id)
+        return sum(files.fs.size(files.path(name)) for name in files.list() if name != besides and FILENAME.fullmatch(name))
+
+    def upload(self, account: str, dataset_id: str, filename: str, source: IO[bytes]) -> dict:
+        """`:upload`: store one file, then validate the dataset (it becomes READY)."""
+        self._uploading(account, dataset_id)
+        check_filename(filename)
+        room = self.config.max_dataset_bytes - self._stored_bytes(account, dataset_id, besides=filename)
+        files = self.store.dataset_files(account, dataset_id)
+        written = 0
+        with files.open_atomic_writer(filename) as writer:
+            while chunk := source.read(CHUNK):
+                written += len(chunk)
+                if written > room:
+                    # Raising inside the writer discards the partial object.
+                    raise PayloadTooLarge(f"dataset would exceed its size limit of {self.config.max_dataset_bytes} bytes")
+                writer.write(chunk)
+        dataset = self.validate(account, dataset_id)
+        return {
+            "id": dataset_id,
+            "object": "file",
+            "bytes": written,
+            "createdAt": int(dataset.create_time.timestamp()),
+            "filename": filename,
+            "purpose": "batch",
+        }
+
+    def upload_plan(self, account: str, dataset_id: str, filename_to_size: dict) -> dict[str, int]:
+        """`:getUploadEndpoint`: register the files about to be PUT (replacing any
+        earlier registration, as Fireworks does); return them checked."""
+        self._uploading(account, dataset_id)
+        if not filename_to_size:
+            raise InvalidArgument("filenameToSize is empty")
+        plan = {}
+        for name, size in filename_to_size.items():
+            try:
+                plan[check_filename(name)] = int(size)
+            except (TypeError, ValueError):
+                raise InvalidArgument(f"size of {name!r} is not an integer") from None
+            if plan[name] <= 0:
+                raise InvalidArgument(f"file {name!r} is empty")
+        if sum(plan.values()) > self.config.max_dataset_bytes:
+            raise PayloadTooLarge(f"files total {sum(plan.values())} bytes, over the dataset limit of {self.config.max_dataset_bytes}")
+        self.store.location.write_atomic(self._plan_path(account, dataset_id), json.dumps(plan).encode())
+        return plan
+
+    def _plan_path(self, account: str, dataset_id: str) -> str:
+        return f"{resource_name(account, DATASETS, dataset_id)}/{UPLOAD_PLAN}"
+
+    def validate(self, account: str, dataset_id: str) -> Dataset:
+        """`:validateUpload`: every registered file is there with its size, the total is
+        within the limit, and the examples (non-blank lines) are counted → READY."""
+        dataset = self._uploading(account, dataset_id)
+        files = self.store.dataset_files(account, dataset_id)
+        names = [n for n in files.list() if FILENAME.fullmatch(n)]
+        plan_path = self._plan_path(account, dataset_id)
+        if self.store.location.exists(plan_path):
+            for name, size in json.loads(self.store.location.read_bytes(plan_path)).items():
+                if name not in names:
+                    raise FailedPrecondition(f"file {name} was registered but not uploaded")
+                if files.fs.size(files.path(name)) != size:
+                    raise FailedPrecondition(f"file {name} has {files.fs.size(files.path(name))} bytes, {size} were registered")
+        if not names:
+            raise FailedPrecondition(f"dataset {dataset_id} has no files; upload one first")
+        total = sum(files.fs.size(files.path(name)) for name in names)
+        if total > self.config.max_dataset_bytes:
+            raise PayloadTooLarge(f"dataset has {total} bytes, over its limit of {self.config.max_dataset_bytes}")
+        examples = 0
+        for name in names:
+            with files.fs.open(files.path(name), "rb") as handle:
+                # A line too long to read (None) is still an example: the job reports it.
+                examples += sum(1 for _, raw in iter_lines(handle, max_line_bytes=CHUNK) if raw is None or raw.strip())
+        dataset = dataset.model_copy(
+            update={"state": DatasetState.READY, "example_count": str(examples), "size_bytes": str(total), "update_time": now()}
+        )
+        self.store.put_dataset(account, dataset_id, dataset)
+        return dataset
+
+    def download_files(self, account: str, dataset_id: str, lineage: bool) -> dict[str, str]:
+        """File name → store-relative path, for `:getDownloadEndpoint`. With lineage, the
+        datasets this one came from too (its job's input, the parent job's output, ...),
+        names prefixed with their dataset ID."""
+        chain = [self.get(account, dataset_id)]
+        if lineage:
+            seen = {chain[0].name}
+            index = 0
+            while index < len(chain):
+                for related in self._sources(account, chain[index]):
+                    if related.name not in seen:
+                        seen.add(related.name)
+                        chain.append(related)
+                index += 1
+        found = {}
+        for dataset in chain:
+            related_id = dataset.name.rsplit("/", 1)[-1]
+            folder = f"{resource_name(account, DATASETS, related_id)}/files"
+            for name in self.store.location.list(folder):
+                if FILENAME.fullmatch(name):
+                    found[f"{related_id}-{name}" if lineage else name] = f"{folder}/{name}"
+        return found
+
+    def _sources(self, account: str, dataset: Dataset) -> list[Dataset]:
+        if not dataset.source_job_name:
+            return []
+        _, job_id = parse_reference(dataset.source_job_name, JOBS, account)
+        record = self.store.get_job(account, job_id)
+        if record is None:
+            return []
+        names = [record.job.input_dataset_id]
+        if record.job.continued_from_job_name:
+            _, parent_id = parse_reference(record.job.continued_from_job_name, JOBS, account)
+            parent = self.store.get_job(account, parent_id)
+            if parent is not None:
+                names.append(parent.job.output_dataset_id)
+        found = []
+        for name in names:
+            _, related_id = parse_reference(name, DATASETS, account)
+            related = self.store.get_dataset(account, related_id)
+            if related is not None:
+                found.append(related)
+        return found

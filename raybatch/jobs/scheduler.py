@@ -1,0 +1,479 @@
+"""`JobScheduler`: one detached, named Ray actor that owns every job state change.
+
+The API asks it to create, cancel and delete jobs; a loop in the actor moves jobs
+along: VALIDATING (check input, model, precision) → PENDING (wait for a slot) → RUNNING
+(the job's pipeline runs as its own Ray Job, `jobs/driver.py`, so an API or scheduler
+restart leaves it alone) → WRITING_RESULTS (publish results.jsonl/errors.jsonl) →
+COMPLETED; or EXPIRED / CANCELLED with the committed part published, or RE_QUEUEING
+when its driver died (it resumes from its committed parts).
+
+All state lives in the store: a restarted scheduler reads the jobs back and carries on
+from whatever state each is in. Being the only writer of job records (one lock around
+each read-modify-write) is what keeps two changes from overwriting each other.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+import time
+import uuid
+from datetime import timedelta
+from typing import Callable, Optional
+
+import ray
+
+from raybatch.config import ModelEntry, RunConfig, ServiceConfig
+from raybatch.exceptions import (
+    AlreadyExists,
+    ConfigError,
+    FailedPrecondition,
+    IllegalTransition,
+    InvalidArgument,
+    NotFound,
+)
+from raybatch.jobs.states import transition
+from raybatch.pipeline.write import load_commits, progress_of, publish_files
+from raybatch.resources import (
+    DATASETS,
+    JOBS,
+    BatchInferenceJob,
+    CreateJobRequest,
+    Dataset,
+    DatasetState,
+    JobRecord,
+    JobRuntime,
+    JobState,
+    check_id,
+    duration_seconds,
+    now,
+    parse_reference,
+    resource_name,
+)
+from raybatch.storage import Location
+from raybatch.store import Store
+
+logger = logging.getLogger(__name__)
+
+SCHEDULER_NAME = "raybatch-scheduler"
+NAMESPACE = "raybatch"
+MAX_ATTEMPTS = 3  # drivers that die without an answer before the job FAILS
+S = JobState
+ACTIVE = (S.RUNNING, S.CANCELLING)  # states in which a driver may be running
+
+
+def run_config_path(account: str, job_id: str) -> str:
+    return f"{resource_name(account, JOBS, job_id)}/run-config.json"
+
+
+def outcome_path(account: str, job_id: str, attempt: int) -> str:
+    return f"{resource_name(account, JOBS, job_id)}/outcome-{attempt}.json"
+
+
+class JobScheduler:
+    def __init__(self, config: ServiceConfig):
+        self._config = config
+        self._store = Store(config.storage)
+        self._store.signing_key()  # made once here, before any API replica needs it
+        self._lock = threading.RLock()
+        self._drivers = None  # JobSubmissionClient, made on first use
+        self._stop = threading.Event()
+        self._loop = threading.Thread(target=self._run_loop, name="scheduler-loop", daemon=True)
+        self._loop.start()
+
+    def ready(self) -> bool:
+        return True
+
+    # ------------------------------------------------------------ API requests
+
+    def create_job(self, account: str, job_id: Optional[str], request: CreateJobRequest, created_by: str) -> dict:
+        job_id = check_id(job_id) if job_id else f"job-{uuid.uuid4().hex[:12]}"
+        runtime = JobRuntime(account=account)
+        fields = request.model_dump(exclude_none=True)
+        if request.continued_from_job_name:
+            parent = self._continuation_parent(account, request.continued_from_job_name)
+            runtime.skip_succeeded_in = parent.runtime.skip_succeeded_in + [
+                self._files_url(parent.job.output_dataset_id)
+            ]
+            inherited = {
+                "model": parent.job.model,
+                "input_dataset_id": parent.job.input_dataset_id,
+                "inference_parameters": parent.job.inference_parameters,
+                "precision": parent.job.precision,
+            }
+            fields = {**inherited, **fields, "continued_from_job_name": parent.job.name}
+        if not fields.get("model") or not fields.get("input_dataset_id"):
+            raise InvalidArgument("model and inputDatasetId are required unless continuedFromJobName is set")
+        input_account, input_id = parse_reference(fields["input_dataset_id"], DATASETS, account)
+        if input_account != account or self._store.get_dataset(account, input_id) is None:
+            raise NotFound(f"dataset {fields['input_dataset_id']} not found")
+        fields["input_dataset_id"] = resource_name(account, DATASETS, input_id)
+        if request.continued_from_job_name and fields["input_dataset_id"] != parent.job.input_dataset_id:
+            raise InvalidArgument(
+                "a continuation runs on its parent's input dataset "
+                f"({parent.job.input_dataset_id}); line numbers of another input do not match"
+            )
+        with self._lock:
+            if self._store.get_job(account, job_id) is not None:
+                raise AlreadyExists(f"batch inference job {job_id} already exists")
+            output_id = self._claim_output_dataset(account, job_id, fields.get("output_dataset_id"))
+            fields["output_dataset_id"] = resource_name(account, DATASETS, output_id)
+            time_now = now()
+            job = BatchInferenceJob(
+                **fields,
+                name=resource_name(account, JOBS, job_id),
+                create_time=time_now,
+                update_time=time_now,
+                created_by=created_by,
+                state=S.VALIDATING,
+            )
+            self._store.put_job(JobRecord(job=job, runtime=runtime))
+        self._wake()
+        return job.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+    def cancel_job(self, account: str, job_id: str) -> dict:
+        """Ask a job to stop. A job with no driver running is CANCELLED at once; a
+        running one goes CANCELLING and the loop stops its driver within seconds."""
+        with self._lock:
+            record = self._get(account, job_id)
+            if record.job.state.terminal:
+                raise FailedPrecondition(f"job {job_id} is already {record.job.state.value}")
+            if record.job.state in (S.WRITING_RESULTS,):
+                raise FailedPrecondition(f"job {job_id} has finished its lines and is publishing them")
+            if record.job.state != S.CANCELLING:
+                record.runtime.stop_reason = "cancel"
+                self._move(record, S.CANCELLING, "cancel requested")
+        self._wake()
+        return record.job.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+    def delete_job(self, account: str, job_id: str, wait_seconds: float = 60.0) -> None:
+        """Cancel first if it is not finished; the record goes once the job is terminal.
+        The output dataset stays."""
+        record = self._get(account, job_id)
+        if not record.job.state.terminal:
+            if record.job.state != S.WRITING_RESULTS:
+                self.cancel_job(account, job_id)
+            deadline = time.monotonic() + wait_seconds
+            while not self._get(account, job_id).job.state.terminal:
+                if time.monotonic() > deadline:
+                    raise FailedPrecondition(f"job {job_id} is still stopping; try again shortly")
+                time.sleep(0.2)
+        with self._lock:
+            self._store.delete_job(account, job_id)
+
+    # ------------------------------------------------------------------ loop
+
+    def _wake(self) -> None:
+        self._woken = True
+
+    def _run_loop(self) -> None:
+        while not self._stop.is_set():
+            self._woken = False
+            try:
+                self.tick()
+            except Exception:  # the loop must outlive any one bad pass
+                logger.exception("scheduler pass failed")
+            deadline = time.monotonic() + self._config.progress_interval_seconds
+            while time.monotonic() < deadline and not self._woken:
+                time.sleep(0.1)
+
+    def tick(self) -> None:
+        records = sorted(
+            (r for r in self._store.all_jobs() if not r.job.state.terminal),
+            key=lambda r: (r.job.create_time, r.job.name),
+        )
+        for record in records:
+            try:
+                self._advance(record)
+            except IllegalTransition:
+                pass  # already logged; a concurrent change won
+            except Exception as error:
+                logger.exception("job %s", record.job.name)
+                self._fail(record, f"internal error: {error}")
+        running = sum(1 for r in self._store.all_jobs() if r.job.state in ACTIVE)
+        for record in records:
+            fresh = self._reload(record)
+            if fresh.job.state == S.PENDING and running < self._config.max_running_jobs:
+                self._start_driver(fresh)
+                running += 1
+
+    def _advance(self, record: JobRecord) -> None:
+        state = record.job.state
+        if state == S.VALIDATING:
+            self._validate(record)
+        elif state == S.RE_QUEUEING:
+            self._move_if(record, S.RE_QUEUEING, S.PENDING, "resuming from committed parts")
+        elif state == S.RUNNING:
+            self._watch(record)
+        elif state == S.CANCELLING:
+            self._stop_driver(record)
+            self._finish(record, S.CANCELLED, "cancelled; partial results kept")
+        elif state == S.WRITING_RESULTS:
+            self._finish(record, S.COMPLETED, "")
+
+    def _validate(self, record: JobRecord) -> None:
+        job, account = record.job, record.runtime.account
+        problem = None
+        _, input_id = parse_reference(job.input_dataset_id, DATASETS, account)
+        dataset = self._store.get_dataset(account, input_id)
+        if dataset is None:
+            problem = f"input dataset {job.input_dataset_id} not found"
+        elif dataset.state != DatasetState.READY:
+            problem = f"input dataset {job.input_dataset_id} is {dataset.state.value}, not READY: validate its upload first"
+        elif int(dataset.size_bytes) > self._config.max_dataset_bytes:
+            problem = f"input dataset is {dataset.size_bytes} bytes, over the limit of {self._config.max_dataset_bytes}"
+        else:
+            try:
+                from raybatch.runner import cluster_plan, ensure_ray
+
+                ensure_ray()
+                config = self._run_config(record)
+                if config.engine.kind == "vllm":
+                    _check_model_source(config.model)
+                    cluster_plan(config)
+            except ConfigError as error:
+                problem = str(error)
+        if problem:
+            self._fail(record, problem)
+        else:
+            self._move_if(record, S.VALIDATING, S.PENDING, "")
+
+    def _model(self, name: str) -> ModelEntry:
+        return self._config.models.get(name) or ModelEntry(source=name)
+
+    def _run_config(self, record: JobRecord) -> RunConfig:
+        job, account = record.job, record.runtime.account
+        model = self._model(job.model)
+        fields = dict(self._config.run_defaults)
+        engine = dict(fields.get("engine", {}))
+        engine["kind"] = model.engine_kind
+        engine["engine_args"] = {**engine.get("engine_args", {}), **model.engine_args}
+        fields.update(
+            input=self._files_url(job.input_dataset_id),
+            output=self._files_url(job.output_dataset_id),
+            model=model.source,
+            inference_parameters=job.inference_parameters,
+            precision=job.precision,
+            engine=engine,
+            skip_succeeded_in=record.runtime.skip_succeeded_in,
+        )
+        try:
+            return RunConfig.model_validate(fields)
+        except ValueError as error:
+            raise ConfigError(f"invalid job settings: {error}") from None
+
+    def _files_url(self, dataset_name: str) -> str:
+        account, dataset_id = parse_reference(dataset_name, DATASETS, "")
+        return self._store.dataset_files_url(account, dataset_id)
+
+    # --------------------------------------------------------------- drivers
+
+    def _submission_client(self):
+        if self._drivers is None:
+            import os
+
+            from ray.job_submission import JobSubmissionClient
+
+            address = os.environ.get("RAY_API_SERVER_ADDRESS") or ray._private.worker.get_dashboard_url()
+            self._drivers = JobSubmissionClient(address if "://" in address else f"http://{address}")
+        return self._drivers
+
+    def _start_driver(self, record: JobRecord) -> None:
+        account, job_id = record.runtime.account, record.job.name.rsplit("/", 1)[-1]
+        config = self._run_config(record)
+        self._store.location.write_atomic(run_config_path(account, job_id), config.model_dump_json().encode())
+        attempt = record.runtime.attempts + 1
+        driver_id = f"raybatch-{account}-{job_id}-{attempt}-{uuid.uuid4().hex[:6]}"
+        with self._lock:
+            record = self._reload(record)
+            if record.job.state != S.PENDING:
+                return
+            record.runtime.attempts = attempt
+            record.runtime.driver_id = driver_id
+            record.runtime.running_since = record.runtime.running_since or now()
+            self._move(record, S.RUNNING, f"attempt {attempt}")
+        entrypoint = (
+            f"{sys.executable} -m raybatch.jobs.driver --storage {self._store.root_url} "
+            f"--account {account} --job {job_id} --attempt {attempt}"
+        )
+        self._submission_client().submit_job(entrypoint=entrypoint, submission_id=driver_id)
+
+    def _driver_status(self, driver_id: Optional[str]) -> str:
+        if not driver_id:
+            return "GONE"
+        try:
+            return str(self._submission_client().get_job_status(driver_id).value)
+        except Exception:  # not found: the cluster it ran on is gone
+            return "GONE"
+
+    def _stop_driver(self, record: JobRecord, wait_seconds: float = 30.0) -> None:
+        driver_id = record.runtime.driver_id
+        if self._driver_status(driver_id) in ("PENDING", "RUNNING"):
+            self._submission_client().stop_job(driver_id)
+            deadline = time.monotonic() + wait_seconds
+            while self._driver_status(driver_id) in ("PENDING", "RUNNING") and time.monotonic() < deadline:
+                time.sleep(0.2)
+
+    def _watch(self, record: JobRecord) -> None:
+        account, job_id = record.runtime.account, record.job.name.rsplit("/", 1)[-1]
+        self._publish_progress(record)
+        limit = self._time_limit(record)
+        if record.runtime.running_since and now() - record.runtime.running_since > limit:
+            record.runtime.stop_reason = "expire"
+            self._stop_driver(record)
+            self._finish(record, S.EXPIRED, f"time limit of {limit.total_seconds():g}s reached; partial results kept")
+            return
+        status = self._driver_status(record.runtime.driver_id)
+        if status in ("PENDING", "RUNNING"):
+            return
+        outcome_file = outcome_path(account, job_id, record.runtime.attempts)
+        outcome = None
+        if self._store.location.exists(outcome_file):
+            import json
+
+            outcome = json.loads(self._store.location.read_bytes(outcome_file))
+        if outcome and outcome["state"] == "completed":
+            self._move_if(record, S.RUNNING, S.WRITING_RESULTS, "")
+            self._finish(self._reload(record), S.COMPLETED, "")
+        elif outcome and outcome["state"] == "output_cap_reached":
+            self._finish(record, S.EXPIRED, "output size cap reached; partial results kept")
+        elif outcome and outcome["state"] == "failed":
+            self._fail(record, outcome["message"])
+        elif record.runtime.attempts >= MAX_ATTEMPTS:
+            reason = outcome["message"] if outcome else f"driver {status.lower()}"
+            self._fail(record, f"gave up after {record.runtime.attempts} attempts: {reason}")
+        else:
+            reason = outcome["message"] if outcome else f"driver {record.runtime.driver_id} {status.lower()}"
+            self._move_if(record, S.RUNNING, S.RE_QUEUEING, reason)
+
+    def _time_limit(self, record: JobRecord) -> timedelta:
+        seconds = self._config.max_job_duration_seconds
+        if record.job.max_duration:
+            seconds = min(seconds, duration_seconds(record.job.max_duration))
+        return timedelta(seconds=seconds)
+
+    def _publish_progress(self, record: JobRecord) -> None:
+        output = Location(self._files_url(record.job.output_dataset_id))
+        from raybatch.pipeline.write import PROGRESS_FILE, OutputStatus
+
+        if not output.exists(PROGRESS_FILE):
+            return
+        progress = OutputStatus.model_validate_json(output.read_bytes(PROGRESS_FILE)).progress
+        with self._lock:
+            fresh = self._reload(record)
+            if fresh.job.state == record.job.state and fresh.job.job_progress != progress:
+                fresh.job.job_progress = progress
+                fresh.job.update_time = now()
+                self._store.put_job(fresh)
+
+    def _finish(self, record: JobRecord, target: JobState, message: str) -> None:
+        """Publish what was committed, mark the output dataset READY, then `target`."""
+        output = Location(self._files_url(record.job.output_dataset_id))
+        commits = load_commits(output)
+        publish_files(output)
+        account = record.runtime.account
+        _, output_id = parse_reference(record.job.output_dataset_id, DATASETS, account)
+        with self._lock:
+            fresh = self._reload(record)
+            if fresh.job.job_progress.total_input_requests:
+                total = fresh.job.job_progress.total_input_requests
+                fresh.job.job_progress = progress_of(commits, total)
+            dataset = self._store.get_dataset(account, output_id)
+            if dataset is not None:
+                dataset.state = DatasetState.READY
+                dataset.example_count = str(sum(c.results + c.errors for c in commits))
+                dataset.size_bytes = str(sum(c.bytes for c in commits))
+                dataset.update_time = now()
+                self._store.put_dataset(account, output_id, dataset)
+            self._move(fresh, target, message)
+
+    # -------------------------------------------------------------- records
+
+    def _get(self, account: str, job_id: str) -> JobRecord:
+        record = self._store.get_job(account, job_id)
+        if record is None:
+            raise NotFound(f"batch inference job {job_id} not found")
+        return record
+
+    def _reload(self, record: JobRecord) -> JobRecord:
+        return self._get(record.runtime.account, record.job.name.rsplit("/", 1)[-1])
+
+    def _move(self, record: JobRecord, target: JobState, message: str) -> None:
+        """Apply one transition and store it (caller holds the lock)."""
+        record.job = transition(record.job, target, message)
+        self._store.put_job(record)
+
+    def _move_if(self, record: JobRecord, expected: JobState, target: JobState, message: str) -> bool:
+        with self._lock:
+            fresh = self._reload(record)
+            if fresh.job.state != expected:
+                return False  # a concurrent request (cancel) moved it first
+            self._move(fresh, target, message)
+            return True
+
+    def _fail(self, record: JobRecord, message: str) -> None:
+        with self._lock:
+            fresh = self._reload(record)
+            if not fresh.job.state.terminal:
+                self._move(fresh, S.FAILED, message)
+
+    def _continuation_parent(self, account: str, name: str) -> JobRecord:
+        parent_account, parent_id = parse_reference(name, JOBS, account)
+        parent = self._store.get_job(account, parent_id) if parent_account == account else None
+        if parent is None:
+            raise NotFound(f"batch inference job {name} not found")
+        if not parent.job.state.terminal:
+            raise FailedPrecondition(f"job {name} is {parent.job.state.value}; continue it once it has ended")
+        return parent
+
+    def _claim_output_dataset(self, account: str, job_id: str, requested: Optional[str]) -> str:
+        if requested:
+            output_account, output_id = parse_reference(requested, DATASETS, account)
+            if output_account != account:
+                raise NotFound(f"dataset {requested} not found")
+            if self._store.get_dataset(account, output_id) is not None:
+                raise AlreadyExists(f"output dataset {output_id} already exists; name a new one")
+        else:
+            output_id = f"{job_id}-output"[:63]
+            if self._store.get_dataset(account, output_id) is not None:
+                output_id = f"output-{uuid.uuid4().hex[:12]}"
+        time_now = now()
+        self._store.put_dataset(
+            account,
+            output_id,
+            Dataset(
+                name=resource_name(account, DATASETS, output_id),
+                display_name=f"Output of {job_id}",
+                create_time=time_now,
+                update_time=time_now,
+                state=DatasetState.UPLOADING,
+                source_job_name=resource_name(account, JOBS, job_id),
+            ),
+        )
+        return output_id
+
+
+def _check_model_source(source: str) -> None:
+    """A local model must exist; a hub ID is left for the engine to fetch."""
+    import os
+
+    looks_local = source.startswith(("/", ".", "~", "file://")) or os.path.exists(source)
+    if looks_local and not os.path.isfile(os.path.join(os.path.expanduser(source), "config.json")):
+        raise ConfigError(f"model {source!r}: no config.json there")
+
+
+def scheduler_handle(config: ServiceConfig, on_create: Optional[Callable] = None):
+    """The one scheduler actor, created if it does not exist yet. Detached: it outlives
+    the API replicas; restarted by Ray if its process dies."""
+    actor = ray.remote(JobScheduler).options(
+        name=SCHEDULER_NAME,
+        namespace=NAMESPACE,
+        lifetime="detached",
+        get_if_exists=True,
+        max_restarts=-1,
+        max_task_retries=-1,
+        max_concurrency=16,
+        num_cpus=0,
+    )
+    return actor.remote(config)

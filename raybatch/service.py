@@ -1,0 +1,120 @@
+"""`raybatch up` / `raybatch down`: start the service on a workstation or join a cluster.
+
+`up` starts a local Ray head (`ray start --head`, so the cluster outlives this command)
+unless an address is given, deploys the Serve app, waits until the API answers and
+prints its base URL. What it started is noted in `~/.raybatch/up.json`
+(`RAYBATCH_HOME` moves it) so that `down` stops exactly that.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Optional
+
+from raybatch.config import ServiceConfig
+from raybatch.exceptions import ConfigError
+
+APP_NAME = "raybatch"
+
+
+def home() -> Path:
+    return Path(os.environ.get("RAYBATCH_HOME") or os.path.expanduser("~/.raybatch"))
+
+
+def _ray_command() -> str:
+    beside = Path(sys.executable).with_name("ray")
+    return str(beside) if beside.exists() else (shutil.which("ray") or "ray")
+
+
+def wait_until_answering(base_url: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(f"{base_url}/healthz", timeout=5) as reply:
+                if reply.status == 200:
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the API at {base_url} did not answer within {timeout:g}s")
+        time.sleep(0.5)
+
+
+def deploy(config: ServiceConfig, host: str, port: int) -> None:
+    """Deploy (or redeploy) the Serve app on the connected cluster."""
+    from ray import serve
+
+    from raybatch.api.app import build_app
+
+    serve.start(http_options={"host": host, "port": port})
+    serve.run(build_app(config.model_dump()), name=APP_NAME, route_prefix="/", blocking=False)
+
+
+def up(
+    config: ServiceConfig,
+    port: int = 8000,
+    address: Optional[str] = None,
+    host: str = "127.0.0.1",
+    num_cpus: Optional[int] = None,
+    timeout: float = 300.0,
+) -> str:
+    import ray
+
+    address = address or os.environ.get("RAY_ADDRESS")
+    started_ray = address is None
+    if started_ray:
+        command = [_ray_command(), "start", "--head", "--disable-usage-stats", "--dashboard-host", "127.0.0.1",
+                   f"--num-cpus={num_cpus or max(4, os.cpu_count() or 1)}"]
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise ConfigError(f"ray start failed (is a Ray cluster already running here?):\n{done.stderr[-2000:]}")
+        address = "auto"
+    ray.init(address=address, log_to_driver=False)
+    try:
+        deploy(config, host, port)
+        base_url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+        wait_until_answering(base_url, timeout)
+        state = {"base_url": base_url, "address": ray.get_runtime_context().gcs_address,
+                 "started_ray": started_ray, "storage": config.storage}
+    finally:
+        ray.shutdown()
+    home().mkdir(parents=True, exist_ok=True)
+    (home() / "up.json").write_text(json.dumps(state, indent=2))
+    return base_url
+
+
+def down() -> str:
+    """Stop what `up` started: the whole local Ray it started, or else the Serve app and
+    the scheduler on the cluster it joined (running job drivers go on; the next `up`
+    picks them up)."""
+    import ray
+
+    state_file = home() / "up.json"
+    if not state_file.exists():
+        raise ConfigError(f"nothing to stop: no {state_file} (was `raybatch up` run?)")
+    state = json.loads(state_file.read_text())
+    if state["started_ray"]:
+        subprocess.run([_ray_command(), "stop", "--force"], capture_output=True, text=True)
+    else:
+        from ray import serve
+
+        from raybatch.jobs.scheduler import NAMESPACE, SCHEDULER_NAME
+
+        ray.init(address=state["address"], log_to_driver=False)
+        try:
+            serve.delete(APP_NAME)
+            try:
+                ray.kill(ray.get_actor(SCHEDULER_NAME, namespace=NAMESPACE))
+            except ValueError:
+                pass
+        finally:
+            ray.shutdown()
+    state_file.unlink()
+    return state["base_url"]

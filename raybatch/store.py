@@ -1,0 +1,124 @@
+"""The service's records in object storage, the one source of truth.
+
+    {root}/accounts/{account}/datasets/{id}/dataset.json      the Dataset resource
+    {root}/accounts/{account}/datasets/{id}/files/...         its files (a job's output
+                                                              folder for an output dataset)
+    {root}/accounts/{account}/batchInferenceJobs/{id}/job.json  JobRecord
+    {root}/keys/{key_id}.json                                 ApiKeyRecord (hash only)
+    {root}/service/signing-key                                signs local upload/download URLs
+
+Every ID reaching this module was checked by `resources.check_id`; the checks here are
+a second line of defence.
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import Optional
+
+from raybatch.resources import (
+    DATASETS,
+    JOBS,
+    ApiKeyRecord,
+    Dataset,
+    JobRecord,
+    check_id,
+    resource_name,
+)
+from raybatch.storage import Location
+
+SIGNING_KEY = "service/signing-key"
+
+
+class Store:
+    def __init__(self, root_url: str):
+        self.root_url = root_url.rstrip("/")
+        self.location = Location(self.root_url)
+
+    def __reduce__(self):
+        return (Store, (self.root_url,))
+
+    # ----------------------------------------------------------------- datasets
+
+    def _dataset_dir(self, account: str, dataset_id: str) -> str:
+        return resource_name(check_id(account), DATASETS, check_id(dataset_id))
+
+    def dataset_files_url(self, account: str, dataset_id: str) -> str:
+        return f"{self.root_url}/{self._dataset_dir(account, dataset_id)}/files"
+
+    def dataset_files(self, account: str, dataset_id: str) -> Location:
+        return Location(self.dataset_files_url(account, dataset_id))
+
+    def get_dataset(self, account: str, dataset_id: str) -> Optional[Dataset]:
+        path = f"{self._dataset_dir(account, dataset_id)}/dataset.json"
+        if not self.location.exists(path):
+            return None
+        return Dataset.model_validate_json(self.location.read_bytes(path))
+
+    def put_dataset(self, account: str, dataset_id: str, dataset: Dataset) -> None:
+        path = f"{self._dataset_dir(account, dataset_id)}/dataset.json"
+        self.location.write_atomic(path, dataset.model_dump_json(by_alias=True).encode())
+
+    def list_datasets(self, account: str) -> list[Dataset]:
+        found = []
+        for dataset_id in self.location.list(f"accounts/{check_id(account)}/{DATASETS}"):
+            dataset = self.get_dataset(account, dataset_id)
+            if dataset is not None:
+                found.append(dataset)
+        return found
+
+    def delete_dataset(self, account: str, dataset_id: str) -> None:
+        # The record first: a half-deleted dataset is then simply gone, not corrupt.
+        self.location.delete(f"{self._dataset_dir(account, dataset_id)}/dataset.json")
+        self.location.delete(self._dataset_dir(account, dataset_id))
+
+    # --------------------------------------------------------------------- jobs
+
+    def _job_path(self, account: str, job_id: str) -> str:
+        return f"{resource_name(check_id(account), JOBS, check_id(job_id))}/job.json"
+
+    def get_job(self, account: str, job_id: str) -> Optional[JobRecord]:
+        path = self._job_path(account, job_id)
+        if not self.location.exists(path):
+            return None
+        return JobRecord.model_validate_json(self.location.read_bytes(path))
+
+    def put_job(self, record: JobRecord) -> None:
+        job_id = record.job.name.rsplit("/", 1)[-1]
+        path = self._job_path(record.runtime.account, job_id)
+        self.location.write_atomic(path, record.model_dump_json(by_alias=True).encode())
+
+    def list_jobs(self, account: str) -> list[JobRecord]:
+        found = []
+        for job_id in self.location.list(f"accounts/{check_id(account)}/{JOBS}"):
+            record = self.get_job(account, job_id)
+            if record is not None:
+                found.append(record)
+        return found
+
+    def all_jobs(self) -> list[JobRecord]:
+        return [record for account in self.location.list("accounts") for record in self.list_jobs(account)]
+
+    def delete_job(self, account: str, job_id: str) -> None:
+        self.location.delete(self._job_path(account, job_id))
+        self.location.delete(resource_name(check_id(account), JOBS, check_id(job_id)))
+
+    # --------------------------------------------------------------------- keys
+
+    def get_key(self, key_id: str) -> Optional[ApiKeyRecord]:
+        path = f"keys/{check_id(key_id)}.json"
+        if not self.location.exists(path):
+            return None
+        return ApiKeyRecord.model_validate_json(self.location.read_bytes(path))
+
+    def put_key(self, record: ApiKeyRecord) -> None:
+        self.location.write_atomic(f"keys/{check_id(record.key_id)}.json", record.model_dump_json().encode())
+
+    def list_keys(self) -> list[ApiKeyRecord]:
+        return [self.get_key(name[: -len(".json")]) for name in self.location.list("keys") if name.endswith(".json")]
+
+    def signing_key(self) -> bytes:
+        """A random secret made on first use and shared by every API replica."""
+        if not self.location.exists(SIGNING_KEY):
+            self.location.write_atomic(SIGNING_KEY, secrets.token_bytes(32))
+        return self.location.read_bytes(SIGNING_KEY)
