@@ -6,7 +6,16 @@
     ├── OutputConflictError       OUT already holds output of a different run (not recoverable)
     ├── IncompleteRunError        the pipeline ended with lines uncommitted (recoverable:
     │                             run again, committed lines are skipped)
-    └── RowError                  one line cannot be answered; it becomes an error row
+    ├── RowError                  one line cannot be answered; it becomes an error row
+    ├── IllegalTransition         a job state change the state table forbids (a bug; refused)
+    └── ApiError                  an API request is refused; carries its HTTP status
+        ├── InvalidArgument       400 INVALID_ARGUMENT (bad ID, bad body, bad parameter)
+        ├── FailedPrecondition    400 FAILED_PRECONDITION (resource in the wrong state)
+        ├── Unauthenticated       401 (no, malformed, wrong or revoked key)
+        ├── NotFound              404 (also: another account's resource)
+        ├── AlreadyExists         409
+        ├── Conflict              409 ABORTED (a concurrent change won)
+        └── PayloadTooLarge       413 RESOURCE_EXHAUSTED
 
 Per-line problems never escape a pipeline stage: a `RowError` is caught where it is
 raised and turned into an error row, because one bad line must never fail a job.
@@ -58,3 +67,47 @@ class RowError(RaybatchError):
         self.code = str(getattr(code, "value", code))
         self.message = message
         self.custom_id = custom_id
+
+
+class IllegalTransition(RaybatchError):
+    """A job state change that the state table does not allow. Refused and logged:
+    applying it would be a silent overwrite of what really happened."""
+
+
+class ApiError(RaybatchError):
+    """An API request is refused. Recoverable by the caller: fix the request."""
+
+    http_status = 500
+    status = "INTERNAL"
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidArgument(ApiError):
+    http_status, status = 400, "INVALID_ARGUMENT"
+
+
+class FailedPrecondition(ApiError):
+    http_status, status = 400, "FAILED_PRECONDITION"
+
+
+class Unauthenticated(ApiError):
+    http_status, status = 401, "UNAUTHENTICATED"
+
+
+class NotFound(ApiError):
+    http_status, status = 404, "NOT_FOUND"
+
+
+class AlreadyExists(ApiError):
+    http_status, status = 409, "ALREADY_EXISTS"
+
+
+class Conflict(ApiError):
+    http_status, status = 409, "ABORTED"
+
+
+class PayloadTooLarge(ApiError):
+    http_status, status = 413, "RESOURCE_EXHAUSTED"
