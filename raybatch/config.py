@@ -92,9 +92,9 @@ class ModelEntry(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     source: str = Field(description="Hugging Face model ID or a path every node can read.")
-    engine_kind: str = Field("vllm", description="'vllm', or 'scripted' (the deterministic "
-                             "test engine, for fault injection only).")
-    engine_args: dict[str, Any] = Field(default_factory=dict)
+    engine: dict[str, Any] = Field(default_factory=dict, description="EngineConfig fields "
+                                   "for this model, over the service's run_defaults; "
+                                   "`engine_args` are merged key by key.")
 
 
 class ServiceConfig(BaseModel):

@@ -105,13 +105,13 @@ def down() -> str:
     else:
         from ray import serve
 
-        from raybatch.jobs.scheduler import NAMESPACE, SCHEDULER_NAME
+        from raybatch.jobs.scheduler import NAMESPACE, scheduler_name
 
         ray.init(address=state["address"], log_to_driver=False)
         try:
             serve.delete(APP_NAME)
             try:
-                ray.kill(ray.get_actor(SCHEDULER_NAME, namespace=NAMESPACE))
+                ray.kill(ray.get_actor(scheduler_name(state["storage"]), namespace=NAMESPACE))
             except ValueError:
                 pass
         finally:

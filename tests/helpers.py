@@ -104,3 +104,34 @@ def check_run(output_url: str, expected: list[Expected], *, complete: bool = Tru
 def _claimed_elsewhere(line: Expected, expected: list[Expected]) -> bool:
     """A duplicate's custom_id is in results because an earlier line claimed it."""
     return line.error == "duplicate_custom_id"
+
+
+TERMINAL = {"JOB_STATE_COMPLETED", "JOB_STATE_FAILED", "JOB_STATE_CANCELLED", "JOB_STATE_EXPIRED"}
+
+
+def sdk_client(base_url: str, key: str, account: str):
+    """The official Fireworks SDK, pointed at raybatch: only base_url and key change."""
+    from fireworks import Fireworks
+
+    return Fireworks(api_key=key, account_id=account, base_url=base_url, max_retries=0)
+
+
+def wait_job(client, job_id: str, until=TERMINAL, timeout: float = 300.0, poll: float = 0.5):
+    """Poll until the job's state is in `until`; returns (job, every state seen in order)."""
+    import time
+
+    seen: list[str] = []
+    deadline = time.monotonic() + timeout
+    while True:
+        job = client.batch_inference_jobs.get(job_id)
+        if not seen or seen[-1] != job.state:
+            seen.append(job.state)
+        if job.state in until:
+            return job, seen
+        assert job.state not in TERMINAL, f"job ended {job.state} ({job.status}) before reaching {until}"
+        assert time.monotonic() < deadline, f"job still {job.state} after {timeout}s (seen {seen})"
+        time.sleep(poll)
+
+
+def dataset_files_url(storage: str, account: str, dataset_name: str) -> str:
+    return f"{storage}/accounts/{account}/datasets/{dataset_name.rsplit('/', 1)[-1]}/files"

@@ -14,13 +14,16 @@ each read-modify-write) is what keeps two changes from overwriting each other.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
 import sys
 import threading
 import time
 import uuid
 from datetime import timedelta
-from typing import Callable, Optional
+from typing import Optional
 
 import ray
 
@@ -56,7 +59,6 @@ from raybatch.store import Store
 
 logger = logging.getLogger(__name__)
 
-SCHEDULER_NAME = "raybatch-scheduler"
 NAMESPACE = "raybatch"
 MAX_ATTEMPTS = 3  # drivers that die without an answer before the job FAILS
 S = JobState
@@ -243,12 +245,12 @@ class JobScheduler:
         return self._config.models.get(name) or ModelEntry(source=name)
 
     def _run_config(self, record: JobRecord) -> RunConfig:
-        job, account = record.job, record.runtime.account
+        job = record.job
         model = self._model(job.model)
         fields = dict(self._config.run_defaults)
-        engine = dict(fields.get("engine", {}))
-        engine["kind"] = model.engine_kind
-        engine["engine_args"] = {**engine.get("engine_args", {}), **model.engine_args}
+        defaults = fields.get("engine", {})
+        engine = {**defaults, **model.engine}
+        engine["engine_args"] = {**defaults.get("engine_args", {}), **model.engine.get("engine_args", {})}
         fields.update(
             input=self._files_url(job.input_dataset_id),
             output=self._files_url(job.output_dataset_id),
@@ -271,8 +273,6 @@ class JobScheduler:
 
     def _submission_client(self):
         if self._drivers is None:
-            import os
-
             from ray.job_submission import JobSubmissionClient
 
             address = os.environ.get("RAY_API_SERVER_ADDRESS") or ray._private.worker.get_dashboard_url()
@@ -330,8 +330,6 @@ class JobScheduler:
         outcome_file = outcome_path(account, job_id, record.runtime.attempts)
         outcome = None
         if self._store.location.exists(outcome_file):
-            import json
-
             outcome = json.loads(self._store.location.read_bytes(outcome_file))
         if outcome and outcome["state"] == "completed":
             self._move_if(record, S.RUNNING, S.WRITING_RESULTS, "")
@@ -456,18 +454,21 @@ class JobScheduler:
 
 def _check_model_source(source: str) -> None:
     """A local model must exist; a hub ID is left for the engine to fetch."""
-    import os
-
     looks_local = source.startswith(("/", ".", "~", "file://")) or os.path.exists(source)
     if looks_local and not os.path.isfile(os.path.join(os.path.expanduser(source), "config.json")):
         raise ConfigError(f"model {source!r}: no config.json there")
 
 
-def scheduler_handle(config: ServiceConfig, on_create: Optional[Callable] = None):
-    """The one scheduler actor, created if it does not exist yet. Detached: it outlives
-    the API replicas; restarted by Ray if its process dies."""
+def scheduler_name(storage: str) -> str:
+    """One scheduler per storage root: two services on one cluster never share one."""
+    return f"raybatch-scheduler-{hashlib.sha256(storage.encode()).hexdigest()[:12]}"
+
+
+def scheduler_handle(config: ServiceConfig):
+    """The one scheduler actor of this storage, created if it does not exist yet.
+    Detached: it outlives the API replicas; restarted by Ray if its process dies."""
     actor = ray.remote(JobScheduler).options(
-        name=SCHEDULER_NAME,
+        name=scheduler_name(config.storage),
         namespace=NAMESPACE,
         lifetime="detached",
         get_if_exists=True,
