@@ -147,13 +147,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     from raybatch.exceptions import ConfigError
 
     add_service_commands(sub)
+    from raybatch.cli_resources import add_resource_commands
+
+    add_resource_commands(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     handlers = {"run": _cmd_run, "tiny-model": _cmd_tiny_model}
     handler = getattr(args, "handler", None) or handlers[args.command]
     try:
         return handler(args)
-    except ConfigError as error:
+    except (ConfigError, ValidationError) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_CONFIG
 

@@ -7,6 +7,7 @@
     ├── IncompleteRunError        the pipeline ended with lines uncommitted (recoverable:
     │                             run again, committed lines are skipped)
     ├── RowError                  one line cannot be answered; it becomes an error row
+    ├── ApiRequestError           the service refused a client request (raybatch.client)
     ├── IllegalTransition         a job state change the state table forbids (a bug; refused)
     └── ApiError                  an API request is refused; carries its HTTP status
         ├── InvalidArgument       400 INVALID_ARGUMENT (bad ID, bad body, bad parameter)
@@ -111,3 +112,16 @@ class Conflict(ApiError):
 
 class PayloadTooLarge(ApiError):
     http_status, status = 413, "RESOURCE_EXHAUSTED"
+
+
+class ApiRequestError(RaybatchError):
+    """The client side of `ApiError`: the service (or a signed-URL host) refused a
+    request. Carries what the server said, so a caller can branch on `.status`
+    ("NOT_FOUND", ...) without parsing the message.
+    """
+
+    def __init__(self, http_status: int, status: str, message: str):
+        super().__init__(f"{http_status} {status}: {message}")
+        self.http_status = http_status
+        self.status = status
+        self.message = message

@@ -169,6 +169,10 @@ def build_pipeline(
         },
     )
     engine = config.engine
+    # Blocks of one engine batch each (streaming, nothing materialized): a shard's lines
+    # would otherwise travel as one block, so one task would hold them all and emit its
+    # answers only when the last one is done.
+    prepared = prepared.repartition(target_num_rows_per_block=engine.batch_size)
     # `max_concurrency` (batches each engine actor works on at once) has no named
     # parameter yet; ray.data.llm passes it the same way.
     warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
@@ -190,7 +194,11 @@ def build_pipeline(
         num_cpus=1 if plan.device == "cpu" else 0,
         accelerator_type=plan.accelerator_type,
     )
-    return answered.map_batches(finish_rows, batch_format="pyarrow", fn_kwargs={"model": config.model})
+    # batch_size=None: each engine batch moves on alone. Ray Data's default would hold
+    # answered rows back until 1024 of them are there, delaying commits and progress.
+    return answered.map_batches(
+        finish_rows, batch_size=None, batch_format="pyarrow", fn_kwargs={"model": config.model}
+    )
 
 
 def run_job(

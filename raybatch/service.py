@@ -81,7 +81,10 @@ def up(
         deploy(config, host, port)
         base_url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
         wait_until_answering(base_url, timeout)
-        state = {"base_url": base_url, "address": ray.get_runtime_context().gcs_address,
+        # A Ray we started is this machine's own: "auto" finds it (its recorded GCS
+        # address can refuse connections made by address on some hosts).
+        joined = "auto" if started_ray else ray.get_runtime_context().gcs_address
+        state = {"base_url": base_url, "address": joined,
                  "started_ray": started_ray, "storage": config.storage}
     finally:
         ray.shutdown()

@@ -51,7 +51,7 @@ SERVICE_MODELS = {
     "scripted-slow": {
         "source": "scripted",
         "engine": {"kind": "scripted", "batch_size": 1, "concurrent_batches": 1,
-                   "engine_args": {"seconds_per_request": 0.4}},
+                   "engine_args": {"seconds_per_request": 1.0}},
     },
     "scripted": {"source": "scripted", "engine": {"kind": "scripted"}},
 }

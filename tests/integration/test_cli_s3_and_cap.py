@@ -22,7 +22,7 @@ pytestmark = pytest.mark.engine
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    env = {**os.environ, "RAY_ADDRESS": os.environ.get("RAY_ADDRESS") or ray.get_runtime_context().gcs_address}
     return subprocess.run(
         [sys.executable, "-m", "raybatch.cli", *args], env=env, capture_output=True, text=True, timeout=600
     )

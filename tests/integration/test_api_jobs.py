@@ -1,0 +1,150 @@
+"""Jobs over time, on the deterministic scripted engine (1 s a row, one or two at a time) so
+that "mid-run" is a known moment: cancel and expiry keep partial results, a
+continuation runs exactly the rest, and a restart of the Serve app or of the scheduler
+mid-job loses nothing."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import ray
+
+from raybatch.resources import JobRecord
+from tests.helpers import InputBuilder, check_run, dataset_files_url, read_jsonl, sdk_client, wait_job
+from tests.integration.test_run_engine import chat
+
+ACCOUNT = "jobs"
+
+
+def _upload(client, tmp_path, dataset_id: str, lines: int, bad_every: int = 0) -> InputBuilder:
+    built = InputBuilder()
+    for i in range(lines):
+        if bad_every and i % bad_every == bad_every - 1:
+            built.add("input.jsonl", {"custom_id": f"row-{i}", "body": {"messages": "not a list"}}, f"row-{i}", "invalid_request")
+        else:
+            built.ok("input.jsonl", f"row-{i}", chat(f"line {i}"))
+    built.write(str(tmp_path / dataset_id))
+    client.datasets.create(dataset_id=dataset_id, dataset={"user_uploaded": {}})
+    client.datasets.upload(dataset_id, file=("input.jsonl", (tmp_path / dataset_id / "input.jsonl").read_bytes()))
+    return built
+
+
+def _wait_progress(client, job_id: str, processed: int, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while client.batch_inference_jobs.get(job_id).job_progress.total_processed_requests < processed:
+        assert time.monotonic() < deadline, f"{job_id} made no progress"
+        time.sleep(0.3)
+
+
+def _output(service, job) -> str:
+    return dataset_files_url(service.storage, ACCOUNT, job.output_dataset_id)
+
+
+def _record(service, job_id: str) -> JobRecord:
+    from raybatch.store import Store
+
+    return Store(service.storage).get_job(ACCOUNT, job_id)
+
+
+@pytest.fixture(scope="module")
+def client(service):
+    return sdk_client(service.base_url, service.key(ACCOUNT), ACCOUNT)
+
+
+def test_cancel_mid_run_keeps_partial_results_and_a_continuation_does_exactly_the_rest(client, service, tmp_path):
+    built = _upload(client, tmp_path, "to-cancel", 40, bad_every=5)
+    client.batch_inference_jobs.create(batch_inference_job_id="cancel-me", model="scripted-slow", input_dataset_id="to-cancel")
+    _wait_progress(client, "cancel-me", 2)
+    asked = time.monotonic()
+    cancelling = client.post(f"/v1/accounts/{ACCOUNT}/batchInferenceJobs/cancel-me:cancel", cast_to=object)
+    assert cancelling["state"] == "JOB_STATE_CANCELLING"
+    job, _ = wait_job(client, "cancel-me", timeout=60)
+    assert job.state == "JOB_STATE_CANCELLED" and job.status.code == "CANCELLED"
+    assert time.monotonic() - asked < 30
+    output = _output(service, job)
+    check_run(output, built.expected, complete=False)
+    parent_results = read_jsonl(f"{output}/results.jsonl")
+    parent_errors = read_jsonl(f"{output}/errors.jsonl")
+    processed = len(parent_results) + len(parent_errors)
+    assert 2 <= processed < 40 and job.job_progress.total_processed_requests == processed
+    assert client.datasets.get(job.output_dataset_id.rsplit("/", 1)[-1]).state == "READY"
+
+    # The continuation: parent's model, input and parameters unless given; here a faster model.
+    child = client.batch_inference_jobs.create(
+        batch_inference_job_id="cancel-me-rest",
+        continued_from_job_name=f"accounts/{ACCOUNT}/batchInferenceJobs/cancel-me",
+        model="scripted",
+    )
+    assert child.input_dataset_id == f"accounts/{ACCOUNT}/datasets/to-cancel"
+    assert child.continued_from_job_name == f"accounts/{ACCOUNT}/batchInferenceJobs/cancel-me"
+    child, _ = wait_job(client, "cancel-me-rest", timeout=120)
+    assert child.state == "JOB_STATE_COMPLETED", child.status
+    rest = _output(service, child)
+    results, errors = read_jsonl(f"{rest}/results.jsonl"), read_jsonl(f"{rest}/errors.jsonl")
+    succeeded_before = {r["custom_id"] for r in parent_results}
+    # Exactly the lines that did not succeed: never-processed ones and the error rows.
+    assert succeeded_before.isdisjoint(r["custom_id"] for r in results)
+    assert len(results) + len(errors) == 40 - len(succeeded_before)
+    assert child.job_progress.total_input_requests == 40 - len(succeeded_before)
+    everything = succeeded_before | {r["custom_id"] for r in results}
+    assert everything == {e.custom_id for e in built.expected if e.error is None}
+    assert sorted(r["error"]["line"] for r in errors) == [e.line for e in built.expected if e.error]
+
+
+def test_expiry_keeps_partial_results(client, service, tmp_path):
+    built = _upload(client, tmp_path, "to-expire", 80)
+    client.batch_inference_jobs.create(
+        batch_inference_job_id="short-lived", model="scripted-slow", input_dataset_id="to-expire",
+        extra_body={"maxDuration": "25s"},
+    )
+    job, seen = wait_job(client, "short-lived", timeout=120)
+    assert job.state == "JOB_STATE_EXPIRED" and "time limit of 25s" in job.status.message
+    assert "JOB_STATE_RUNNING" in seen
+    output = _output(service, job)
+    check_run(output, built.expected, complete=False)
+    processed = len(read_jsonl(f"{output}/results.jsonl"))
+    assert 0 < processed < 80 and job.job_progress.total_processed_requests == processed
+
+
+def _scheduler(service):
+    from raybatch.jobs.scheduler import NAMESPACE, scheduler_name
+
+    return ray.get_actor(scheduler_name(service.storage), namespace=NAMESPACE)
+
+
+def test_restarting_the_serve_app_and_the_scheduler_mid_job_loses_nothing(client, service, tmp_path, tiny_model):
+    from ray import serve
+
+    from raybatch.config import ServiceConfig
+    from raybatch.runner import ensure_ray
+    from raybatch.service import APP_NAME, deploy
+    from tests.conftest import service_config
+
+    built = _upload(client, tmp_path, "to-survive", 40)
+    client.batch_inference_jobs.create(batch_inference_job_id="survivor", model="scripted-slow", input_dataset_id="to-survive")
+    _wait_progress(client, "survivor", 3)
+    ensure_ray()
+    serve.delete(APP_NAME)  # every API replica gone
+    ray.kill(_scheduler(service), no_restart=False)  # Ray restarts it; it reloads from the store
+    port = int(service.base_url.rsplit(":", 1)[1])
+    deploy(ServiceConfig.model_validate(service_config(service.storage, tiny_model)), "127.0.0.1", port)
+    job, _ = wait_job(client, "survivor", timeout=120)
+    assert job.state == "JOB_STATE_COMPLETED", job.status
+    check_run(_output(service, job), built.expected)
+    assert _record(service, "survivor").runtime.attempts == 1  # its driver went on untouched
+
+
+def test_a_dead_driver_is_requeued_and_resumes_from_committed_parts(client, service, tmp_path):
+    from ray.job_submission import JobSubmissionClient
+
+    built = _upload(client, tmp_path, "to-resume", 40)
+    client.batch_inference_jobs.create(batch_inference_job_id="resumer", model="scripted-slow", input_dataset_id="to-resume")
+    _wait_progress(client, "resumer", 4)
+    driver = _record(service, "resumer").runtime.driver_id
+    JobSubmissionClient().stop_job(driver)  # the driver dies without an outcome
+    job, seen = wait_job(client, "resumer", timeout=180)
+    assert job.state == "JOB_STATE_COMPLETED", job.status
+    assert "JOB_STATE_RE_QUEUEING" in seen or _record(service, "resumer").runtime.attempts == 2
+    assert _record(service, "resumer").runtime.attempts == 2
+    check_run(_output(service, job), built.expected)
