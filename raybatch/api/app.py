@@ -16,6 +16,8 @@ import logging
 from typing import Any, Optional
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from pydantic import BaseModel, ValidationError
@@ -58,6 +60,24 @@ async def _api_error(request: Request, error: ApiError) -> JSONResponse:
 # The replica's settings, set by its constructor. The middleware is added at import
 # time because Serve imports this module afresh in each replica process.
 _settings: dict[str, ServiceConfig] = {"config": ServiceConfig()}
+
+
+HTTP_STATUS_NAMES = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "NOT_FOUND",
+                     405: "UNIMPLEMENTED", 409: "ALREADY_EXISTS", 413: "RESOURCE_EXHAUSTED", 429: "RESOURCE_EXHAUSTED"}
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+    """Routing errors (no such path, wrong method) in the same error format."""
+    status = HTTP_STATUS_NAMES.get(error.status_code, "UNKNOWN")
+    body = {"error": {"code": error.status_code, "message": str(error.detail), "status": status}}
+    return JSONResponse(body, status_code=error.status_code)
+
+
+@api.exception_handler(RequestValidationError)
+async def _query_error(request: Request, error: RequestValidationError) -> JSONResponse:
+    problems = "; ".join(f"{'.'.join(map(str, e['loc'][1:]))}: {e['msg']}" for e in error.errors())
+    return _error(InvalidArgument(f"invalid request: {problems}"))
 
 
 class BodyLimit:
