@@ -181,7 +181,11 @@ class RaybatchApi:
 
         import ray
 
-        self.config = _settings["config"] = config
+        # Through the module: Serve ships this class by value, globals and all, while
+        # BodyLimit reads the module's own `_settings`.
+        from raybatch.api import app as this_module
+
+        self.config = this_module._settings["config"] = config
         self.store = Store(config.storage)
         self.scheduler = scheduler_handle(config)
         ray.get(self.scheduler.ready.remote())  # it makes the signing key first

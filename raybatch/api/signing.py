@@ -27,9 +27,10 @@ class UrlSigner:
         self._s3 = None
         if store.root_url.startswith(("s3://", "s3a://")):
             import boto3
+            from botocore.config import Config
 
             endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-            self._s3 = boto3.client("s3", endpoint_url=endpoint)
+            self._s3 = boto3.client("s3", endpoint_url=endpoint, config=Config(signature_version="s3v4"))
 
     def url(self, base_url: str, operation: str, relative: str, size: Optional[int] = None) -> str:
         """A URL to PUT (`operation="put"`) or GET (`"get"`) the store's `relative` file."""

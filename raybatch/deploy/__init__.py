@@ -1,0 +1,1 @@
+"""Deployment configs shipped with the package: `serve.yaml`, a Ray Serve config for `serve deploy`."""
