@@ -73,12 +73,14 @@ def _print_table(header: list[str], rows: list[list[str]]) -> None:
 
 
 def _upload(client: RaybatchClient, dataset_id: str, paths: list[str], signed: bool) -> dict:
+    """Upload and validate; returns the dataset (READY, with its exampleCount)."""
     for path in paths:  # checked first: a typo must not leave half the files uploaded
         if not Path(path).is_file():
             raise ConfigError(f"no such file: {path}")
     if signed or len(paths) > 1 or Path(paths[0]).stat().st_size > DIRECT_UPLOAD_MAX_BYTES:
         return client.upload_dataset_signed(dataset_id, paths)
-    return client.upload_dataset(dataset_id, paths[0])
+    client.upload_dataset(dataset_id, paths[0])
+    return client.get_dataset(dataset_id)
 
 
 def _dataset_create(client: RaybatchClient, args: argparse.Namespace) -> int:

@@ -148,3 +148,56 @@ def test_a_dead_driver_is_requeued_and_resumes_from_committed_parts(client, serv
     assert "JOB_STATE_RE_QUEUEING" in seen or _record(service, "resumer").runtime.attempts == 2
     assert _record(service, "resumer").runtime.attempts == 2
     check_run(_output(service, job), built.expected)
+
+
+def test_validation_fails_jobs_with_a_clear_message(client, service, tmp_path):
+    _upload(client, tmp_path, "valid-input", 2)
+    client.datasets.create(dataset_id="never-uploaded", dataset={"user_uploaded": {}})
+    cases = {
+        "not-ready": ({"model": "scripted", "input_dataset_id": "never-uploaded"}, "is UPLOADING, not READY"),
+        "fp8-on-cpu": ({"model": "tiny", "input_dataset_id": "valid-input", "precision": "FP8"}, "precision FP8 cannot be served"),
+        "no-model": ({"model": "/nowhere/model", "input_dataset_id": "valid-input"}, "no config.json"),
+    }
+    for job_id, (fields, _) in cases.items():
+        client.batch_inference_jobs.create(batch_inference_job_id=job_id, **fields)
+    for job_id, (_, message) in cases.items():
+        job, seen = wait_job(client, job_id, timeout=60)
+        assert job.state == "JOB_STATE_FAILED" and message in job.status.message, (job_id, job.status)
+        assert seen[0] in ("JOB_STATE_VALIDATING", "JOB_STATE_FAILED") and "JOB_STATE_RUNNING" not in seen
+
+
+def test_delete_cancels_a_running_job_and_keeps_its_output(client, service, tmp_path):
+    _upload(client, tmp_path, "to-delete", 40)
+    client.batch_inference_jobs.create(batch_inference_job_id="delete-me", model="scripted-slow", input_dataset_id="to-delete")
+    _wait_progress(client, "delete-me", 2)
+    client.batch_inference_jobs.delete("delete-me")
+    from fireworks import NotFoundError
+
+    with pytest.raises(NotFoundError):
+        client.batch_inference_jobs.get("delete-me")
+    output = client.datasets.get("delete-me-output")
+    assert output.state == "READY" and 2 <= int(output.example_count) < 40
+
+
+def test_list_filters_by_state_and_orders_by_create_time(client):
+    everything = list(client.batch_inference_jobs.list())
+    names = [j.name for j in everything]
+    assert names == sorted(names, key=lambda n: [j.create_time for j in everything if j.name == n][0])
+    newest_first = list(client.batch_inference_jobs.list(order_by="createTime desc"))
+    assert [j.name for j in newest_first] == names[::-1]
+    failed = list(client.batch_inference_jobs.list(filter="state=JOB_STATE_FAILED"))
+    assert failed and all(j.state == "JOB_STATE_FAILED" for j in failed)
+    ended = client.batch_inference_jobs.list(filter='state="JOB_STATE_FAILED" OR state="JOB_STATE_COMPLETED"')
+    assert {j.state for j in ended.batch_inference_jobs} == {"JOB_STATE_FAILED", "JOB_STATE_COMPLETED"}
+    assert ended.to_dict()["totalSize"] == len([j for j in everything if j.state in ("JOB_STATE_FAILED", "JOB_STATE_COMPLETED")])
+
+
+def test_datasets_update_and_delete(client, tmp_path):
+    _upload(client, tmp_path, "to-edit", 1)
+    updated = client.datasets.update("to-edit", display_name="renamed")
+    assert updated.display_name == "renamed" and client.datasets.get("to-edit").display_name == "renamed"
+    client.datasets.delete("to-edit")
+    from fireworks import NotFoundError
+
+    with pytest.raises(NotFoundError):
+        client.datasets.get("to-edit")

@@ -386,9 +386,9 @@ def test_job_list_prints_a_table(monkeypatch, capsys):
 @pytest.mark.parametrize(
     "argv,limit,steps",
     [
-        (["create", "d", "--file", "IN"], None, ["POST datasets", "POST datasets/d:upload"]),
+        (["create", "d", "--file", "IN"], None, ["POST datasets", "POST datasets/d:upload", "GET datasets/d"]),
         (["create", "d", "--file", "IN", "--signed-upload"], None, ["POST datasets", *SIGNED_STEPS]),
-        (["upload", "d", "IN"], None, ["POST datasets/d:upload"]),
+        (["upload", "d", "IN"], None, ["POST datasets/d:upload", "GET datasets/d"]),
         (["upload", "d", "IN"], 2, SIGNED_STEPS),  # over the direct-upload limit
         (["upload", "d", "IN", "--signed-upload"], None, SIGNED_STEPS),
         (["upload", "d", "IN", "MORE"], None, [SIGNED_STEPS[0], "PUT /in", *SIGNED_STEPS[1:]]),  # several files

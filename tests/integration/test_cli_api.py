@@ -1,0 +1,54 @@
+"""The firectl-style CLI against the real service: create a dataset from a file, start
+a job and wait for it, list, download; exit codes a script can rely on."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from tests.helpers import InputBuilder, read_jsonl
+from tests.integration.test_run_engine import chat
+
+ACCOUNT = "cli"
+
+
+def _cli(service, key, *args, check=True) -> subprocess.CompletedProcess:
+    env = {"RAYBATCH_BASE_URL": service.base_url, "RAYBATCH_API_KEY": key, "RAYBATCH_ACCOUNT": ACCOUNT}
+    import os
+
+    done = subprocess.run([sys.executable, "-m", "raybatch.cli", *args], env={**os.environ, **env},
+                          capture_output=True, text=True, timeout=300)
+    if check:
+        assert done.returncode == 0, done.stderr
+    return done
+
+
+def test_dataset_job_and_download_through_the_cli(service, tmp_path):
+    key = service.key(ACCOUNT)
+    built = InputBuilder()
+    for i in range(4):
+        built.ok("in.jsonl", f"cli-{i}", chat(f"hello {i}"))
+    built.write(str(tmp_path))
+    created = json.loads(_cli(service, key, "dataset", "create", "cli-in", "--file", str(tmp_path / "in.jsonl")).stdout)
+    assert created["state"] == "READY" and created["exampleCount"] == "4"
+    _cli(service, key, "dataset", "create", "cli-signed", "--file", str(tmp_path / "in.jsonl"), "--signed-upload")
+    job = json.loads(_cli(service, key, "job", "create", "--job-id", "cli-job", "--model", "scripted",
+                          "--input-dataset-id", "cli-signed", "--max-tokens", "4", "--wait").stdout)
+    assert job["state"] == "JOB_STATE_COMPLETED" and job["jobProgress"]["successfullyProcessedRequests"] == 4
+    assert job["inferenceParameters"]["maxTokens"] == 4
+    listing = _cli(service, key, "job", "list").stdout
+    assert "cli-job" in listing and "JOB_STATE_COMPLETED" in listing
+    _cli(service, key, "dataset", "download", "cli-job-output", "--output-dir", str(tmp_path / "out"))
+    results = read_jsonl(str(tmp_path / "out" / "results.jsonl"))
+    assert sorted(r["custom_id"] for r in results) == [f"cli-{i}" for i in range(4)]
+
+
+def test_cli_exit_codes(service):
+    key = service.key(ACCOUNT)
+    missing = _cli(service, key, "job", "get", "no-such-job", check=False)
+    assert missing.returncode == 4 and "404 NOT_FOUND" in missing.stderr
+    refused = _cli(service, "rbk_k000000000000_" + "x" * 43, "dataset", "list", check=False)
+    assert refused.returncode == 4 and "401 UNAUTHENTICATED" in refused.stderr
+    failed = _cli(service, key, "job", "create", "--model", "/no/such/model", "--input-dataset-id", "cli-in", "--wait", check=False)
+    assert failed.returncode == 1 and "JOB_STATE_FAILED" in failed.stdout and "config.json" in failed.stdout
