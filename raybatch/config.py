@@ -49,6 +49,11 @@ class EngineConfig(BaseModel):
     engine_args: dict[str, Any] = Field(
         default_factory=dict, description="Further vLLM engine arguments, passed as given."
     )
+    request_timeout_seconds: float = Field(
+        1800, gt=0, description="A request not answered in this time means a hung engine: "
+        "its actor is replaced and its batches retried. Must exceed the slowest honest "
+        "request, queueing included."
+    )
     kind: str = Field("vllm", description="'vllm', or 'scripted': the deterministic test "
                       "engine (pipeline/scripted_engine.py), for fault injection only.")
 
@@ -61,6 +66,10 @@ class RunConfig(BaseModel):
     input: str = Field(description="A .jsonl file or a folder/prefix of .jsonl shards.")
     output: str = Field(description="A folder/prefix for results, errors and commit records.")
     model: str = Field(description="A Hugging Face model ID or a local path.")
+    served_model_name: Optional[str] = Field(
+        None, description="The name answers carry in `model`; None: `model` itself. The "
+        "service sets the job's model name, so a catalog path never shows."
+    )
     inference_parameters: InferenceParameters = Field(default_factory=InferenceParameters)
     precision: Precision = Precision.PRECISION_UNSPECIFIED
     output_cap_bytes: int = Field(8 * GIB, ge=1, description="Committed output never passes this.")

@@ -6,7 +6,11 @@
     ├── OutputConflictError       OUT already holds output of a different run (not recoverable)
     ├── IncompleteRunError        the pipeline ended with lines uncommitted (recoverable:
     │                             run again, committed lines are skipped)
+    ├── StorageUnavailable        storage kept failing with transient errors after every
+    │                             retry (also an OSError; recoverable: run again later)
     ├── RowError                  one line cannot be answered; it becomes an error row
+    ├── EngineFailure             the engine itself is dead or hung (recoverable: its actor
+    │                             is replaced and its batches retried; no row is blamed)
     ├── ApiRequestError           the service refused a client request (raybatch.client)
     ├── IllegalTransition         a job state change the state table forbids (a bug; refused)
     └── ApiError                  an API request is refused; carries its HTTP status
@@ -57,6 +61,17 @@ class IncompleteRunError(RaybatchError):
     """
 
 
+class StorageUnavailable(RaybatchError, OSError):
+    """A storage operation met only transient errors (throttling, 5xx, dropped
+    connections, timeouts) until its attempts ran out (`raybatch.storage.retrying`).
+
+    The message names the operation, the path and the last error, which is also the
+    `__cause__`. Also an `OSError`, so code that handles storage I/O errors handles this
+    one too. Recoverable: nothing half-written is visible, so the same job can be run
+    again once the storage answers. Never retried again by an outer retry.
+    """
+
+
 class RowError(RaybatchError):
     """One input line cannot be answered. Becomes an error row; the job goes on.
 
@@ -68,6 +83,12 @@ class RowError(RaybatchError):
         self.code = str(getattr(code, "value", code))
         self.message = message
         self.custom_id = custom_id
+
+
+class EngineFailure(RaybatchError):
+    """The inference engine cannot answer anything any more (dead, or hung past the
+    request timeout). No row is to blame, so none becomes an error row: the engine actor
+    exits and Ray starts a fresh one, which answers the same batches again."""
 
 
 class IllegalTransition(RaybatchError):

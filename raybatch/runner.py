@@ -185,6 +185,7 @@ def build_pipeline(
             "model": config.model,
             "engine_args": plan.engine_args,
             "cpu_kv_cache_gib": engine.cpu_kv_cache_gib,
+            "request_timeout_seconds": engine.request_timeout_seconds,
         },
         compute=ray.data.ActorPoolStrategy(
             size=plan.replicas, max_tasks_in_flight_per_actor=2 * engine.concurrent_batches
@@ -197,8 +198,18 @@ def build_pipeline(
     # batch_size=None: each engine batch moves on alone. Ray Data's default would hold
     # answered rows back until 1024 of them are there, delaying commits and progress.
     return answered.map_batches(
-        finish_rows, batch_size=None, batch_format="pyarrow", fn_kwargs={"model": config.model}
+        finish_rows, batch_size=None, batch_format="pyarrow", fn_kwargs={"model": config.served_model_name or config.model}
     )
+
+
+def _writer_fault() -> Optional[tuple[int, str]]:
+    """RAYBATCH_FAULT_WRITER_CRASH="N:MARKER": the fault-injection tests' hook that kills
+    the writer between writing its N-th part and committing it (once per marker)."""
+    spec = os.environ.get("RAYBATCH_FAULT_WRITER_CRASH")
+    if not spec:
+        return None
+    nth, _, marker = spec.partition(":")
+    return int(nth), marker
 
 
 def run_job(
@@ -230,6 +241,7 @@ def run_job(
         part_max_bytes=config.part_max_bytes,
         part_max_seconds=config.part_max_seconds,
         total_input_requests=total,
+        crash_before_commit=_writer_fault(),
     )
     status: OutputStatus = ray.get(writer.status.remote())
     if on_progress:

@@ -54,6 +54,12 @@ SERVICE_MODELS = {
                    "engine_args": {"seconds_per_request": 1.0}},
     },
     "scripted": {"source": "scripted", "engine": {"kind": "scripted"}},
+    # Slow, and recording every call under {home}/calls (the cluster-restart test).
+    "scripted-counted": {
+        "source": "scripted",
+        "engine": {"kind": "scripted", "batch_size": 1, "concurrent_batches": 1,
+                   "engine_args": {"seconds_per_request": 0.5, "invocations_dir": "{home}/calls"}},
+    },
 }
 
 
@@ -72,7 +78,8 @@ class Service:
 
 
 def service_config(storage: str, tiny_model: str) -> dict:
-    models = json.loads(json.dumps(SERVICE_MODELS).replace("{tiny}", tiny_model))
+    home = os.path.dirname(storage)
+    models = json.loads(json.dumps(SERVICE_MODELS).replace("{tiny}", tiny_model).replace("{home}", home))
     return {
         "storage": storage,
         "models": models,

@@ -135,3 +135,14 @@ def wait_job(client, job_id: str, until=TERMINAL, timeout: float = 300.0, poll: 
 
 def dataset_files_url(storage: str, account: str, dataset_name: str) -> str:
     return f"{storage}/accounts/{account}/datasets/{dataset_name.rsplit('/', 1)[-1]}/files"
+
+
+def invocations(folder) -> dict[str, list[int]]:
+    """The scripted engine's record: custom_id → the PIDs of the engines that answered it."""
+    import os
+
+    calls: dict[str, list[int]] = {}
+    for name in os.listdir(folder):
+        custom_id_hex, pid, _ = name.split(".")
+        calls.setdefault(bytes.fromhex(custom_id_hex).decode(), []).append(int(pid))
+    return calls

@@ -119,6 +119,8 @@ class JobScheduler:
         with self._lock:
             if self._store.get_job(account, job_id) is not None:
                 raise AlreadyExists(f"batch inference job {job_id} already exists")
+            if request.continued_from_job_name:
+                self._refuse_second_continuation(account, fields["continued_from_job_name"])
             output_id = self._claim_output_dataset(account, job_id, fields.get("output_dataset_id"))
             fields["output_dataset_id"] = resource_name(account, DATASETS, output_id)
             time_now = now()
@@ -255,6 +257,7 @@ class JobScheduler:
             input=self._files_url(job.input_dataset_id),
             output=self._files_url(job.output_dataset_id),
             model=model.source,
+            served_model_name=job.model,
             inference_parameters=job.inference_parameters,
             precision=job.precision,
             engine=engine,
@@ -424,6 +427,16 @@ class JobScheduler:
         if not parent.job.state.terminal:
             raise FailedPrecondition(f"job {name} is {parent.job.state.value}; continue it once it has ended")
         return parent
+
+    def _refuse_second_continuation(self, account: str, parent_name: str) -> None:
+        """One live continuation per parent (the caller holds the lock): two would each
+        run the parent's unfinished lines, answering them twice. A FAILED one does not
+        count; it ran nothing."""
+        for record in self._store.list_jobs(account):
+            if record.job.continued_from_job_name == parent_name and record.job.state != S.FAILED:
+                raise AlreadyExists(
+                    f"{parent_name} is already continued by {record.job.name}; continue that job instead"
+                )
 
     def _claim_output_dataset(self, account: str, job_id: str, requested: Optional[str]) -> str:
         if requested:

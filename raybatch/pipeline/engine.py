@@ -11,6 +11,7 @@ An engine is anything with the `Engine` interface; `VllmEngine` is the real one.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import uuid
 from typing import Any, Optional, Protocol
@@ -18,10 +19,12 @@ from typing import Any, Optional, Protocol
 import pyarrow as pa
 from pydantic import BaseModel
 
-from raybatch.exceptions import RowError
+from raybatch.exceptions import EngineFailure, RowError
 from raybatch.pipeline.preprocess import EngineRequest
 from raybatch.pipeline.rows import ENGINE_SCHEMA, column
 from raybatch.protocol import ErrorCode
+
+logger = logging.getLogger(__name__)
 
 
 class TopLogprob(BaseModel):
@@ -135,8 +138,8 @@ class VllmEngine:
                 TokensPrompt(prompt_token_ids=prompt_ids), params, f"{request.custom_id}-{uuid.uuid4().hex}"
             ):
                 final = output
-        except EngineDeadError:
-            raise  # the whole engine is gone: no row is to blame, none becomes an error
+        except EngineDeadError as exc:  # the whole engine is gone: no row is to blame
+            raise EngineFailure(f"vLLM engine died: {exc}") from exc
         except ValueError as exc:  # vLLM's per-request input checks
             raise RowError(ErrorCode.INVALID_REQUEST, str(exc)) from None
         except Exception as exc:  # EngineGenerateError and kin: this request alone failed
@@ -175,10 +178,28 @@ def build_engine(kind: str, model: str, engine_args: dict[str, Any], cpu_kv_cach
 
 class EngineStage:
     """The `map_batches` callable class: rows with a `request` get a `result`; rows that
-    already carry an error pass through untouched."""
+    already carry an error pass through untouched.
 
-    def __init__(self, kind: str, model: str, engine_args: dict[str, Any], cpu_kv_cache_gib: int):
+    A dead engine, or a request running past `request_timeout_seconds` (a hung engine),
+    ends this actor's process: Ray Data restarts the actor with a fresh engine and
+    retries its batches there, never again on the broken one. Nothing of those batches
+    was committed, so nothing is lost or doubled.
+    """
+
+    def __init__(
+        self,
+        kind: str,
+        model: str,
+        engine_args: dict[str, Any],
+        cpu_kv_cache_gib: int,
+        request_timeout_seconds: Optional[float] = None,
+    ):
         self._engine = build_engine(kind, model, engine_args, cpu_kv_cache_gib)
+        self._timeout = request_timeout_seconds
+
+    def _replace_engine(self, why: str) -> None:
+        logger.error("replacing this engine actor: %s", why)
+        os._exit(1)  # the process must go: a dead or hung engine cannot be trusted again
 
     async def _answer(self, request_json: Optional[str]) -> tuple:
         """(kind, result JSON, error code, error message) of one row."""
@@ -186,9 +207,13 @@ class EngineStage:
             return None, None, None, None
         request = EngineRequest.model_validate_json(request_json)
         try:
-            result = await self._engine.generate(request)
+            result = await asyncio.wait_for(self._engine.generate(request), self._timeout)
         except RowError as error:
             return request.kind, None, error.code, error.message
+        except asyncio.TimeoutError:
+            self._replace_engine(f"request {request.custom_id!r} ran over {self._timeout:g}s: engine hung")
+        except EngineFailure as failure:
+            self._replace_engine(str(failure))
         return request.kind, result.model_dump_json(), None, None
 
     async def __call__(self, batch: pa.Table) -> pa.Table:

@@ -16,6 +16,7 @@ a re-run never writes a line twice.
 
 from __future__ import annotations
 
+import os
 import time
 import uuid
 from typing import Optional
@@ -138,8 +139,12 @@ class OutputWriter:
         part_max_bytes: int,
         part_max_seconds: float,
         total_input_requests: int,
+        crash_before_commit: Optional[tuple[int, str]] = None,
     ):
         self._out = Location(output_url)
+        # Fault injection (tests only): (n, marker file) dies between writing the n-th
+        # part and committing it, once per marker.
+        self._crash_before_commit = crash_before_commit
         self._cap_bytes = cap_bytes
         self._part_max_rows = part_max_rows
         self._part_max_bytes = part_max_bytes
@@ -149,6 +154,7 @@ class OutputWriter:
         self._commits = load_commits(self._out)
         self._done = committed_lines(self._commits)
         self._seq = max((r.seq for r in self._commits), default=0)
+        self._first_seq = self._seq
         self._committed_bytes = sum(r.bytes for r in self._commits)
         self._buffer: list[tuple] = []
         self._buffered: set[tuple[str, int]] = set()
@@ -239,6 +245,7 @@ class OutputWriter:
             completion_tokens=sum(r[5] for r in rows),
             cached_tokens=sum(r[6] for r in rows),
         )
+        self._maybe_crash(seq)
         # The commit point: until this record exists the part does not count.
         self._out.write_atomic(f"{COMMITS_DIR}/{seq:08d}.json", record.model_dump_json().encode())
         self._seq = seq
@@ -248,6 +255,17 @@ class OutputWriter:
             line_set = self._done.setdefault(shard, LineSet())
             for number in numbers:
                 line_set.add(number)
+
+    def _maybe_crash(self, seq: int) -> None:
+        if self._crash_before_commit is None:
+            return
+        nth, marker = self._crash_before_commit
+        if seq - self._first_seq == nth:
+            try:
+                os.close(os.open(marker, os.O_CREAT | os.O_EXCL))
+            except FileExistsError:
+                return
+            os._exit(1)
 
     def _write_progress(self) -> None:
         self._out.write_atomic(PROGRESS_FILE, self.status().model_dump_json(by_alias=True).encode())

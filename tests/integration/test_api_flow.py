@@ -87,6 +87,7 @@ def test_job_progress_matches_the_output_files(flow, service):
     assert progress.successfully_processed_requests == len(results) == 6
     assert progress.failed_requests == len(errors) == 2
     assert progress.output_tokens == sum(r["response"]["body"]["usage"]["completion_tokens"] for r in results)
+    assert {r["response"]["body"]["model"] for r in results} == {"tiny"}  # the job's model name, not a path
     dataset = client.datasets.get("flow-job-output")
     assert dataset.state == "READY"
     assert dataset.source_job_name == f"accounts/{ACCOUNT}/batchInferenceJobs/flow-job"

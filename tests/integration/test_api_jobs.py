@@ -201,3 +201,30 @@ def test_datasets_update_and_delete(client, tmp_path):
 
     with pytest.raises(NotFoundError):
         client.datasets.get("to-edit")
+
+
+def test_two_continuations_of_one_parent_at_once_exactly_one_proceeds(client, service, tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fireworks import ConflictError
+
+    _upload(client, tmp_path, "twice-continued", 4)
+    client.batch_inference_jobs.create(batch_inference_job_id="parent", model="scripted", input_dataset_id="twice-continued")
+    wait_job(client, "parent", timeout=120)
+
+    def continue_parent(job_id: str):
+        try:
+            return client.batch_inference_jobs.create(
+                batch_inference_job_id=job_id, continued_from_job_name="parent"
+            )
+        except ConflictError as error:
+            return error
+
+    with ThreadPoolExecutor(2) as pool:
+        outcomes = list(pool.map(continue_parent, ["child-a", "child-b"]))
+    refused = [o for o in outcomes if isinstance(o, ConflictError)]
+    created = [o for o in outcomes if not isinstance(o, ConflictError)]
+    assert len(refused) == 1 and len(created) == 1
+    assert "already continued by" in str(refused[0])
+    job, _ = wait_job(client, created[0].name.rsplit("/", 1)[-1], timeout=120)
+    assert job.state == "JOB_STATE_COMPLETED" and job.job_progress.total_input_requests == 0
