@@ -49,7 +49,7 @@ def test_job_resumes_after_the_cluster_restarts(service, tmp_path, stop):
     client = sdk_client(service.base_url, key, ACCOUNT)
     built = InputBuilder()
     for i in range(30):
-        built.ok("in.jsonl", f"r-{i}", chat(f"line {i}"))
+        built.ok("in.jsonl", f"{job_id}-{i}", chat(f"line {i}"))  # unique: one calls folder for all
     built.write(str(tmp_path))
     dataset_id = f"in-{job_id}"
     client.datasets.create(dataset_id=dataset_id, dataset={"user_uploaded": {}})
