@@ -27,7 +27,7 @@ from pydantic import BaseModel, Field
 from raybatch.pipeline.read import LineSet
 from raybatch.pipeline.rows import column
 from raybatch.protocol import CamelModel, JobProgress
-from raybatch.storage import Location
+from raybatch.storage import Location, retrying
 
 STATE_DIR = "_raybatch"
 PARTS_DIR = f"{STATE_DIR}/parts"
@@ -279,8 +279,15 @@ def publish_files(location: Location) -> None:
     """
     commits = load_commits(location)
     for target, attribute in ((RESULTS_FILE, "results_file"), (ERRORS_FILE, "errors_file")):
-        with location.open_atomic_writer(target) as writer:
-            for record in commits:
-                part = getattr(record, attribute)
-                if part:
-                    writer.write(location.read_bytes(part))
+
+        def publish_once(target: str = target, attribute: str = attribute) -> None:
+            with location.open_atomic_writer(target) as writer:
+                for record in commits:
+                    part = getattr(record, attribute)
+                    if part:
+                        writer.write(location.read_bytes(part))
+
+        # A streamed write is not retried inside the writer (see AtomicWriter), so a
+        # transient failure while uploading or closing is retried here, whole: a failed
+        # attempt published nothing, and the next one writes the same bytes again.
+        retrying("publish", location.where(target), publish_once)
