@@ -2,12 +2,16 @@
 
 The read stage is a generator over shards: a task opens one shard and yields batches
 of lines as it goes, so no shard is ever held whole in memory, and a line longer than
-the limit is skipped over in bounded chunks rather than loaded.
+the limit is skipped over in bounded chunks rather than loaded. A gzip-compressed shard
+is read through gzip whatever its name, and a damaged one ends in an unreadable line
+rather than failing the task.
 """
 
 from __future__ import annotations
 
+import gzip
 import io
+import zlib
 from typing import IO, Iterator, Optional
 
 import pyarrow as pa
@@ -18,6 +22,27 @@ from raybatch.storage import Shard, open_shard
 UTF8_BOM = b"\xef\xbb\xbf"
 LINES_PER_BATCH = 1024
 _DRAIN_CHUNK = 1 << 20
+GZIP_MAGIC = b"\x1f\x8b"  # a JSONL file cannot start so: 0x1f is no JSON, 0x8b no UTF-8 start
+# What a damaged gzip stream raises: a bad header, CRC or trailing data; an early end;
+# bad deflate data. Not OSError at large: a failed storage read must fail the task, to
+# be retried, rather than become an error row.
+_GZIP_DAMAGE = (gzip.BadGzipFile, EOFError, zlib.error)
+# A line the reader could not decode travels as its reason behind this marker. A real
+# line never holds b"\n" (it ends lines), so the marker cannot be mistaken for input,
+# and the rows need no column that is null on every other line.
+UNREADABLE = b"\n"
+
+
+def _line_reader(handle: IO[bytes]) -> IO[bytes]:
+    """`handle`, or a wrapper of it, whose readline honours its size limit.
+
+    fsspec's buffered files ignore the limit; io.BufferedReader honours it, and so does
+    GzipFile, which reads through a small BufferedReader of its own: wrapping it in a
+    large one would lose up to a buffer of decoded lines when the stream turns out damaged.
+    """
+    if isinstance(handle, (io.BufferedReader, gzip.GzipFile)):
+        return handle
+    return io.BufferedReader(handle, 1 << 20)
 
 
 def iter_lines(handle: IO[bytes], max_line_bytes: int) -> Iterator[tuple[int, Optional[bytes]]]:
@@ -26,8 +51,7 @@ def iter_lines(handle: IO[bytes], max_line_bytes: int) -> Iterator[tuple[int, Op
     A line longer than `max_line_bytes` yields None instead of its bytes. CRLF ends and
     a UTF-8 BOM at the start of the file are removed.
     """
-    # fsspec's buffered files ignore readline's size limit; io.BufferedReader honours it.
-    reader = handle if isinstance(handle, io.BufferedReader) else io.BufferedReader(handle, 1 << 20)
+    reader = _line_reader(handle)
     line_number = 0
     while True:
         chunk = reader.readline(max_line_bytes + 2)  # room for "\r\n"
@@ -52,20 +76,43 @@ def iter_lines(handle: IO[bytes], max_line_bytes: int) -> Iterator[tuple[int, Op
         yield line_number, (chunk if len(chunk) <= max_line_bytes else None)
 
 
+def shard_lines(handle: IO[bytes], max_line_bytes: int) -> Iterator[tuple[int, Optional[bytes]]]:
+    """`iter_lines` of one shard, decompressed first if it starts with gzip's magic bytes
+    (line numbers are then those of the decompressed text).
+
+    A damaged gzip stream ends the shard with one UNREADABLE line, numbered as the first
+    line it could not deliver: past the damage there are no lines to tell apart. Damage
+    that deflate itself does not notice shows only in the CRC at the stream's end, so the
+    lines decoded before it have been yielded as they came out.
+    """
+    reader = _line_reader(handle)
+    if reader.peek(len(GZIP_MAGIC))[: len(GZIP_MAGIC)] != GZIP_MAGIC:
+        yield from iter_lines(reader, max_line_bytes)
+        return
+    line_number = 0
+    try:
+        for line_number, raw in iter_lines(gzip.GzipFile(fileobj=reader, mode="rb"), max_line_bytes):
+            yield line_number, raw
+    except _GZIP_DAMAGE as exc:
+        reason = f"the shard's gzip stream is damaged ({exc}): this line and the rest of the shard cannot be read"
+        yield line_number + 1, UNREADABLE + reason.encode()
+
+
 def read_shards(
     batch: pa.Table, *, max_line_bytes: int, skip: Optional[dict[str, "LineSet"]] = None
 ) -> Iterator[pa.Table]:
     """Ray Data generator UDF: a batch of shard descriptions in, batches of lines out.
 
-    Columns out: `shard` (name), `line` (1-based), `raw` (bytes, None if too large).
-    Lines in `skip[shard]` (committed by an earlier run) are left out.
+    Columns out: `shard` (name), `line` (1-based), `raw` (bytes; None if too large,
+    UNREADABLE and the reason if it could not be decoded). Lines in `skip[shard]`
+    (committed by an earlier run) are left out.
     """
     skip = skip or {}
     for url, name, size in zip(column(batch, "url"), column(batch, "name"), column(batch, "size")):
         done = skip.get(name)
         shards, lines, raws = [], [], []
         with open_shard(Shard(str(url), str(name), int(size))) as handle:
-            for line_number, raw in iter_lines(handle, max_line_bytes):
+            for line_number, raw in shard_lines(handle, max_line_bytes):
                 if done is not None and line_number in done:
                     continue
                 shards.append(str(name))

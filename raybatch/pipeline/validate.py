@@ -3,11 +3,16 @@
 Every check here is per line and pure, so a bad line costs one error row and nothing
 else. The order of the checks decides which code a line with several faults gets:
 size, encoding, JSON, shape, custom_id, duplicate, url, body.
+
+Parsing also refuses JSON that Python reads but later stages could not carry (deep
+nesting, lone surrogates): such a line must fail here, as a row, rather than fail a
+worker further on.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Any, Optional, Union
 
@@ -15,6 +20,7 @@ import pyarrow as pa
 from pydantic import ValidationError
 
 from raybatch.exceptions import RowError
+from raybatch.pipeline.read import UNREADABLE
 from raybatch.pipeline.rows import SCAN_SCHEMA, column
 from raybatch.protocol import (
     CHAT_URL,
@@ -28,6 +34,18 @@ from raybatch.protocol import (
 
 Body = Union[ChatCompletionBody, CompletionBody]
 
+# Levels of arrays and objects a line may nest, the line itself being the first. Real
+# requests need a handful, a json_schema some dozens. Deeper ones would pass here and
+# fail a worker later: pydantic writes JSON only ~250 levels deep and reads it ~200 (the
+# engine stage reads each request back). A fixed limit also keeps the outcome apart from
+# the stack depth json.loads happens to have left.
+MAX_NESTING = 64
+# json.loads turns an escape of a lone UTF-16 surrogate (\ud800-\udfff, unpaired) into a
+# str that is no Unicode text: UTF-8 cannot encode it, so neither Arrow nor the output
+# files can hold it.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
 
 @dataclass
 class ValidatedRequest:
@@ -40,12 +58,42 @@ def is_blank(raw: Optional[bytes]) -> bool:
     return raw is not None and not raw.strip()
 
 
+def _too_deep() -> RowError:
+    return RowError(ErrorCode.INVALID_JSON, f"line is nested deeper than {MAX_NESTING} levels")
+
+
+def _check_parsed(parsed: Any, text: str) -> None:
+    """Refuse nesting past MAX_NESTING and lone surrogates. The walk goes level by level,
+    without recursion, and only when the text could hold either: more than MAX_NESTING
+    brackets, or a surrogate escape. Most lines hold neither and cost two counts."""
+    strings = _SURROGATE_ESCAPE.search(text) is not None
+    if not strings and text.count("[") + text.count("{") <= MAX_NESTING:
+        return
+    level, depth = ([parsed] if isinstance(parsed, (dict, list)) else []), 1
+    while level:
+        if depth > MAX_NESTING:
+            raise _too_deep()
+        below = []
+        for value in level:
+            for child in [*value, *value.values()] if isinstance(value, dict) else value:
+                if isinstance(child, (dict, list)):
+                    below.append(child)
+                elif strings and isinstance(child, str) and _SURROGATE.search(child):
+                    raise RowError(
+                        ErrorCode.INVALID_JSON, "line holds a lone UTF-16 surrogate escape (\\ud800-\\udfff)"
+                    )
+        level, depth = below, depth + 1
+
+
 def parse_json_line(raw: Optional[bytes], max_line_bytes: int) -> Any:
-    """Decode one line. Raises RowError for an oversized, non-UTF-8 or non-JSON line."""
+    """Decode one line. Raises RowError for an oversized, unreadable, non-UTF-8 or
+    non-JSON line, and for JSON that later stages could not carry."""
     if raw is None:
         raise RowError(
             ErrorCode.LINE_TOO_LARGE, f"line is longer than the limit of {max_line_bytes} bytes"
         )
+    if raw.startswith(UNREADABLE):
+        raise RowError(ErrorCode.INVALID_JSON, raw[len(UNREADABLE):].decode())
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -53,11 +101,15 @@ def parse_json_line(raw: Optional[bytes], max_line_bytes: int) -> Any:
             ErrorCode.INVALID_JSON, f"line is not valid UTF-8: {exc.reason} at byte {exc.start}"
         ) from None
     try:
-        return json.loads(text)
-    except RecursionError:
-        raise RowError(ErrorCode.INVALID_JSON, "line is nested too deeply to parse") from None
-    except ValueError as exc:  # JSONDecodeError, and ints past Python's digit limit
+        parsed = json.loads(text)
+    except RecursionError:  # past ~1000 levels, before MAX_NESTING can be checked
+        raise _too_deep() from None
+    except json.JSONDecodeError as exc:
         raise RowError(ErrorCode.INVALID_JSON, f"line is not valid JSON: {exc}") from None
+    except ValueError:  # int() refuses integers past Python's digit limit (4300)
+        raise RowError(ErrorCode.INVALID_JSON, "line holds an integer with too many digits") from None
+    _check_parsed(parsed, text)
+    return parsed
 
 
 def readable_custom_id(parsed: Any) -> Optional[str]:

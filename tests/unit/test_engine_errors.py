@@ -54,7 +54,9 @@ def test_vllm_input_checks_become_invalid_request():
 def test_a_dead_engine_is_not_a_row_error():
     from vllm.v1.engine.exceptions import EngineDeadError
 
-    with pytest.raises(EngineDeadError):
+    from raybatch.exceptions import EngineFailure
+
+    with pytest.raises(EngineFailure, match="vLLM engine died"):
         asyncio.run(engine_failing_with(EngineDeadError()).generate(REQUEST))
 
 
