@@ -9,7 +9,6 @@ import time
 import boto3
 import httpx
 import pytest
-import ray
 
 from tests.helpers import InputBuilder, check_run, sdk_client, wait_job
 from tests.integration.test_run_engine import chat

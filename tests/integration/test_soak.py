@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import random
 
-import pytest
 
 from raybatch.config import RunConfig
 from raybatch.runner import run_job
