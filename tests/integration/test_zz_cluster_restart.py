@@ -38,23 +38,27 @@ def _committed_ids(output: str) -> set[str]:
     return ids
 
 
-@pytest.mark.parametrize("stop", ["raybatch down", "ray stop --force"])
-def test_job_resumes_after_the_cluster_restarts(service, tmp_path, stop):
+@pytest.mark.parametrize(
+    "stop,model",
+    [("raybatch down", "scripted-counted"), ("ray stop --force", "scripted-counted"), ("ray stop --force", "tiny")],
+)
+def test_job_resumes_after_the_cluster_restarts(service, tmp_path, stop, model):
     import ray
 
     from tests.conftest import SERVICE_MODELS  # noqa: F401  (the catalog the service runs with)
 
-    job_id = "across-" + stop.split()[0]
+    job_id = f"across-{stop.split()[0]}-{model.split('-')[0]}"
+    lines = 30 if model != "tiny" else 1000  # vLLM is fast: enough lines to stop it mid-job
     key = service.key(ACCOUNT)
     client = sdk_client(service.base_url, key, ACCOUNT)
     built = InputBuilder()
-    for i in range(30):
-        built.ok("in.jsonl", f"{job_id}-{i}", chat(f"line {i}"))  # unique: one calls folder for all
+    for i in range(lines):
+        built.ok("in.jsonl", f"{job_id}-{i}", chat(f"line {i}", max_tokens=64, temperature=0))  # unique: one calls folder for all
     built.write(str(tmp_path))
     dataset_id = f"in-{job_id}"
     client.datasets.create(dataset_id=dataset_id, dataset={"user_uploaded": {}})
     client.datasets.upload(dataset_id, file=("in.jsonl", (tmp_path / "in.jsonl").read_bytes()))
-    client.batch_inference_jobs.create(batch_inference_job_id=job_id, model="scripted-counted", input_dataset_id=dataset_id)
+    client.batch_inference_jobs.create(batch_inference_job_id=job_id, model=model, input_dataset_id=dataset_id)
     output = dataset_files_url(service.storage, ACCOUNT, f"{job_id}-output")
     deadline = time.monotonic() + 120
     while not os.path.isdir(os.path.join(output, "_raybatch", "commits")) or len(_committed_ids(output)) < 3:
@@ -67,7 +71,7 @@ def test_job_resumes_after_the_cluster_restarts(service, tmp_path, stop):
     else:
         subprocess.run([os.path.join(os.path.dirname(sys.executable), "ray"), "stop", "--force"], capture_output=True, timeout=120)
     committed_before = _committed_ids(output)
-    calls_before = invocations(os.path.join(service.home, "calls"))
+    calls_before = invocations(os.path.join(service.home, "calls")) if model != "tiny" else {}
     port = service.base_url.rsplit(":", 1)[1]
     started = time.monotonic()
     _cli(service, "up", "--port", port, "--config", os.path.join(service.home, "service.json"), "--num-cpus", "4")
@@ -77,8 +81,9 @@ def test_job_resumes_after_the_cluster_restarts(service, tmp_path, stop):
     print(f"{stop}: up again and finished in {recovery:.1f}s")
     assert job.state == "JOB_STATE_COMPLETED", job.status
     check_run(output, built.expected)
-    calls = invocations(os.path.join(service.home, "calls"))
-    for custom_id in committed_before:  # committed before the stop: never answered again
+    assert len(committed_before) < lines, "the job ended before the stop: nothing was tested"
+    calls = invocations(os.path.join(service.home, "calls")) if model != "tiny" else {}
+    for custom_id in committed_before if model != "tiny" else ():  # vLLM keeps no call record  # committed before the stop: never answered again
         assert len(calls[custom_id]) == len(calls_before[custom_id]) == 1, custom_id
     from raybatch.store import Store
 
