@@ -90,15 +90,17 @@ class DatasetService:
             raise FailedPrecondition(f"dataset {dataset_id} is {dataset.state.value}; its files cannot change")
         return dataset
 
-    def _stored_bytes(self, account: str, dataset_id: str, besides: str = "") -> int:
+    def _file_sizes(self, account: str, dataset_id: str) -> dict[str, int]:
+        """The dataset's files (only names an upload may have) and their sizes."""
         files = self.store.dataset_files(account, dataset_id)
-        return sum(files.fs.size(files.path(name)) for name in files.list() if name != besides and FILENAME.fullmatch(name))
+        return {name: files.fs.size(files.path(name)) for name in files.list() if FILENAME.fullmatch(name)}
 
     def upload(self, account: str, dataset_id: str, filename: str, source: IO[bytes]) -> dict:
         """`:upload`: store one file, then validate the dataset (it becomes READY)."""
         self._uploading(account, dataset_id)
         check_filename(filename)
-        room = self.config.max_dataset_bytes - self._stored_bytes(account, dataset_id, besides=filename)
+        others = {n: size for n, size in self._file_sizes(account, dataset_id).items() if n != filename}
+        room = self.config.max_dataset_bytes - sum(others.values())
         files = self.store.dataset_files(account, dataset_id)
         written = 0
         with files.open_atomic_writer(filename) as writer:
@@ -145,21 +147,21 @@ class DatasetService:
         within the limit, and the examples (non-blank lines) are counted → READY."""
         dataset = self._uploading(account, dataset_id)
         files = self.store.dataset_files(account, dataset_id)
-        names = [n for n in files.list() if FILENAME.fullmatch(n)]
+        sizes = self._file_sizes(account, dataset_id)
         plan_path = self._plan_path(account, dataset_id)
         if self.store.location.exists(plan_path):
             for name, size in json.loads(self.store.location.read_bytes(plan_path)).items():
-                if name not in names:
+                if name not in sizes:
                     raise FailedPrecondition(f"file {name} was registered but not uploaded")
-                if files.fs.size(files.path(name)) != size:
-                    raise FailedPrecondition(f"file {name} has {files.fs.size(files.path(name))} bytes, {size} were registered")
-        if not names:
+                if sizes[name] != size:
+                    raise FailedPrecondition(f"file {name} has {sizes[name]} bytes, {size} were registered")
+        if not sizes:
             raise FailedPrecondition(f"dataset {dataset_id} has no files; upload one first")
-        total = sum(files.fs.size(files.path(name)) for name in names)
+        total = sum(sizes.values())
         if total > self.config.max_dataset_bytes:
             raise PayloadTooLarge(f"dataset has {total} bytes, over its limit of {self.config.max_dataset_bytes}")
         examples = 0
-        for name in names:
+        for name in sizes:
             with files.fs.open(files.path(name), "rb") as handle:
                 # A line too long to read (None) is still an example: the job reports it.
                 examples += sum(1 for _, raw in iter_lines(handle, max_line_bytes=CHUNK) if raw is None or raw.strip())

@@ -16,10 +16,11 @@ a re-run never writes a line twice.
 
 from __future__ import annotations
 
+import itertools
 import os
 import time
 import uuid
-from typing import Optional
+from typing import Iterator, Optional
 
 import pyarrow as pa
 from pydantic import BaseModel, Field
@@ -82,14 +83,18 @@ def load_commits(location: Location) -> list[PartCommit]:
     return sorted(records, key=lambda r: r.seq)
 
 
+def _numbers(ranges) -> Iterator[int]:
+    """Every line number in a list of inclusive (first, last) ranges."""
+    return itertools.chain.from_iterable(range(first, last + 1) for first, last in ranges)
+
+
 def committed_lines(commits: list[PartCommit], into: Optional[dict[str, LineSet]] = None) -> dict[str, LineSet]:
     done: dict[str, LineSet] = {} if into is None else into
     for record in commits:
         for shard, ranges in record.lines.items():
             line_set = done.setdefault(shard, LineSet())
-            for first, last in ranges:
-                for line in range(first, last + 1):
-                    line_set.add(line)
+            for line in _numbers(ranges):
+                line_set.add(line)
     return done
 
 
@@ -97,15 +102,11 @@ def succeeded_lines(commits: list[PartCommit], into: dict[str, LineSet]) -> dict
     """Add the lines these commits answered successfully (not error rows) to `into`."""
     for record in commits:
         for shard, ranges in record.lines.items():
-            failed = LineSet()
-            for first, last in record.error_lines.get(shard, ()):
-                for line in range(first, last + 1):
-                    failed.add(line)
+            failed = set(_numbers(record.error_lines.get(shard, ())))
             line_set = into.setdefault(shard, LineSet())
-            for first, last in ranges:
-                for line in range(first, last + 1):
-                    if line not in failed:
-                        line_set.add(line)
+            for line in _numbers(ranges):
+                if line not in failed:
+                    line_set.add(line)
     return into
 
 
