@@ -202,16 +202,6 @@ def build_pipeline(
     )
 
 
-def _writer_fault() -> Optional[tuple[int, str]]:
-    """RAYBATCH_FAULT_WRITER_CRASH="N:MARKER": the fault-injection tests' hook that kills
-    the writer between writing its N-th part and committing it (once per marker)."""
-    spec = os.environ.get("RAYBATCH_FAULT_WRITER_CRASH")
-    if not spec:
-        return None
-    nth, _, marker = spec.partition(":")
-    return int(nth), marker
-
-
 def run_job(
     config: RunConfig, on_progress: Optional[Callable[[OutputStatus], None]] = None, publish: bool = True
 ) -> RunSummary:
@@ -241,7 +231,6 @@ def run_job(
         part_max_bytes=config.part_max_bytes,
         part_max_seconds=config.part_max_seconds,
         total_input_requests=total,
-        crash_before_commit=_writer_fault(),
     )
     status: OutputStatus = ray.get(writer.status.remote())
     if on_progress:

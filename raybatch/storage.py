@@ -36,6 +36,7 @@ import fsspec
 from fsspec.core import url_to_fs
 from fsspec.exceptions import FSTimeoutError
 
+from raybatch import faults
 from raybatch.exceptions import ConfigError, StorageUnavailable
 
 logger = logging.getLogger(__name__)
@@ -163,7 +164,10 @@ def retrying(operation: str, where: str, call: Callable[[], T], policy: RetryPol
     policy = policy or RetryPolicy.from_env()
     for attempt in range(1, policy.attempts + 1):
         try:
-            return call()
+            faults.maybe_storage_error(operation, where, "before")
+            result = call()
+            faults.maybe_storage_error(operation, where, "after")
+            return result
         except Exception as error:
             if not is_transient(error):
                 raise

@@ -11,6 +11,9 @@ from dataclasses import dataclass
 
 import pytest
 
+from raybatch.faults import FOLDER_VARIABLE
+from tests.helpers import Faults
+
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> str:
@@ -61,6 +64,18 @@ SERVICE_MODELS = {
                    "engine_args": {"seconds_per_request": 0.5, "invocations_dir": "{home}/calls"}},
     },
 }
+# The soak's engines (test_zz_soak.py): recording every call, with a short request
+# timeout so that an armed hang is caught in seconds; one replica and two.
+for _replicas in (1, 2):
+    SERVICE_MODELS[f"scripted-soak-{_replicas}"] = {
+        "source": "scripted",
+        "engine": {"kind": "scripted", "replicas": _replicas, "batch_size": 2, "concurrent_batches": 1,
+                   "request_timeout_seconds": 3,
+                   "engine_args": {"seconds_per_request": 0.25, "invocations_dir": "{home}/calls"}},
+    }
+
+
+CLI = [sys.executable, "-m", "raybatch.cli"]
 
 
 @dataclass
@@ -75,6 +90,38 @@ class Service:
         from raybatch.store import Store
 
         return create_key(Store(self.storage), account)[0]
+
+    def stop(self, how: str) -> None:
+        """Stop the whole Ray cluster: "raybatch down" or "ray stop --force". This
+        process leaves it first."""
+        import ray
+
+        ray.shutdown()
+        if how == "raybatch down":
+            _raybatch(self.home, "down")
+        else:
+            ray_cli = os.path.join(os.path.dirname(sys.executable), "ray")
+            subprocess.run([ray_cli, "stop", "--force"], capture_output=True, timeout=120)
+
+    def start(self) -> None:
+        """`raybatch up` again, on the same port with the same config."""
+        _up(self.home, int(self.base_url.rsplit(":", 1)[1]))
+
+
+def _raybatch(home: str, *args: str, check: bool = True) -> str:
+    env = {**os.environ, "RAYBATCH_HOME": home}
+    env.pop("RAY_ADDRESS", None)
+    done = subprocess.run([*CLI, *args], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 or not check, done.stderr[-3000:]
+    return done.stdout
+
+
+def _up(home: str, port: int) -> dict:
+    stdout = _raybatch(home, "up", "--port", str(port), "--config", os.path.join(home, "service.json"), "--num-cpus", "4")
+    with open(os.path.join(home, "up.json")) as up:
+        state = json.load(up)
+    assert stdout.strip().splitlines()[-1] == state["base_url"]
+    return state
 
 
 def service_config(storage: str, tiny_model: str) -> dict:
@@ -91,29 +138,30 @@ def service_config(storage: str, tiny_model: str) -> dict:
 @pytest.fixture(scope="session")
 def service(tmp_path_factory, tiny_model, s3_endpoint):
     """`raybatch up` as a user runs it: a local Ray (`ray start`), the Serve app and the
-    scheduler, on local storage. Started after the S3 variables are set so that the
-    cluster's processes inherit them. `raybatch down` at the end."""
+    scheduler, on local storage. Started after the S3 variables and RAYBATCH_FAULTS are
+    set so that the cluster's processes inherit them (a restarted cluster too: it is
+    started from this process's environment). `raybatch down` at the end."""
     home = tmp_path_factory.mktemp("raybatch-home")
+    os.environ[FOLDER_VARIABLE] = str(home / "faults")
     storage = str(home / "storage")
-    config_file = home / "service.json"
-    config_file.write_text(json.dumps(service_config(storage, tiny_model)))
-    env = {**os.environ, "RAYBATCH_HOME": str(home)}
-    env.pop("RAY_ADDRESS", None)
-    cli = [sys.executable, "-m", "raybatch.cli"]
-    started = subprocess.run(
-        [*cli, "up", "--port", str(_free_port()), "--config", str(config_file), "--num-cpus", "4"],
-        env=env, capture_output=True, text=True, timeout=600,
-    )
-    assert started.returncode == 0, started.stderr[-3000:]
-    state = json.loads((home / "up.json").read_text())
-    assert started.stdout.strip().splitlines()[-1] == state["base_url"]
+    (home / "service.json").write_text(json.dumps(service_config(storage, tiny_model)))
+    state = _up(str(home), _free_port())
     os.environ["RAY_ADDRESS"] = state["address"]
     yield Service(state["base_url"], storage, str(home), state["address"])
     import ray
 
     ray.shutdown()
-    subprocess.run([*cli, "down"], env=env, capture_output=True, timeout=120)
+    _raybatch(str(home), "down", check=False)
     os.environ.pop("RAY_ADDRESS", None)
+
+
+@pytest.fixture
+def faults(service):
+    """Arms faults in every process of the service's cluster; disarms them after the test."""
+    armed = Faults(os.environ[FOLDER_VARIABLE])
+    armed.clear()
+    yield armed
+    armed.clear()
 
 
 @pytest.fixture(scope="session")

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import time
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import fsspec
 
@@ -54,10 +56,27 @@ def read_jsonl(url: str) -> list[dict]:
     return [json.loads(line) for line in data.splitlines()]
 
 
-def check_run(output_url: str, expected: list[Expected], *, complete: bool = True) -> dict:
-    """The invariants: every non-blank input line is in exactly one of the two files
-    (or, for a run that stopped early, in neither), with the expected outcome; no torn
-    lines; jobProgress equals the files. Returns {custom_id: result row}."""
+def check_run(
+    output_url: str,
+    expected: list[Expected],
+    *,
+    complete: bool = True,
+    progress: Optional[dict] = None,
+    cap_bytes: Optional[int] = None,
+    calls_dir=None,
+) -> dict:
+    """The invariants every run is held to, whatever happened to it:
+
+    - every non-blank input line is in exactly one of the two files (or, for a run that
+      stopped early, in neither), with the expected outcome; no torn lines;
+    - jobProgress equals the files (`progress`: the job's, from the API; by default the
+      output's own progress.json);
+    - the published files are exactly the committed parts, and their bytes are within
+      `cap_bytes` when a cap was set;
+    - with `calls_dir` (the scripted engine's call record): no line was sent to an
+      engine after the part holding it was committed, so nothing committed was re-run.
+
+    Returns {custom_id: result row}."""
     results = read_jsonl(f"{output_url}/results.jsonl")
     errors = read_jsonl(f"{output_url}/errors.jsonl")
     by_custom_id = {row["custom_id"]: row for row in results}
@@ -86,8 +105,9 @@ def check_run(output_url: str, expected: list[Expected], *, complete: bool = Tru
             assert row["response"] is None
             seen += 1
     assert seen == len(results) + len(errors), "output holds lines the input does not"
-    progress_file = json.loads(fsspec.open(f"{output_url}/_raybatch/progress.json").open().read())
-    progress = progress_file["progress"]
+    if progress is None:
+        progress_file = json.loads(fsspec.open(f"{output_url}/_raybatch/progress.json").open().read())
+        progress = progress_file["progress"]
     assert progress["successfullyProcessedRequests"] == len(results)
     assert progress["failedRequests"] == len(errors)
     assert progress["totalProcessedRequests"] == len(results) + len(errors)
@@ -98,7 +118,40 @@ def check_run(output_url: str, expected: list[Expected], *, complete: bool = Tru
     assert progress["cachedInputTokenCount"] == sum(
         u["prompt_tokens_details"]["cached_tokens"] for u in usage
     )
+    commits = _commit_records(output_url)
+    published = sum(_size(f"{output_url}/{name}") for name in ("results.jsonl", "errors.jsonl"))
+    assert published == sum(c["bytes"] for c in commits), "published files differ from the committed parts"
+    assert cap_bytes is None or published <= cap_bytes, f"{published} bytes committed, cap {cap_bytes}"
+    if calls_dir is not None:
+        check_not_rerun([output_url], calls_dir)
     return by_custom_id
+
+
+def check_not_rerun(output_urls: list[str], calls_dir) -> None:
+    """No custom_id was sent to the engine after a part holding it was committed, in
+    any of these outputs (one job's, or a continuation chain's)."""
+    committed_at: dict[str, float] = {}
+    for url in output_urls:
+        for record in _commit_records(url):
+            if record["results_file"]:
+                for row in read_jsonl(f"{url}/{record['results_file']}"):
+                    at = committed_at.get(row["custom_id"], record["committed_at"])
+                    committed_at[row["custom_id"]] = min(at, record["committed_at"])
+    for custom_id, calls in invocations(calls_dir).items():
+        late = [call for call in calls if call.at > committed_at.get(custom_id, float("inf"))]
+        assert not late, f"{custom_id} was answered again after its commit: {late}"
+
+
+def _commit_records(output_url: str) -> list[dict]:
+    fs, root = fsspec.core.url_to_fs(f"{output_url}/_raybatch/commits")
+    if not fs.exists(root):
+        return []
+    return [json.loads(fs.cat_file(path)) for path in fs.ls(root, detail=False) if path.endswith(".json")]
+
+
+def _size(url: str) -> int:
+    fs, path = fsspec.core.url_to_fs(url)
+    return fs.size(path)
 
 
 def _claimed_elsewhere(line: Expected, expected: list[Expected]) -> bool:
@@ -118,8 +171,6 @@ def sdk_client(base_url: str, key: str, account: str):
 
 def wait_job(client, job_id: str, until=TERMINAL, timeout: float = 300.0, poll: float = 0.5):
     """Poll until the job's state is in `until`; returns (job, every state seen in order)."""
-    import time
-
     seen: list[str] = []
     deadline = time.monotonic() + timeout
     while True:
@@ -137,12 +188,48 @@ def dataset_files_url(storage: str, account: str, dataset_name: str) -> str:
     return f"{storage}/accounts/{account}/datasets/{dataset_name.rsplit('/', 1)[-1]}/files"
 
 
-def invocations(folder) -> dict[str, list[int]]:
-    """The scripted engine's record: custom_id → the PIDs of the engines that answered it."""
-    import os
+class Call(NamedTuple):
+    pid: int  # the engine process that was asked
+    at: float  # when (epoch seconds)
 
-    calls: dict[str, list[int]] = {}
+
+def invocations(folder) -> dict[str, list[Call]]:
+    """The scripted engine's record: custom_id → every call for it, in time order."""
+    calls: dict[str, list[Call]] = {}
+    if not os.path.isdir(folder):
+        return calls
     for name in os.listdir(folder):
         custom_id_hex, pid, _ = name.split(".")
-        calls.setdefault(bytes.fromhex(custom_id_hex).decode(), []).append(int(pid))
-    return calls
+        with open(os.path.join(folder, name)) as record:
+            # Empty only while the call is being recorded: a call of now, never late.
+            at = float(record.read() or 0)
+        calls.setdefault(bytes.fromhex(custom_id_hex).decode(), []).append(Call(int(pid), at))
+    return {custom_id: sorted(found, key=lambda c: c.at) for custom_id, found in calls.items()}
+
+
+class Faults:
+    """The test side of `raybatch.faults`: arm, see what fired, disarm."""
+
+    def __init__(self, folder):
+        self.folder = str(folder)
+        os.makedirs(self.folder, exist_ok=True)
+
+    def arm(self, point: str, **spec) -> None:
+        """`arm("engine.kill", after=3)`, `arm("storage.error", rate=0.05)`. Written
+        whole (beside, then renamed) so no process reads half a spec."""
+        path = os.path.join(self.folder, f"{point}.json")
+        with open(path + ".tmp", "w") as handle:
+            json.dump(spec, handle)
+        os.replace(path + ".tmp", path)
+
+    def fired(self, point: str) -> bool:
+        return os.path.exists(os.path.join(self.folder, f"{point}.fired"))
+
+    def storage_errors(self) -> int:
+        """How many storage errors were injected since the last clear."""
+        log = os.path.join(self.folder, "storage.error.log")
+        return sum(1 for _ in open(log)) if os.path.exists(log) else 0
+
+    def clear(self) -> None:
+        for name in os.listdir(self.folder):
+            os.remove(os.path.join(self.folder, name))

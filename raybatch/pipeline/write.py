@@ -25,6 +25,7 @@ from typing import Iterator, Optional
 import pyarrow as pa
 from pydantic import BaseModel, Field
 
+from raybatch import faults
 from raybatch.pipeline.read import LineSet
 from raybatch.pipeline.rows import column
 from raybatch.protocol import CamelModel, JobProgress
@@ -56,6 +57,11 @@ class PartCommit(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int
+    committed_at: Optional[float] = Field(
+        None, description="Wall-clock time (epoch seconds) just before the record was "
+        "written: every line in the part was answered before it, so an audit can prove "
+        "no committed line was sent to an engine again. None in records of older versions."
+    )
 
 
 class OutputStatus(CamelModel):
@@ -140,12 +146,8 @@ class OutputWriter:
         part_max_bytes: int,
         part_max_seconds: float,
         total_input_requests: int,
-        crash_before_commit: Optional[tuple[int, str]] = None,
     ):
         self._out = Location(output_url)
-        # Fault injection (tests only): (n, marker file) dies between writing the n-th
-        # part and committing it, once per marker.
-        self._crash_before_commit = crash_before_commit
         self._cap_bytes = cap_bytes
         self._part_max_rows = part_max_rows
         self._part_max_bytes = part_max_bytes
@@ -245,8 +247,10 @@ class OutputWriter:
             prompt_tokens=sum(r[4] for r in rows),
             completion_tokens=sum(r[5] for r in rows),
             cached_tokens=sum(r[6] for r in rows),
+            committed_at=time.time(),
         )
-        self._maybe_crash(seq)
+        if faults.fires("writer.crash", seq - self._first_seq):
+            os._exit(1)  # the reliability tests' crash between a part and its commit
         # The commit point: until this record exists the part does not count.
         self._out.write_atomic(f"{COMMITS_DIR}/{seq:08d}.json", record.model_dump_json().encode())
         self._seq = seq
@@ -256,17 +260,6 @@ class OutputWriter:
             line_set = self._done.setdefault(shard, LineSet())
             for number in numbers:
                 line_set.add(number)
-
-    def _maybe_crash(self, seq: int) -> None:
-        if self._crash_before_commit is None:
-            return
-        nth, marker = self._crash_before_commit
-        if seq - self._first_seq == nth:
-            try:
-                os.close(os.open(marker, os.O_CREAT | os.O_EXCL))
-            except FileExistsError:
-                return
-            os._exit(1)
 
     def _write_progress(self) -> None:
         self._out.write_atomic(PROGRESS_FILE, self.status().model_dump_json(by_alias=True).encode())

@@ -25,10 +25,9 @@ def _input(tmp_path) -> tuple[str, InputBuilder]:
     return str(tmp_path / "in"), built
 
 
-def _config(tmp_path, replicas: int = 1, **engine_args) -> RunConfig:
-    source, _ = str(tmp_path / "in"), None
+def _config(tmp_path, replicas: int = 1) -> RunConfig:
     return RunConfig(
-        input=source,
+        input=str(tmp_path / "in"),
         output=str(tmp_path / "out"),
         model="scripted",
         part_max_rows=5,
@@ -42,8 +41,6 @@ def _config(tmp_path, replicas: int = 1, **engine_args) -> RunConfig:
             "engine_args": {
                 "seconds_per_request": 0.05,
                 "invocations_dir": str(tmp_path / "calls"),
-                "fault_marker": str(tmp_path / "fault-happened"),
-                **engine_args,
             },
         },
     )
@@ -51,52 +48,35 @@ def _config(tmp_path, replicas: int = 1, **engine_args) -> RunConfig:
 
 @pytest.mark.parametrize("replicas", [1, 2])
 @pytest.mark.parametrize("fault", ["kill", "die", "hang"])
-def test_engine_faults_replace_the_engine_and_lose_nothing(ray_cluster, tmp_path, fault, replicas):
+def test_engine_faults_replace_the_engine_and_lose_nothing(ray_cluster, faults, tmp_path, fault, replicas):
     """kill: the engine actor's process SIGKILLed; die: the engine dead while its actor
     lives (EngineFailure, as vLLM's EngineDeadError becomes); hang: an engine that never
     answers, caught by the request timeout (5 s here)."""
     _, built = _input(tmp_path)
     started = time.monotonic()
-    summary = run_job(_config(tmp_path, replicas, fault=fault, fault_after=10))
+    faults.arm(f"engine.{fault}", after=10)
+    summary = run_job(_config(tmp_path, replicas))
     assert summary.state == "completed"
-    assert (tmp_path / "fault-happened").exists()
-    check_run(str(tmp_path / "out"), built.expected)
+    assert faults.fired(f"engine.{fault}")
+    check_run(str(tmp_path / "out"), built.expected, calls_dir=tmp_path / "calls")
     calls = invocations(tmp_path / "calls")
     assert set(calls) == {f"row-{i}" for i in range(LINES)}
-    engines = {pid for pids in calls.values() for pid in pids}
+    engines = {call.pid for found in calls.values() for call in found}
     assert len(engines) >= replicas + 1  # the broken engine was replaced, not reused
     assert time.monotonic() - started < 120  # bounded: no silent hang
 
 
-def test_writer_killed_between_part_and_commit(ray_cluster, tmp_path, monkeypatch):
+def test_writer_killed_between_part_and_commit(ray_cluster, faults, tmp_path):
     _, built = _input(tmp_path)
     config = _config(tmp_path)
-    monkeypatch.setenv("RAYBATCH_FAULT_WRITER_CRASH", f"3:{tmp_path / 'writer-crashed'}")
+    faults.arm("writer.crash", after=3)
     with pytest.raises(Exception):
         run_job(config)  # the run stops: its writer, and that writer's buffer, are gone
-    assert (tmp_path / "writer-crashed").exists()
+    assert faults.fired("writer.crash")
     parts = sorted((tmp_path / "out" / "_raybatch" / "parts").iterdir())
     commits = sorted((tmp_path / "out" / "_raybatch" / "commits").iterdir())
     assert len(commits) == 2 and len(parts) > len(commits)  # part 3 written, never committed
-    before = invocations(tmp_path / "calls")
-    committed = check_run_partial_ids(tmp_path)
     summary = run_job(config)  # the same command again resumes
     assert summary.state == "completed"
-    check_run(str(tmp_path / "out"), built.expected)
-    after = invocations(tmp_path / "calls")
-    for custom_id in committed:  # nothing committed is answered again
-        assert len(after[custom_id]) == len(before[custom_id]) == 1
-
-
-def check_run_partial_ids(tmp_path) -> set[str]:
-    """custom_ids in the committed parts of an output, read from the commit records."""
-    import json
-
-    out = tmp_path / "out" / "_raybatch"
-    ids = set()
-    for commit in (out / "commits").iterdir():
-        record = json.loads(commit.read_text())
-        for part in (record["results_file"], record["errors_file"]):
-            if part:
-                ids |= {json.loads(line)["custom_id"] for line in (tmp_path / "out" / part).read_text().splitlines()}
-    return ids
+    # calls_dir: nothing committed before the crash is answered again.
+    check_run(str(tmp_path / "out"), built.expected, calls_dir=tmp_path / "calls")

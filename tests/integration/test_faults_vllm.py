@@ -112,11 +112,11 @@ def test_engine_hangs_and_the_watchdog_replaces_it(ray_cluster, tiny_model, tmp_
     assert time.monotonic() - started < 300
 
 
-def test_writer_killed_between_part_and_commit(ray_cluster, tiny_model, tmp_path, monkeypatch):
+def test_writer_killed_between_part_and_commit(ray_cluster, faults, tiny_model, tmp_path):
     built, config = _setup(tmp_path, tiny_model)
-    monkeypatch.setenv("RAYBATCH_FAULT_WRITER_CRASH", f"2:{tmp_path / 'writer-crashed'}")
+    faults.arm("writer.crash", after=2)
     with pytest.raises(Exception):
         run_job(config)
-    assert (tmp_path / "writer-crashed").exists()
+    assert faults.fired("writer.crash")
     assert run_job(config).state == "completed"
     check_run(str(tmp_path / "out"), built.expected)

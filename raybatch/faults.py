@@ -1,0 +1,74 @@
+"""Fault injection for the reliability tests. Inert unless RAYBATCH_FAULTS is set.
+
+Every raybatch process (API replicas, the scheduler, job drivers, the writer and engine
+actors, read tasks) inherits RAYBATCH_FAULTS from the environment its Ray cluster was
+started in, so a test sets it once, before `raybatch up` or `ray.init`, and then arms
+faults at run time, one file per fault in that folder:
+
+    {folder}/{point}.json    {"after": N}   fire once, at the N-th time one process
+                                            reaches the point (or any time after)
+                             {"rate": p}    fire with probability p each time, until the
+                                            test removes the file
+
+Points, and where they are checked:
+
+    engine.kill      ScriptedEngine.generate: SIGKILL its own process (the actor dies)
+    engine.die       ScriptedEngine.generate: EngineFailure (engine dead, actor alive)
+    engine.hang      ScriptedEngine.generate: never answer (the request timeout catches it)
+    writer.crash     OutputWriter: exit between writing a part and committing it
+                     (N counts the parts this writer wrote)
+    storage.error    storage.retrying: a transient ConnectionResetError, raised before the
+                     storage call or after it took effect (a lost reply), at rate p
+
+A once-only fault is claimed by renaming its file to `{point}.fired`: atomic, so exactly
+one process fires it, and the test can see that it did. Every storage error injected is
+logged as a line of `storage.error.log`, so a test can count them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from typing import Optional
+
+FOLDER_VARIABLE = "RAYBATCH_FAULTS"
+
+
+def _armed(point: str) -> Optional[tuple[str, dict]]:
+    folder = os.environ.get(FOLDER_VARIABLE)
+    if not folder:
+        return None
+    path = os.path.join(folder, f"{point}.json")
+    try:
+        with open(path) as handle:
+            return path, json.load(handle)
+    except (OSError, ValueError):  # not armed (or just disarmed)
+        return None
+
+
+def fires(point: str, count: int) -> bool:
+    """True exactly once across all processes: for the first caller whose `count` (how
+    often this process reached the point) is at least the armed `after`."""
+    armed = _armed(point)
+    if armed is None:
+        return False
+    path, spec = armed
+    if "after" not in spec or count < spec["after"]:
+        return False
+    try:
+        os.rename(path, path[: -len(".json")] + ".fired")
+    except FileNotFoundError:
+        return False  # another process claimed it first
+    return True
+
+
+def maybe_storage_error(operation: str, where: str, phase: str) -> None:
+    """Raise a transient storage error at the armed rate. `phase` is "before" (the call
+    never happened) or "after" (it took effect, and the reply is lost)."""
+    armed = _armed("storage.error")
+    if armed is None or random.random() >= float(armed[1].get("rate", 0)):
+        return
+    with open(armed[0][: -len(".json")] + ".log", "a") as log:
+        log.write(f"{os.getpid()} {phase} {operation} {where}\n")
+    raise ConnectionResetError(f"injected transient storage error ({phase} {operation})")

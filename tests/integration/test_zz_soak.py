@@ -1,0 +1,168 @@
+"""Soak: 20 rounds through the service, each a job with one fault of the reliability
+list injected at a random point, each followed by the invariant checker (every line
+exactly once, no torn lines, jobProgress equal to the files, the files equal to the
+committed parts, and, from the scripted engine's call record, nothing committed answered
+again).
+
+The eight fault kinds, each drawn at least twice (the other four rounds at random):
+engine-kill (the engine actor SIGKILLs itself), engine-die (the engine dead while its
+actor lives), engine-hang (caught by a 3 s request timeout), writer-crash (between a part
+and its commit), driver-kill (Ray Jobs stops the driver), cluster-restart (`raybatch
+down` or `ray stop --force`, then `raybatch up`), storage-errors (transient errors in
+every process's storage calls, before or after they take effect), and continuations (a
+job cancelled mid-run, then two continuations of it created at once: exactly one runs).
+
+Seeded: the seed is printed, RAYBATCH_SOAK_SEED repeats a soak. Named to run last with
+the cluster-restart test: its restarts stop the session's cluster (and bring it back)."""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from raybatch.store import Store
+from tests.helpers import (
+    InputBuilder,
+    check_not_rerun,
+    check_run,
+    dataset_files_url,
+    sdk_client,
+    wait_job,
+)
+from tests.integration.test_run_engine import chat
+
+ACCOUNT = "soak"
+ROUNDS = 20
+FAULTS = (
+    "engine-kill", "engine-die", "engine-hang", "writer-crash",
+    "driver-kill", "cluster-restart", "storage-errors", "continuations",
+)
+
+
+def _schedule(rng: random.Random) -> list[str]:
+    rounds = [*FAULTS, *FAULTS, *(rng.choice(FAULTS) for _ in range(ROUNDS - 2 * len(FAULTS)))]
+    rng.shuffle(rounds)
+    return rounds
+
+
+def _upload(client, folder, dataset_id: str, lines: int, bad_line: bool) -> InputBuilder:
+    built = InputBuilder()
+    for i in range(lines):
+        built.ok("in.jsonl", f"{dataset_id}-{i}", chat(f"line {i}", max_tokens=8))
+        if bad_line and i == lines // 2:
+            built.add("in.jsonl", b"{broken", None, "invalid_json")
+    built.write(str(folder))
+    client.datasets.create(dataset_id=dataset_id, dataset={"user_uploaded": {}})
+    client.datasets.upload(dataset_id, file=("in.jsonl", (folder / "in.jsonl").read_bytes()))
+    return built
+
+
+def _committed_lines(output: str) -> int:
+    from raybatch.pipeline.write import load_commits
+    from raybatch.storage import Location
+
+    return sum(c.results + c.errors for c in load_commits(Location(output)))
+
+
+def _wait_committed(output: str, lines: int, context: str) -> None:
+    deadline = time.monotonic() + 120
+    while _committed_lines(output) < lines:
+        assert time.monotonic() < deadline, f"{context}: {lines} lines never committed"
+        time.sleep(0.1)
+
+
+def _kill_driver(service, job_id: str) -> None:
+    from ray.job_submission import JobSubmissionClient
+
+    from raybatch.runner import ensure_ray
+
+    ensure_ray()  # a restart in an earlier round left this process outside the cluster
+    driver = Store(service.storage).get_job(ACCOUNT, job_id).runtime.driver_id
+    assert JobSubmissionClient().stop_job(driver)
+
+
+def _continue_twice(client, parent: str) -> str:
+    """Two continuations of `parent` at once: exactly one is created. Returns its ID."""
+    from fireworks import ConflictError
+
+    def create(job_id: str):
+        try:
+            return client.batch_inference_jobs.create(batch_inference_job_id=job_id, continued_from_job_name=parent)
+        except ConflictError as error:
+            return error
+
+    with ThreadPoolExecutor(2) as pool:
+        outcomes = list(pool.map(create, [f"{parent}-a", f"{parent}-b"]))
+    created = [o for o in outcomes if not isinstance(o, ConflictError)]
+    assert len(created) == 1, outcomes
+    return created[0].name.rsplit("/", 1)[-1]
+
+
+def test_soak(service, faults, tmp_path):
+    seed = int(os.environ.get("RAYBATCH_SOAK_SEED") or random.SystemRandom().randrange(1 << 30))
+    print(f"soak seed {seed} (RAYBATCH_SOAK_SEED={seed} repeats it)")
+    rng = random.Random(seed)
+    client = sdk_client(service.base_url, service.key(ACCOUNT), ACCOUNT)
+    calls = os.path.join(service.home, "calls")
+    for number, fault in enumerate(_schedule(rng)):
+        context = f"round {number} ({fault}, seed {seed})"
+        started = time.monotonic()
+        faults.clear()
+        job_id = f"soak-{number}"
+        # A restart takes seconds before it stops the driver, a cancel about one: give
+        # those jobs more lines, so that the fault lands mid-job.
+        lines = {"cluster-restart": rng.randrange(120, 160), "continuations": rng.randrange(80, 120)}.get(
+            fault, rng.randrange(40, 80))
+        model = f"scripted-soak-{rng.choice((1, 2))}"
+        built = _upload(client, tmp_path / job_id, job_id, lines, bad_line=rng.random() < 0.5)
+        point = {"engine-kill": "engine.kill", "engine-die": "engine.die", "engine-hang": "engine.hang",
+                 "writer-crash": "writer.crash"}.get(fault)
+        if point:  # counted per engine process (in calls) or per writer (in parts)
+            faults.arm(point, after=rng.randrange(1, lines // 6) if point != "writer.crash" else rng.randrange(1, 3))
+        if fault == "storage-errors":
+            faults.arm("storage.error", rate=rng.choice((0.02, 0.05, 0.1)))
+        client.batch_inference_jobs.create(batch_inference_job_id=job_id, model=model, input_dataset_id=job_id)
+        output = dataset_files_url(service.storage, ACCOUNT, f"{job_id}-output")
+
+        strike_at = rng.randrange(1, lines // 3)  # lines committed before an outside fault
+        if fault == "driver-kill":
+            _wait_committed(output, strike_at, context)
+            _kill_driver(service, job_id)
+        elif fault == "cluster-restart":
+            _wait_committed(output, strike_at, context)
+            service.stop(rng.choice(("raybatch down", "ray stop --force")))
+            assert _committed_lines(output) < lines, f"{context}: the job ended before the stop"
+            service.start()
+        elif fault == "continuations":
+            _wait_committed(output, strike_at, context)
+            client.post(f"/v1/accounts/{ACCOUNT}/batchInferenceJobs/{job_id}:cancel", cast_to=object)
+
+        job, _ = wait_job(client, job_id, timeout=300)
+        stored_errors = faults.storage_errors()
+        fired = point is None or faults.fired(point)
+        faults.clear()  # nothing more is injected while the checker reads
+        progress = job.job_progress.to_dict()
+        if fault != "continuations":
+            assert job.state == "JOB_STATE_COMPLETED", (context, job.status)
+            check_run(output, built.expected, progress=progress, calls_dir=calls)
+        else:
+            assert job.state == "JOB_STATE_CANCELLED", (context, job.status)
+            parent_rows = check_run(output, built.expected, complete=False, progress=progress)
+            child_id = _continue_twice(client, job_id)
+            child, _ = wait_job(client, child_id, timeout=300)
+            assert child.state == "JOB_STATE_COMPLETED", (context, child.status)
+            rest = [e for e in built.expected if e.custom_id not in parent_rows]
+            child_output = dataset_files_url(service.storage, ACCOUNT, f"{child_id}-output")
+            check_run(child_output, rest, progress=child.job_progress.to_dict())
+            check_not_rerun([output, child_output], calls)
+        assert fired, f"{context}: the armed fault was never reached"
+        attempts = Store(service.storage).get_job(ACCOUNT, job_id).runtime.attempts
+        # A lost writer or driver, or a lost cluster, costs the job one more attempt.
+        resumed = fault in ("writer-crash", "driver-kill", "cluster-restart")
+        assert attempts == 1 + resumed, f"{context}: {attempts} attempts"
+        if fault == "storage-errors":
+            assert stored_errors > 0, f"{context}: no storage error was injected"
+        print(f"{context}: {lines} lines on {model}, {attempts} attempt(s), "
+              f"{stored_errors} storage errors injected, {time.monotonic() - started:.1f}s")
