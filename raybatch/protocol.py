@@ -60,6 +60,13 @@ class Precision(str, enum.Enum):
     FP4_MX_MOE = "FP4_MX_MOE"
 
 
+# Integer bounds the engine can carry: vLLM takes a seed as a 64-bit integer (its own
+# API bounds it the same way) and top_k into a 32-bit tensor. Anything wider would fail
+# inside the engine, blamed on no row, instead of being this row's invalid_request.
+INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
+INT32_MAX = (1 << 31) - 1
+
+
 class CamelModel(BaseModel):
     """Job-level JSON uses camelCase names; Python code uses snake_case."""
 
@@ -72,7 +79,7 @@ class InferenceParameters(CamelModel):
     max_tokens: Optional[int] = Field(None, ge=1)
     temperature: Optional[float] = Field(None, ge=0, allow_inf_nan=False)
     top_p: Optional[float] = Field(None, gt=0, le=1, allow_inf_nan=False)
-    top_k: Optional[int] = Field(None, ge=-1)
+    top_k: Optional[int] = Field(None, ge=-1, le=INT32_MAX)
     n: Optional[int] = Field(None, ge=1)
     extra_body: Optional[str] = Field(
         None, description="A JSON object, as a string, of further body fields for every row."
@@ -133,10 +140,10 @@ class _Body(BaseModel):
     max_completion_tokens: Optional[int] = Field(None, ge=1)
     temperature: Optional[float] = Field(None, ge=0, allow_inf_nan=False)
     top_p: Optional[float] = Field(None, gt=0, le=1, allow_inf_nan=False)
-    top_k: Optional[int] = Field(None, ge=-1)
+    top_k: Optional[int] = Field(None, ge=-1, le=INT32_MAX)
     n: Optional[int] = Field(None, ge=1)
     stop: Optional[Union[str, list[str]]] = None
-    seed: Optional[int] = None
+    seed: Optional[int] = Field(None, ge=INT64_MIN, le=INT64_MAX)
     presence_penalty: Optional[float] = Field(None, ge=-2, le=2, allow_inf_nan=False)
     frequency_penalty: Optional[float] = Field(None, ge=-2, le=2, allow_inf_nan=False)
     repetition_penalty: Optional[float] = Field(None, gt=0, allow_inf_nan=False)

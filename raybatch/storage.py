@@ -236,6 +236,14 @@ class Location:
     def read_bytes(self, relative: str) -> bytes:
         return retrying("read", self.where(relative), lambda: self.fs.cat_file(self.path(relative)))
 
+    def size(self, relative: str) -> int:
+        return retrying("size", self.where(relative), lambda: self.fs.size(self.path(relative)))
+
+    def open_read(self, relative: str) -> IO[bytes]:
+        """A stream for reading. The open is retried (on S3 a HEAD); reads from the
+        stream are not: s3fs and botocore retry each ranged GET themselves."""
+        return retrying("open", self.where(relative), lambda: self.fs.open(self.path(relative), "rb"))
+
     def write_atomic(self, relative: str, data: bytes) -> None:
         """Readers see the old object or the whole new one, never a torn one.
 

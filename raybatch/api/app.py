@@ -294,7 +294,7 @@ class RaybatchApi:
         location = self.store.location
         if not location.exists(note["path"]):
             raise NotFound("file not found")
-        handle = location.fs.open(location.path(note["path"]), "rb")
+        handle = location.open_read(note["path"])
 
         def chunks():
             with handle:

@@ -93,7 +93,7 @@ class DatasetService:
     def _file_sizes(self, account: str, dataset_id: str) -> dict[str, int]:
         """The dataset's files (only names an upload may have) and their sizes."""
         files = self.store.dataset_files(account, dataset_id)
-        return {name: files.fs.size(files.path(name)) for name in files.list() if FILENAME.fullmatch(name)}
+        return {name: files.size(name) for name in files.list() if FILENAME.fullmatch(name)}
 
     def upload(self, account: str, dataset_id: str, filename: str, source: IO[bytes]) -> dict:
         """`:upload`: store one file, then validate the dataset (it becomes READY)."""
@@ -162,7 +162,7 @@ class DatasetService:
             raise PayloadTooLarge(f"dataset has {total} bytes, over its limit of {self.config.max_dataset_bytes}")
         examples = 0
         for name in sizes:
-            with files.fs.open(files.path(name), "rb") as handle:
+            with files.open_read(name) as handle:
                 # A line too long to read (None) is still an example: the job reports it.
                 examples += sum(1 for _, raw in iter_lines(handle, max_line_bytes=CHUNK) if raw is None or raw.strip())
         dataset = dataset.model_copy(

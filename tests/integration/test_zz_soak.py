@@ -21,6 +21,7 @@ import os
 import random
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import Optional
 
 from raybatch.store import Store
 from tests.helpers import (
@@ -64,6 +65,17 @@ def _committed_lines(output: str) -> int:
     from raybatch.storage import Location
 
     return sum(c.results + c.errors for c in load_commits(Location(output)))
+
+
+def _recovery(output: str, struck_at: Optional[float]) -> str:
+    """Seconds from the fault to the next commit: how long the job stood still."""
+    from raybatch.pipeline.write import load_commits
+    from raybatch.storage import Location
+
+    if struck_at is None:  # storage errors slow a job down, a cancel ends it
+        return "no stop to recover from"
+    later = [c.committed_at for c in load_commits(Location(output)) if c.committed_at > struck_at]
+    return f"next commit {min(later) - struck_at:.1f}s after the fault" if later else "no commit after the fault"
 
 
 def _wait_committed(output: str, lines: int, context: str) -> None:
@@ -127,11 +139,14 @@ def test_soak(service, faults, tmp_path):
         output = dataset_files_url(service.storage, ACCOUNT, f"{job_id}-output")
 
         strike_at = rng.randrange(1, lines // 3)  # lines committed before an outside fault
+        struck_at = None
         if fault == "driver-kill":
             _wait_committed(output, strike_at, context)
+            struck_at = time.time()
             _kill_driver(service, job_id)
         elif fault == "cluster-restart":
             _wait_committed(output, strike_at, context)
+            struck_at = time.time()
             service.stop(rng.choice(("raybatch down", "ray stop --force")))
             assert _committed_lines(output) < lines, f"{context}: the job ended before the stop"
             service.start()
@@ -142,6 +157,8 @@ def test_soak(service, faults, tmp_path):
         job, _ = wait_job(client, job_id, timeout=300)
         stored_errors = faults.storage_errors()
         fired = point is None or faults.fired(point)
+        if point and fired:
+            struck_at = os.path.getmtime(os.path.join(faults.folder, f"{point}.fired"))
         faults.clear()  # nothing more is injected while the checker reads
         progress = job.job_progress.to_dict()
         if fault != "continuations":
@@ -164,5 +181,5 @@ def test_soak(service, faults, tmp_path):
         assert attempts == 1 + resumed, f"{context}: {attempts} attempts"
         if fault == "storage-errors":
             assert stored_errors > 0, f"{context}: no storage error was injected"
-        print(f"{context}: {lines} lines on {model}, {attempts} attempt(s), "
-              f"{stored_errors} storage errors injected, {time.monotonic() - started:.1f}s")
+        print(f"{context}: {lines} lines on {model}, {attempts} attempt(s), {stored_errors} storage "
+              f"errors injected, {_recovery(output, struck_at)}, round {time.monotonic() - started:.1f}s")
