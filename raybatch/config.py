@@ -54,6 +54,12 @@ class EngineConfig(BaseModel):
         "its actor is replaced and its batches retried. Must exceed the slowest honest "
         "request, queueing included."
     )
+    max_failures_per_row: int = Field(
+        2, ge=1, description="A row that was alone on an engine when it died or hung this "
+        "many times becomes an engine_error row and is not sent again, so that one such "
+        "row cannot restart engines forever. Rows in flight at a failure are retried "
+        "alone first; rows that only shared a failing engine are never blamed."
+    )
     kind: str = Field("vllm", description="'vllm', or 'scripted': the deterministic test "
                       "engine (pipeline/scripted_engine.py), for fault injection only.")
 

@@ -15,6 +15,8 @@ Points, and where they are checked:
     engine.kill      ScriptedEngine.generate: SIGKILL its own process (the actor dies)
     engine.die       ScriptedEngine.generate: EngineFailure (engine dead, actor alive)
     engine.hang      ScriptedEngine.generate: never answer (the request timeout catches it)
+    engine.poison    ScriptedEngine.generate: {"custom_id": ID, "fault": "die" | "hang"}:
+                     every request for that row kills or hangs the engine (a poison row)
     writer.crash     OutputWriter: exit between writing a part and committing it
                      (N counts the parts this writer wrote)
     storage.error    storage.retrying: a transient ConnectionResetError, raised before the
@@ -45,6 +47,12 @@ def _armed(point: str) -> Optional[tuple[str, dict]]:
             return path, json.load(handle)
     except (OSError, ValueError):  # not armed (or just disarmed)
         return None
+
+
+def spec(point: str) -> Optional[dict]:
+    """The armed spec of a point that stays armed (checked on every call), or None."""
+    armed = _armed(point)
+    return armed[1] if armed else None
 
 
 def fires(point: str, count: int) -> bool:

@@ -186,6 +186,8 @@ def build_pipeline(
             "engine_args": plan.engine_args,
             "cpu_kv_cache_gib": engine.cpu_kv_cache_gib,
             "request_timeout_seconds": engine.request_timeout_seconds,
+            "output_url": config.output,
+            "max_failures_per_row": engine.max_failures_per_row,
         },
         compute=ray.data.ActorPoolStrategy(
             size=plan.replicas, max_tasks_in_flight_per_actor=2 * engine.concurrent_batches

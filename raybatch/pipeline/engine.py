@@ -20,6 +20,7 @@ import pyarrow as pa
 from pydantic import BaseModel
 
 from raybatch.exceptions import EngineFailure, RowError
+from raybatch.pipeline.engine_failures import EngineGate, FailureLog, RowKey, poison_message
 from raybatch.pipeline.preprocess import EngineRequest
 from raybatch.pipeline.rows import ENGINE_SCHEMA, column
 from raybatch.protocol import ErrorCode
@@ -183,7 +184,9 @@ class EngineStage:
     A dead engine, or a request running past `request_timeout_seconds` (a hung engine),
     ends this actor's process: Ray Data restarts the actor with a fresh engine and
     retries its batches there, never again on the broken one. Nothing of those batches
-    was committed, so nothing is lost or doubled.
+    was committed, so nothing is lost or doubled. The rows in flight are recorded first
+    (`engine_failures`), so that a row that fails every engine it meets is found and
+    becomes an error row instead of restarting engines forever.
     """
 
     def __init__(
@@ -193,31 +196,50 @@ class EngineStage:
         engine_args: dict[str, Any],
         cpu_kv_cache_gib: int,
         request_timeout_seconds: Optional[float] = None,
+        output_url: Optional[str] = None,
+        max_failures_per_row: int = 2,
     ):
+        # Read before the engine starts: this actor may be the replacement of one that
+        # failed, and the rows it had in flight are suspects here.
+        self._failures = FailureLog(output_url) if output_url else None
+        self._max_failures_per_row = max_failures_per_row
+        self._gate = EngineGate()
         self._engine = build_engine(kind, model, engine_args, cpu_kv_cache_gib)
         self._timeout = request_timeout_seconds
 
     def _replace_engine(self, why: str) -> None:
         logger.error("replacing this engine actor: %s", why)
+        if self._failures is not None:
+            try:
+                self._failures.record(why, list(self._gate.in_flight.values()))
+            except Exception as error:  # the actor goes either way
+                logger.error("could not record the engine failure: %s: %s", type(error).__name__, error)
         os._exit(1)  # the process must go: a dead or hung engine cannot be trusted again
 
-    async def _answer(self, request_json: Optional[str]) -> tuple:
+    async def _answer(self, key: RowKey, request_json: Optional[str]) -> tuple:
         """(kind, result JSON, error code, error message) of one row."""
         if request_json is None:
             return None, None, None, None
         request = EngineRequest.model_validate_json(request_json)
-        try:
-            result = await asyncio.wait_for(self._engine.generate(request), self._timeout)
-        except RowError as error:
-            return request.kind, None, error.code, error.message
-        except asyncio.TimeoutError:
-            self._replace_engine(f"request {request.custom_id!r} ran over {self._timeout:g}s: engine hung")
-        except EngineFailure as failure:
-            self._replace_engine(str(failure))
+        suspect = self._failures is not None and self._failures.is_suspect(key)
+        if suspect:
+            poisoned = poison_message(self._failures.failures_alone(key), self._max_failures_per_row)
+            if poisoned:
+                return request.kind, None, ErrorCode.ENGINE_ERROR.value, poisoned
+        async with self._gate.enter(key, suspect):
+            try:
+                result = await asyncio.wait_for(self._engine.generate(request), self._timeout)
+            except RowError as error:
+                return request.kind, None, error.code, error.message
+            except asyncio.TimeoutError:
+                self._replace_engine(f"request {request.custom_id!r} ran over {self._timeout:g}s: engine hung")
+            except EngineFailure as failure:
+                self._replace_engine(str(failure))
         return request.kind, result.model_dump_json(), None, None
 
     async def __call__(self, batch: pa.Table) -> pa.Table:
-        answers = await asyncio.gather(*(self._answer(r) for r in column(batch, "request")))
+        keys = zip(column(batch, "shard"), column(batch, "line"))
+        answers = await asyncio.gather(*(self._answer(k, r) for k, r in zip(keys, column(batch, "request"))))
         codes = column(batch, "error_code")
         messages = column(batch, "error_message")
         return pa.Table.from_pydict(

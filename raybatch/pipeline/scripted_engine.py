@@ -10,8 +10,9 @@ per character, after `seconds_per_request`. Settings come as `engine_args`:
                                              holding the time of the call: proves what
                                              ran, in which process, and when)
 
-Faults are armed through `raybatch.faults` (engine.kill, engine.die, engine.hang),
-counted in calls to one engine process; each fires once, so the replaced engine works.
+Faults are armed through `raybatch.faults`: engine.kill, engine.die and engine.hang,
+counted in calls to one engine process, fire once, so the replaced engine works;
+engine.poison names a row that kills or hangs every engine that answers it.
 """
 
 from __future__ import annotations
@@ -47,9 +48,11 @@ class ScriptedEngine:
             name = f"{request.custom_id.encode().hex()[:200]}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
             with open(os.path.join(self._invocations, name), "w") as record:
                 record.write(repr(time.time()))
-        if faults.fires("engine.die", self._calls):
+        poison = faults.spec("engine.poison") or {}
+        poisoned = poison.get("custom_id") == request.custom_id
+        if faults.fires("engine.die", self._calls) or poisoned and poison.get("fault") == "die":
             raise EngineFailure("scripted engine death")
-        if faults.fires("engine.hang", self._calls):
+        if faults.fires("engine.hang", self._calls) or poisoned and poison.get("fault") == "hang":
             await asyncio.Event().wait()  # never set
         if faults.fires("engine.kill", self._calls):
             os.kill(os.getpid(), signal.SIGKILL)

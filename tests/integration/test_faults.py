@@ -11,7 +11,7 @@ import pytest
 
 from raybatch.config import RunConfig
 from raybatch.runner import run_job
-from tests.helpers import InputBuilder, check_run, invocations
+from tests.helpers import InputBuilder, check_run, invocations, read_jsonl
 from tests.integration.test_run_engine import chat
 
 LINES = 60
@@ -80,3 +80,28 @@ def test_writer_killed_between_part_and_commit(ray_cluster, faults, tmp_path):
     assert summary.state == "completed"
     # calls_dir: nothing committed before the crash is answered again.
     check_run(str(tmp_path / "out"), built.expected, calls_dir=tmp_path / "calls")
+
+
+@pytest.mark.parametrize("fault,replicas", [("die", 2), ("hang", 1)])
+def test_a_row_that_fails_every_engine_becomes_an_error_row(ray_cluster, faults, tmp_path, fault, replicas):
+    """A poison row kills (or hangs) every engine that answers it: after it failed an
+    engine twice while alone on it, it is an engine_error row, and the job completes.
+    The rows that shared an engine with it are answered, never blamed."""
+    built = InputBuilder()
+    for i in range(LINES):
+        if i == 7:
+            built.add("in.jsonl", {"custom_id": "poison", "body": chat("line 7")}, "poison", "engine_error")
+        else:
+            built.ok("in.jsonl", f"row-{i}", chat(f"line {i}"))
+    built.write(str(tmp_path / "in"))
+    faults.arm("engine.poison", custom_id="poison", fault=fault)
+    started = time.monotonic()
+    summary = run_job(_config(tmp_path, replicas))
+    assert summary.state == "completed"
+    check_run(str(tmp_path / "out"), built.expected, calls_dir=tmp_path / "calls")
+    [row] = read_jsonl(str(tmp_path / "out" / "errors.jsonl"))
+    assert row["error"]["message"].startswith("the engine failed 2 times while answering this request alone")
+    failures = sorted((tmp_path / "out" / "_raybatch" / "engine-failures").iterdir())
+    assert 2 <= len(failures) <= 3  # once with others in flight (maybe), then twice alone
+    assert len(invocations(tmp_path / "calls")["poison"]) == len(failures)
+    print(f"poison row ({fault}, {replicas} replica(s)): {len(failures)} engine failures, {time.monotonic() - started:.1f}s")

@@ -68,14 +68,17 @@ def _committed_lines(output: str) -> int:
 
 
 def _recovery(output: str, struck_at: Optional[float]) -> str:
-    """Seconds from the fault to the next commit: how long the job stood still."""
+    """The longest pause in commits from the fault on: how long the job stood still
+    (a stopping cluster or driver may still commit for a moment after the fault)."""
     from raybatch.pipeline.write import load_commits
     from raybatch.storage import Location
 
     if struck_at is None:  # storage errors slow a job down, a cancel ends it
         return "no stop to recover from"
-    later = [c.committed_at for c in load_commits(Location(output)) if c.committed_at > struck_at]
-    return f"next commit {min(later) - struck_at:.1f}s after the fault" if later else "no commit after the fault"
+    times = [struck_at, *sorted(c.committed_at for c in load_commits(Location(output)) if c.committed_at > struck_at)]
+    if len(times) == 1:
+        return "no commit after the fault"
+    return f"longest pause in commits after the fault {max(b - a for a, b in zip(times, times[1:])):.1f}s"
 
 
 def _wait_committed(output: str, lines: int, context: str) -> None:
