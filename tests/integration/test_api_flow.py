@@ -12,6 +12,8 @@ import pytest
 from tests.helpers import InputBuilder, check_run, dataset_files_url, read_jsonl, sdk_client, wait_job
 from tests.integration.test_run_engine import chat
 
+pytestmark = pytest.mark.engine  # one job on vLLM, shared by the module
+
 ACCOUNT = "flow"
 
 

@@ -135,7 +135,7 @@ def test_restarting_the_serve_app_and_the_scheduler_mid_job_loses_nothing(client
     assert _record(service, "survivor").runtime.attempts == 1  # its driver went on untouched
 
 
-@pytest.mark.parametrize("model,lines", [("scripted-slow", 40), ("tiny", 1000)])
+@pytest.mark.parametrize("model,lines", [("scripted-slow", 40), pytest.param("tiny", 1000, marks=pytest.mark.engine)])
 def test_a_dead_driver_is_requeued_and_resumes_from_committed_parts(client, service, ray_cluster, tmp_path, model, lines):
     from ray.job_submission import JobSubmissionClient
 

@@ -19,6 +19,8 @@ from raybatch.runner import run_job
 from tests.helpers import InputBuilder, check_run
 from tests.integration.test_run_engine import chat
 
+pytestmark = pytest.mark.engine
+
 LINES = 240
 
 

@@ -15,6 +15,8 @@ import pytest
 from tests.helpers import InputBuilder, check_run, dataset_files_url, sdk_client, wait_job
 from tests.integration.test_run_engine import chat
 
+pytestmark = pytest.mark.slow
+
 ACCOUNT = "restart"
 
 
@@ -30,7 +32,8 @@ def _committed_ids(output: str) -> set[str]:
 
 @pytest.mark.parametrize(
     "stop,model",
-    [("raybatch down", "scripted-counted"), ("ray stop --force", "scripted-counted"), ("ray stop --force", "tiny")],
+    [("raybatch down", "scripted-counted"), ("ray stop --force", "scripted-counted"),
+     pytest.param("ray stop --force", "tiny", marks=pytest.mark.engine)],
 )
 def test_job_resumes_after_the_cluster_restarts(service, tmp_path, stop, model):
     job_id = f"across-{stop.split()[0]}-{model.split('-')[0]}"

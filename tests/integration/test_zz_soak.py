@@ -23,6 +23,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
+import pytest
+
 from raybatch.store import Store
 from tests.helpers import (
     InputBuilder,
@@ -33,6 +35,8 @@ from tests.helpers import (
     wait_job,
 )
 from tests.integration.test_run_engine import chat
+
+pytestmark = pytest.mark.slow
 
 ACCOUNT = "soak"
 ROUNDS = 20
