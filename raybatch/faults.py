@@ -23,7 +23,7 @@ Points, and where they are checked:
                      storage call or after it took effect (a lost reply), at rate p
 
 A once-only fault is claimed by renaming its file to `{point}.fired`: atomic, so exactly
-one process fires it, and the test can see that it did. Every storage error injected is
+one process fires it, and the test can see that it did, and when (the file's time). Every storage error injected is
 logged as a line of `storage.error.log`, so a test can count them.
 """
 
@@ -64,10 +64,12 @@ def fires(point: str, count: int) -> bool:
     path, spec = armed
     if "after" not in spec or count < spec["after"]:
         return False
+    fired = path[: -len(".json")] + ".fired"
     try:
-        os.rename(path, path[: -len(".json")] + ".fired")
+        os.rename(path, fired)
     except FileNotFoundError:
         return False  # another process claimed it first
+    os.utime(fired)  # its time is now when the fault fired, not when it was armed
     return True
 
 

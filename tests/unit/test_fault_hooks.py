@@ -4,6 +4,8 @@ and injected storage errors are retried away without a duplicate or a torn file.
 
 from __future__ import annotations
 
+import os
+import time
 from concurrent.futures import ProcessPoolExecutor
 
 import pytest
@@ -29,15 +31,15 @@ def test_nothing_fires_without_the_variable(tmp_path, monkeypatch):
 
 def test_a_once_only_fault_fires_at_its_count_and_then_never(armed):
     armed.arm("writer.crash", after=2)
+    os.utime(os.path.join(armed.folder, "writer.crash.json"), (0, 0))  # armed long ago
     assert not faults.fires("writer.crash", 1)
     assert faults.fires("writer.crash", 2)
     assert armed.fired("writer.crash")
+    assert time.time() - os.path.getmtime(os.path.join(armed.folder, "writer.crash.fired")) < 60
     assert not faults.fires("writer.crash", 3)
 
 
 def _race(folder: str) -> bool:
-    import os
-
     os.environ[faults.FOLDER_VARIABLE] = folder
     return faults.fires("engine.die", 5)
 
