@@ -159,7 +159,9 @@ def retrying(operation: str, where: str, call: Callable[[], T], policy: RetryPol
     attempts. Only for calls that are safe to repeat whole: each caller says why.
 
     A permanent error is raised at once. When the attempts run out, `StorageUnavailable`
-    is raised from the last error. `where` is a path, never a credential.
+    is raised from the last error. `where` is a path, never a credential. The
+    reliability tests inject transient errors here (`raybatch.faults`), before a call
+    or after it took effect, which is why every caller must be safe to repeat.
     """
     policy = policy or RetryPolicy.from_env()
     for attempt in range(1, policy.attempts + 1):
