@@ -7,6 +7,7 @@ Layout under the output location:
     _raybatch/parts/<seq>-<run>.{results,errors}.jsonl    part data
     _raybatch/commits/<seq>.json       commit record: which (shard, line)s the part holds
     _raybatch/progress.json            jobProgress, committed bytes, cap state
+    _raybatch/engine-failures/*.json   rows in flight when an engine failed (pipeline/engine_failures.py)
 
 A part counts only once its commit record exists, and the record is written after the
 part's data, so a crash at any point leaves either a whole part or an ignored orphan.
