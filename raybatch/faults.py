@@ -23,8 +23,9 @@ Points, and where they are checked:
                      storage call or after it took effect (a lost reply), at rate p
 
 A once-only fault is claimed by renaming its file to `{point}.fired`: atomic, so exactly
-one process fires it, and the test can see that it did, and when (the file's time). Every storage error injected is
-logged as a line of `storage.error.log`, so a test can count them.
+one process fires it, and the test can see that it did, and when (the file's time).
+Every storage error injected is logged as a line of `storage.error.log`, so a test can
+count them.
 """
 
 from __future__ import annotations
@@ -61,8 +62,8 @@ def fires(point: str, count: int) -> bool:
     armed = _armed(point)
     if armed is None:
         return False
-    path, spec = armed
-    if "after" not in spec or count < spec["after"]:
+    path, armed_spec = armed
+    if "after" not in armed_spec or count < armed_spec["after"]:
         return False
     fired = path[: -len(".json")] + ".fired"
     try:

@@ -132,14 +132,22 @@ def check_not_rerun(output_urls: list[str], calls_dir) -> None:
     any of these outputs (one job's, or a continuation chain's)."""
     committed_at: dict[str, float] = {}
     for url in output_urls:
-        for record in _commit_records(url):
-            if record["results_file"]:
-                for row in read_jsonl(f"{url}/{record['results_file']}"):
-                    at = committed_at.get(row["custom_id"], record["committed_at"])
-                    committed_at[row["custom_id"]] = min(at, record["committed_at"])
+        for custom_id, at in committed_results(url).items():
+            committed_at[custom_id] = min(at, committed_at.get(custom_id, at))
     for custom_id, calls in invocations(calls_dir).items():
         late = [call for call in calls if call.at > committed_at.get(custom_id, float("inf"))]
         assert not late, f"{custom_id} was answered again after its commit: {late}"
+
+
+def committed_results(output_url: str) -> dict[str, float]:
+    """custom_id → when the part holding its result was committed, read from the commit
+    records (so it counts only committed parts, published or not)."""
+    committed: dict[str, float] = {}
+    for record in _commit_records(output_url):
+        if record["results_file"]:
+            for row in read_jsonl(f"{output_url}/{record['results_file']}"):
+                committed[row["custom_id"]] = record["committed_at"]
+    return committed
 
 
 def _commit_records(output_url: str) -> list[dict]:

@@ -6,28 +6,17 @@ Named to run last: it stops the session's cluster (and brings it back)."""
 
 from __future__ import annotations
 
-import json
 import os
 import time
 
 import pytest
 
-from tests.helpers import InputBuilder, check_run, dataset_files_url, sdk_client, wait_job
+from tests.helpers import InputBuilder, check_run, committed_results, dataset_files_url, sdk_client, wait_job
 from tests.integration.test_run_engine import chat
 
 pytestmark = pytest.mark.slow
 
 ACCOUNT = "restart"
-
-
-def _committed_ids(output: str) -> set[str]:
-    ids = set()
-    commits = os.path.join(output, "_raybatch", "commits")
-    for name in os.listdir(commits):
-        record = json.loads(open(os.path.join(commits, name)).read())
-        if record["results_file"]:
-            ids |= {json.loads(line)["custom_id"] for line in open(os.path.join(output, record["results_file"]))}
-    return ids
 
 
 @pytest.mark.parametrize(
@@ -50,12 +39,12 @@ def test_job_resumes_after_the_cluster_restarts(service, tmp_path, stop, model):
     client.batch_inference_jobs.create(batch_inference_job_id=job_id, model=model, input_dataset_id=dataset_id)
     output = dataset_files_url(service.storage, ACCOUNT, f"{job_id}-output")
     deadline = time.monotonic() + 120
-    while not os.path.isdir(os.path.join(output, "_raybatch", "commits")) or len(_committed_ids(output)) < 3:
+    while len(committed_results(output)) < 3:
         assert time.monotonic() < deadline, "no commits"
         time.sleep(0.3)
 
     service.stop(stop)
-    committed_before = _committed_ids(output)
+    committed_before = committed_results(output)
     started = time.monotonic()
     service.start()
 
