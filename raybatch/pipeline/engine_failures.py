@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 import uuid
 from contextlib import asynccontextmanager
 from typing import AsyncIterator, Optional
@@ -59,7 +60,10 @@ class FailureLog:
         """Written just before the actor exits. Best effort: the actor goes either way,
         and without a record the rows are simply retried as if nothing were known."""
         record = EngineFailureRecord(reason=reason, in_flight=sorted(in_flight))
-        self._out.write_atomic(f"{FAILURES_DIR}/{uuid.uuid4().hex}.json", record.model_dump_json().encode())
+        # Named by time first, so that the sorted listing reads records in the order they
+        # were written and a poison row's message names its latest failure.
+        name = f"{time.time_ns():020d}-{uuid.uuid4().hex}.json"
+        self._out.write_atomic(f"{FAILURES_DIR}/{name}", record.model_dump_json().encode())
 
 
 class EngineGate:
