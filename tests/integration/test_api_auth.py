@@ -29,6 +29,12 @@ def world(service, tmp_path_factory):
     return service, key_a, key_b
 
 
+def _key_parts(key: str) -> tuple[str, str]:
+    """(key id, secret) of `rbk_<id>_<secret>`; the secret is base64url, so it may hold `_`."""
+    _, key_id, secret = key.split("_", 2)
+    return key_id, secret
+
+
 def _call(service, method: str, path: str, key=None, headers=None, **kwargs) -> httpx.Response:
     headers = headers or ({"Authorization": f"Bearer {key}"} if key else {})
     return httpx.request(method, f"{service.base_url}{path}", headers=headers, timeout=60, **kwargs)
@@ -44,7 +50,7 @@ def _assert_error(reply: httpx.Response, code: int, status: str) -> None:
 def test_missing_malformed_wrong_and_revoked_keys_get_401(world):
     service, key_a, _ = world
     path = f"/v1/accounts/{A}/datasets"
-    key_id, secret = key_a.split("_")[1], key_a.split("_")[2]
+    key_id, secret = _key_parts(key_a)
     wrong_secret = f"rbk_{key_id}_{'x' * 43}"
     unknown_id = f"rbk_k000000000000_{secret}"
     for key in (None, "nonsense", key_a[:-1], wrong_secret, unknown_id):
@@ -56,7 +62,7 @@ def test_missing_malformed_wrong_and_revoked_keys_get_401(world):
 
     doomed = service.key(A)
     assert _call(service, "GET", path, doomed).status_code == 200
-    revoke_key(Store(service.storage), doomed.split("_")[1])
+    revoke_key(Store(service.storage), _key_parts(doomed)[0])
     _assert_error(_call(service, "GET", path, doomed), 401, "UNAUTHENTICATED")
 
 
@@ -147,7 +153,7 @@ def test_keys_cli_prints_the_key_once_and_stores_only_a_hash(world):
     key = made.stdout.strip().splitlines()[-1]
     assert _call(service, "GET", "/v1/accounts/charlie/datasets", key).status_code == 200
     listed = subprocess.run([*cli, "list"], capture_output=True, text=True, check=True).stdout
-    key_id, secret = key.split("_")[1], key.split("_")[2]
+    key_id, secret = _key_parts(key)
     assert key_id in listed and secret not in listed and "charlie" in listed
     subprocess.run([*cli, "revoke", key_id], capture_output=True, text=True, check=True)
     assert _call(service, "GET", "/v1/accounts/charlie/datasets", key).status_code == 401
@@ -157,9 +163,9 @@ def test_keys_cli_prints_the_key_once_and_stores_only_a_hash(world):
 
 def test_keys_never_appear_in_logs(world):
     service, key_a, key_b = world
-    _call(service, "GET", f"/v1/accounts/{A}/datasets", "rbk_k000000000000_" + key_a.split("_")[2])  # a refused one too
+    _call(service, "GET", f"/v1/accounts/{A}/datasets", "rbk_k000000000000_" + _key_parts(key_a)[1])  # a refused one too
     logs = pathlib.Path("/tmp/ray/session_latest/logs")
-    secrets = [key.split("_")[2].encode() for key in (key_a, key_b)]
+    secrets = [_key_parts(key)[1].encode() for key in (key_a, key_b)]
     for path in logs.rglob("*"):
         if path.is_file():
             data = path.read_bytes()
