@@ -241,3 +241,24 @@ class Faults:
     def clear(self) -> None:
         for name in os.listdir(self.folder):
             os.remove(os.path.join(self.folder, name))
+
+
+def _traced(function, args, warm_up):
+    import tracemalloc
+
+    if warm_up is not None:
+        function(*warm_up)
+    tracemalloc.start()
+    result = function(*args)
+    return tracemalloc.get_traced_memory()[1], result
+
+
+def peak_python_memory(function, *args, warm_up: Optional[tuple] = None):
+    """(peak bytes Python allocated while `function(*args)` ran, its result), measured in a
+    fresh process: tracemalloc counts every thread's allocations, and the test process may
+    hold a moto server or a Ray driver whose threads allocate at any moment. `warm_up`:
+    arguments of a first, untraced call, so that lazy imports are not counted."""
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(_traced, (function, args, warm_up))

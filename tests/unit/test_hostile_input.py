@@ -30,7 +30,6 @@ import json
 import re
 import sys
 import time
-import tracemalloc
 import zlib
 from pathlib import Path
 
@@ -47,7 +46,7 @@ from raybatch.pipeline.validate import MAX_NESTING, scan_custom_ids, validate_bo
 from raybatch.pipeline.write import OutputWriter, publish_files
 from raybatch.protocol import CHAT_URL
 from raybatch.storage import Location, list_shards
-from tests.helpers import InputBuilder, check_run, read_jsonl
+from tests.helpers import InputBuilder, check_run, peak_python_memory, read_jsonl
 from tests.hostile import (
     BAD_KINDS,
     HOSTILE_CUSTOM_IDS,
@@ -181,16 +180,22 @@ def _write_huge_line(path: Path, compress: bool) -> None:
             out.write(pack.flush())
 
 
+def _read_scan_and_prepare(input_url: str):
+    raw = read_all(input_url, MIB)
+    lines, blanks, duplicates = scan(raw, MIB)
+    rows = prepare_requests(raw, max_line_bytes=MIB, max_n=4, job_defaults={}, duplicates=duplicates).to_pylist()
+    return lines, blanks, rows
+
+
 @pytest.mark.parametrize("compress", [False, True], ids=["plain", "gzip"])
 def test_fifty_megabyte_line_is_one_error_row_in_bounded_memory(tmp_path, compress):
     (tmp_path / "in").mkdir()
     _write_huge_line(tmp_path / "in" / "huge.jsonl", compress)
-    tracemalloc.start()
-    raw = read_all(str(tmp_path / "in"), MIB)
-    lines, blanks, duplicates = scan(raw, MIB)
-    rows = prepare_requests(raw, max_line_bytes=MIB, max_n=4, job_defaults={}, duplicates=duplicates).to_pylist()
-    peak = tracemalloc.get_traced_memory()[1]
-    tracemalloc.stop()
+    (tmp_path / "small").mkdir()
+    (tmp_path / "small" / "one.jsonl").write_bytes(dumps({"custom_id": "a", "body": chat("a")}) + b"\n")
+    peak, (lines, blanks, rows) = peak_python_memory(
+        _read_scan_and_prepare, str(tmp_path / "in"), warm_up=(str(tmp_path / "small"),)
+    )
     assert peak < 8 * MIB, peak
     assert (lines, blanks) == (3, 0)
     assert [(r["line"], r["custom_id"], r["error_code"]) for r in rows] == [

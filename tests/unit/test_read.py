@@ -1,8 +1,7 @@
 import io
-import subprocess
-import sys
 
 from raybatch.pipeline.read import LineSet, iter_lines
+from tests.helpers import peak_python_memory
 
 
 def lines(data: bytes, limit: int = 64):
@@ -42,13 +41,11 @@ def test_line_set():
     assert len(s) == 4
 
 
-_HUGE_LINE_PEAK = """
-import io, tracemalloc
-from raybatch.pipeline.read import iter_lines
+class _EndlessLine(io.RawIOBase):
+    """50 MB of one line, produced on the fly so the input itself takes no memory."""
 
-class Endless(io.RawIOBase):
-    # 50 MB of one line, produced on the fly so the input itself takes no memory.
-    left = 50 << 20
+    def __init__(self):
+        self.left = 50 << 20
 
     def readable(self):
         return True
@@ -58,18 +55,15 @@ class Endless(io.RawIOBase):
         buffer[:n] = b"x" * n
         self.left -= n
         if self.left == 0 and n:
-            buffer[n - 1 : n] = b"\\n"
+            buffer[n - 1 : n] = b"\n"
         return n
 
-tracemalloc.start()
-assert list(iter_lines(io.BufferedReader(Endless(), 1 << 20), 1 << 20)) == [(1, None)]
-print(tracemalloc.get_traced_memory()[1])
-"""
+
+def _read_endless_line():
+    return list(iter_lines(io.BufferedReader(_EndlessLine(), 1 << 20), 1 << 20))
 
 
 def test_memory_stays_bounded_on_a_huge_line():
-    # Measured in a fresh interpreter: tracemalloc counts every thread's allocations, and
-    # this test process may hold a moto server or a Ray driver whose threads allocate too.
-    measured = subprocess.run([sys.executable, "-c", _HUGE_LINE_PEAK], capture_output=True, text=True, check=True)
-    peak = int(measured.stdout)
+    peak, lines = peak_python_memory(_read_endless_line)
+    assert lines == [(1, None)]
     assert peak < 8 << 20, peak
