@@ -12,6 +12,7 @@ import sys
 import httpx
 import pytest
 
+from raybatch.api.auth import KEY_FORMAT
 from tests.helpers import sdk_client, wait_job
 
 A, B = "alpha", "bravo"
@@ -30,9 +31,10 @@ def world(service, tmp_path_factory):
 
 
 def _key_parts(key: str) -> tuple[str, str]:
-    """(key id, secret) of `rbk_<id>_<secret>`; the secret is base64url, so it may hold `_`."""
-    _, key_id, secret = key.split("_", 2)
-    return key_id, secret
+    """(key id, secret), parsed as the server parses keys (the secret may hold `_`)."""
+    match = KEY_FORMAT.fullmatch(key)
+    assert match, f"not a key: {key!r}"
+    return match.groups()
 
 
 def _call(service, method: str, path: str, key=None, headers=None, **kwargs) -> httpx.Response:

@@ -64,6 +64,6 @@ def _read_endless_line():
 
 
 def test_memory_stays_bounded_on_a_huge_line():
-    peak, lines = peak_python_memory(_read_endless_line)
-    assert lines == [(1, None)]
+    peak, read = peak_python_memory(_read_endless_line)
+    assert read == [(1, None)]
     assert peak < 8 << 20, peak
