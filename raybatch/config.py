@@ -5,9 +5,9 @@ from __future__ import annotations
 import os
 from typing import Any, Optional
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from raybatch.protocol import InferenceParameters, Precision
+from raybatch.protocol import DEFAULT_MAX_CUSTOM_ID_BYTES, InferenceParameters, Precision
 
 GIB = 1 << 30
 MIB = 1 << 20
@@ -81,6 +81,18 @@ class RunConfig(BaseModel):
     output_cap_bytes: int = Field(8 * GIB, ge=1, description="Committed output never passes this.")
     max_line_bytes: int = Field(MIB, ge=64, description="Longer input lines are error rows.")
     max_n: int = Field(16, ge=1, description="Largest `n` a row may ask for.")
+    max_custom_id_bytes: int = Field(
+        DEFAULT_MAX_CUSTOM_ID_BYTES, ge=1, description="Longest `custom_id` (UTF-8 bytes); a longer one is a "
+        "custom_id_too_long error row and is never echoed. The input scan keeps a fixed-size "
+        "digest per line whatever this is; the limit bounds what result and error files echo."
+    )
+    max_shard_bytes: Optional[int] = Field(
+        None, ge=1, description="Largest size one input shard may expand to (a gzip shard "
+        "counts decompressed); past it the run stops with InputTooLarge before any engine "
+        "starts. None: no limit (`raybatch run` on the operator's own input). The service "
+        "sets its max_dataset_bytes here, so a shard swapped after validation or a gzip "
+        "bomb cannot make a reader decompress without end."
+    )
     part_max_rows: int = Field(
         1000, ge=1, description="Rows per committed part. Smaller parts lose less work "
         "on a crash and publish progress sooner; larger parts mean fewer objects."
@@ -119,7 +131,10 @@ class ServiceConfig(BaseModel):
 
     storage: str = Field(default_factory=default_storage, description="Root of every record "
                          "and file: a local folder, file:// or s3:// URL every node can reach.")
-    max_dataset_bytes: int = Field(500 * MIB, ge=1, description="Total size limit of one dataset.")
+    max_dataset_bytes: int = Field(500 * MIB, ge=1, description="Total size limit of one dataset, "
+                                   "as its files expand (gzip files count decompressed), checked "
+                                   "at :validateUpload and again by each job's reader. Compressed "
+                                   "bytes would let a few MB of gzip stand for gigabytes.")
     max_upload_bytes: int = Field(150 * MIB, ge=1, description="Largest `:upload` request body.")
     max_json_body_bytes: int = Field(MIB, ge=1024, description="Largest body of any other request.")
     max_running_jobs: int = Field(1, ge=1, description="Jobs running at once; the rest wait "
@@ -129,8 +144,37 @@ class ServiceConfig(BaseModel):
     progress_interval_seconds: float = Field(2.0, gt=0, description="How often the scheduler "
                                              "publishes jobProgress and checks drivers.")
     signed_url_seconds: int = Field(3600, ge=1, description="Lifetime of upload/download URLs.")
-    models: dict[str, ModelEntry] = Field(default_factory=dict, description="Served model "
-                                          "names. A model not listed is a model ID or path "
-                                          "for vLLM itself.")
+    models: dict[str, ModelEntry] = Field(default_factory=dict, description="The model "
+                                          "catalog: the names a job's `model` may use. A job "
+                                          "naming any other model is refused at create (400) "
+                                          "unless allow_any_model is on.")
+    allow_any_model: bool = Field(False, description="Let a job name any Hugging Face ID or "
+                                  "local path not in the catalog, handed to vLLM as is. Only for "
+                                  "a service whose every tenant is trusted as the operator is: a "
+                                  "tenant then makes GPU workers (which hold the storage "
+                                  "credentials) download and load a repository it controls (vLLM "
+                                  "has run code from a model's config more than once), fill "
+                                  "disks, use the operator's HF_TOKEN, load any local model or "
+                                  "probe local folders. trust_remote_code stays off for such "
+                                  "models.")
+    account_models: dict[str, list[str]] = Field(default_factory=dict, description="Per-account "
+                                                 "allowlist of catalog names: an account listed "
+                                                 "here may use only those; unlisted accounts use "
+                                                 "the whole catalog. Names must be in `models`.")
     run_defaults: dict[str, Any] = Field(default_factory=dict, description="Further RunConfig "
-                                         "fields for every job (engine, part sizes, cap).")
+                                         "fields for every job (engine, part sizes, cap). Cannot "
+                                         "turn on trust_remote_code: that belongs to the catalog "
+                                         "entries whose models need it, so it never reaches "
+                                         "another model.")
+
+    @model_validator(mode="after")
+    def _model_access_is_consistent(self) -> "ServiceConfig":
+        for account, names in self.account_models.items():
+            unknown = sorted(set(names) - set(self.models))
+            if unknown:
+                raise ValueError(f"account_models[{account!r}] names models not in the catalog: {', '.join(unknown)}")
+        engine_args = (self.run_defaults.get("engine") or {}).get("engine_args") or {}
+        if engine_args.get("trust_remote_code"):
+            raise ValueError("run_defaults cannot turn on trust_remote_code: set it in the engine_args "
+                             "of the catalog entries whose models need it")
+        return self

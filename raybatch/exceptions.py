@@ -2,6 +2,7 @@
 
     RaybatchError                 base class; never raised itself
     ├── ConfigError               a setting is wrong; fix it and run again (not recoverable)
+    │   ├── InputTooLarge         an input shard expands past the size limit (a gzip bomb)
     │   └── PrecisionNotServable  the cluster has no hardware for the asked precision
     ├── OutputConflictError       OUT already holds output of a different run (not recoverable)
     ├── IncompleteRunError        the pipeline ended with lines uncommitted (recoverable:
@@ -44,6 +45,12 @@ class PrecisionNotServable(ConfigError):
 
     Raised before any engine starts, so nothing is spent on a run that cannot work.
     """
+
+
+class InputTooLarge(ConfigError):
+    """An input shard expands past `RunConfig.max_shard_bytes` (a gzip shard counts
+    decompressed). Raised by the reader before any engine starts; the run stops rather
+    than decompress without end. Not recoverable: the input must be made smaller."""
 
 
 class OutputConflictError(RaybatchError):

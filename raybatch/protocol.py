@@ -23,6 +23,10 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
+# Longest custom_id a line may carry (UTF-8 bytes) unless RunConfig says otherwise. An id
+# is echoed into both output files; OpenAI's batch API takes ids of this order.
+DEFAULT_MAX_CUSTOM_ID_BYTES = 512
+
 CHAT_URL = "/v1/chat/completions"
 COMPLETIONS_URL = "/v1/completions"
 SUPPORTED_URLS = (CHAT_URL, COMPLETIONS_URL)
@@ -36,6 +40,7 @@ class ErrorCode(str, enum.Enum):
     MISSING_CUSTOM_ID = "missing_custom_id"
     DUPLICATE_CUSTOM_ID = "duplicate_custom_id"
     LINE_TOO_LARGE = "line_too_large"
+    CUSTOM_ID_TOO_LONG = "custom_id_too_long"
     CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"
     ENGINE_ERROR = "engine_error"
 

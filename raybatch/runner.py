@@ -22,12 +22,13 @@ import ray
 from pydantic import BaseModel
 
 from raybatch.config import RunConfig
+from raybatch.exceptions import InputTooLarge
 from raybatch.exceptions import ConfigError, IncompleteRunError, OutputConflictError, RowError
 from raybatch.pipeline.engine import EngineStage
 from raybatch.pipeline.postprocess import finish_rows
 from raybatch.pipeline.preprocess import prepare_requests
 from raybatch.pipeline.read import read_shards
-from raybatch.pipeline.validate import scan_custom_ids, validate_body
+from raybatch.pipeline.validate import DuplicateScan, scan_custom_ids, validate_body
 from raybatch.pipeline.write import (
     STATE_DIR,
     OutputStatus,
@@ -122,37 +123,48 @@ def _lines(shards: list[Shard], config: RunConfig, skip=None) -> ray.data.Datase
         read_shards,
         batch_size=1,
         batch_format="pyarrow",
-        fn_kwargs={"max_line_bytes": config.max_line_bytes, "skip": skip},
+        fn_kwargs={"max_line_bytes": config.max_line_bytes, "skip": skip, "max_shard_bytes": config.max_shard_bytes},
     )
 
 
 def scan_input(shards: list[Shard], config: RunConfig) -> InputScan:
-    """Count the lines and find every custom_id that an earlier line already claimed."""
-    scan = InputScan()
-    first: dict[str, tuple[int, int]] = {}
-    later: list[tuple[int, int]] = []  # every claim that is not (or no longer) the first
-    order = {s.name: i for i, s in enumerate(shards)}
+    """Count the lines and find every custom_id that an earlier line already claimed.
+    The workers send a 16-byte digest per line, never the id itself, so the driver's
+    memory does not grow with the ids' length. Raises InputTooLarge for a shard that
+    expands past `max_shard_bytes`, before any engine starts."""
+    found = DuplicateScan([s.name for s in shards])
     dataset = _lines(shards, config).map_batches(
-        scan_custom_ids, batch_format="pyarrow", fn_kwargs={"max_line_bytes": config.max_line_bytes}
+        scan_custom_ids,
+        batch_format="pyarrow",
+        fn_kwargs={"max_line_bytes": config.max_line_bytes, "max_custom_id_bytes": config.max_custom_id_bytes},
     )
-    for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
-        columns = (batch[name].to_pylist() for name in ("shard", "line", "custom_id", "blank"))
-        for shard, line, custom_id, blank in zip(*columns):
-            if blank:
-                scan.blank_lines += 1
-                continue
-            scan.lines += 1
-            if custom_id is not None:
-                key = (order[shard], line)
-                earlier = first.setdefault(custom_id, key)
-                if key < earlier:
-                    first[custom_id] = key
-                    later.append(earlier)
-                elif key != earlier:
-                    later.append(key)
-    names = [s.name for s in shards]
-    scan.duplicates = {(names[s], line) for s, line in later}
-    return scan
+    try:
+        for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
+            found.add(batch)
+    except Exception as error:
+        too_large = _cause_of_type(error, InputTooLarge)
+        if too_large is None:
+            raise
+        # Ray Data wraps the reader's error in its task error; the run's caller (the
+        # driver, `raybatch run`) reports a ConfigError by its message alone.
+        raise InputTooLarge(too_large) from None
+    return InputScan(lines=found.lines, blank_lines=found.blank_lines, duplicates=found.duplicates())
+
+
+def _cause_of_type(error: BaseException, kind: type) -> Optional[str]:
+    """The message of the first `kind` error in `error`'s chain (Ray's task errors keep
+    the original as `.cause`), or None."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        original = getattr(error, "cause", None)
+        # The first line: Ray Data appends its retry advice to the message.
+        if isinstance(original, kind):
+            return str(original).split("\n", 1)[0]
+        if type(error) is kind:
+            return str(error).split("\n", 1)[0]
+        error = error.__cause__ or error.__context__ or (original if isinstance(original, BaseException) else None)
+    return None
 
 
 def build_pipeline(
@@ -166,6 +178,7 @@ def build_pipeline(
             "max_n": config.max_n,
             "job_defaults": config.inference_parameters.row_defaults(),
             "duplicates": frozenset(scan.duplicates),
+            "max_custom_id_bytes": config.max_custom_id_bytes,
         },
     )
     engine = config.engine

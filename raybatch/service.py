@@ -4,12 +4,21 @@
 unless an address is given, deploys the Serve app, waits until the API answers and
 prints its base URL. What it started is noted in `~/.raybatch/up.json`
 (`RAYBATCH_HOME` moves it) so that `down` stops exactly that.
+
+A Ray that `up` starts always has token authentication on (`RAY_AUTH_MODE=token`): GCS,
+the Ray client and the dashboard (its Jobs API runs any code) refuse whoever lacks the
+token. The token is made once, at `ray-auth-token` in the service's home, mode 0600;
+every process `up` starts inherits `RAY_AUTH_TOKEN_PATH` pointing at it, and any other
+process that joins the cluster needs the same two variables (`ray_auth_env`). Without
+them Ray 2.60 turns auth on at `ray start` only if some token file already exists, so a
+fresh host would run a cluster that takes anyone's code.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import subprocess
 import sys
@@ -26,6 +35,38 @@ APP_NAME = "raybatch"
 
 def home() -> Path:
     return Path(os.environ.get("RAYBATCH_HOME") or os.path.expanduser("~/.raybatch"))
+
+
+def ray_token_path() -> Path:
+    return home() / "ray-auth-token"
+
+
+def ray_auth_env(create: bool = False) -> dict[str, str]:
+    """The variables with which a process uses the service's Ray token: Ray reads the
+    token from RAY_AUTH_TOKEN_PATH, and RAY_AUTH_MODE=token makes it require one (a
+    client given an explicit address does not turn auth on by itself). `create` makes
+    the token first if there is none: 32 random bytes, hex, in a file only its owner
+    can read (created 0600, never widened, so no other user sees it even briefly)."""
+    path = ray_token_path()
+    if create and not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(descriptor, "w") as token_file:
+            token_file.write(secrets.token_hex(32))
+    return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(path)}
+
+
+def use_ray_auth(token_path: str) -> None:
+    """Make this process and those it starts use token auth with the token at
+    `token_path`. Ray reads its auth settings once and caches them; if it is already
+    imported they are re-read, as Ray does itself when it turns auth on
+    (ray._private.authentication.authentication_token_setup._enable_token_auth)."""
+    os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_path))
+    if "ray" in sys.modules:
+        from ray._raylet import AuthenticationTokenLoader, Config
+
+        Config.initialize("")
+        AuthenticationTokenLoader.instance().reset_cache()
 
 
 def _ray_command() -> str:
@@ -65,17 +106,23 @@ def up(
     num_cpus: Optional[int] = None,
     timeout: float = 300.0,
 ) -> str:
-    import ray
-
     address = address or os.environ.get("RAY_ADDRESS")
     started_ray = address is None
     if started_ray:
+        # Set before Ray is used here, inherited by `ray start` and so by every raylet,
+        # worker, Serve replica, scheduler and job driver of the cluster.
+        use_ray_auth(ray_auth_env(create=True)["RAY_AUTH_TOKEN_PATH"])
+        # The dashboard (Jobs API) listens on loopback only. GCS and the raylets listen
+        # on every interface whatever is asked (Ray 2.60 replaces a loopback
+        # --node-ip-address by the node's address); the token is what guards them.
         command = [_ray_command(), "start", "--head", "--disable-usage-stats", "--dashboard-host", "127.0.0.1",
                    f"--num-cpus={num_cpus or max(4, os.cpu_count() or 1)}"]
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode != 0:
             raise ConfigError(f"ray start failed (is a Ray cluster already running here?):\n{done.stderr[-2000:]}")
         address = "auto"
+    import ray
+
     ray.init(address=address, log_to_driver=False)
     try:
         deploy(config, host, port)
@@ -85,7 +132,8 @@ def up(
         # address can refuse connections made by address on some hosts).
         joined = "auto" if started_ray else ray.get_runtime_context().gcs_address
         state = {"base_url": base_url, "address": joined,
-                 "started_ray": started_ray, "storage": config.storage}
+                 "started_ray": started_ray, "storage": config.storage,
+                 "ray_auth_token_path": str(ray_token_path()) if started_ray else None}
     finally:
         ray.shutdown()
     home().mkdir(parents=True, exist_ok=True)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import pytest
 
 from raybatch.faults import FOLDER_VARIABLE
+from raybatch.service import use_ray_auth
 from tests.helpers import Faults
 
 
@@ -57,6 +58,8 @@ SERVICE_MODELS = {
                    "engine_args": {"seconds_per_request": 1.0}},
     },
     "scripted": {"source": "scripted", "engine": {"kind": "scripted"}},
+    # A catalog entry whose files are missing: the job fails at VALIDATING, saying so.
+    "no-files": {"source": "/nowhere/model"},
     # Slow, and recording every call under {home}/calls (the cluster-restart test).
     "scripted-counted": {
         "source": "scripted",
@@ -131,6 +134,8 @@ def service_config(storage: str, tiny_model: str) -> dict:
         "storage": storage,
         "models": models,
         "progress_interval_seconds": 1,
+        # tests/security: an account that may use only part of the catalog.
+        "account_models": {"catalog-restricted": ["scripted"]},
         "run_defaults": {"part_max_seconds": 1},
     }
 
@@ -147,12 +152,16 @@ def service(tmp_path_factory, tiny_model, s3_endpoint):
     (home / "service.json").write_text(json.dumps(service_config(storage, tiny_model)))
     state = _up(str(home), _free_port())
     os.environ["RAY_ADDRESS"] = state["address"]
+    # The cluster requires Ray's token: this process (ray.init, the Jobs API client) and
+    # every subprocess a test starts find it as a user of the service would.
+    use_ray_auth(state["ray_auth_token_path"])
     yield Service(state["base_url"], storage, str(home), state["address"])
     import ray
 
     ray.shutdown()
     _raybatch(str(home), "down", check=False)
-    os.environ.pop("RAY_ADDRESS", None)
+    for name in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH"):
+        os.environ.pop(name, None)
 
 
 @pytest.fixture

@@ -2,8 +2,8 @@
 then `:validateUpload`), download URLs (with lineage), update, delete.
 
 A dataset is UPLOADING until its upload is validated (line count and total size
-checked), then READY and unchangeable. A job's output dataset becomes READY when the
-job ends.
+checked, the size being what gzip files expand to), then READY and unchangeable. A
+job's output dataset becomes READY when the job ends.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import IO
 
 from raybatch.config import ServiceConfig
 from raybatch.exceptions import FailedPrecondition, InvalidArgument, NotFound, PayloadTooLarge
-from raybatch.pipeline.read import iter_lines
+from raybatch.pipeline.read import expanded_size, shard_lines
 from raybatch.resources import (
     DATASETS,
     JOBS,
@@ -157,14 +157,27 @@ class DatasetService:
                     raise FailedPrecondition(f"file {name} has {sizes[name]} bytes, {size} were registered")
         if not sizes:
             raise FailedPrecondition(f"dataset {dataset_id} has no files; upload one first")
-        total = sum(sizes.values())
-        if total > self.config.max_dataset_bytes:
-            raise PayloadTooLarge(f"dataset has {total} bytes, over its limit of {self.config.max_dataset_bytes}")
+        limit = self.config.max_dataset_bytes
+        if sum(sizes.values()) > limit:
+            raise PayloadTooLarge(f"dataset has {sum(sizes.values())} bytes, over its limit of {limit}")
+        # The size that counts is what the files expand to: 50 KB of gzip can stand for
+        # gigabytes. Each file is expanded only until the total passes the limit.
+        total = 0
+        for name in sizes:
+            with files.open_read(name) as handle:
+                total += expanded_size(handle, limit - total)
+            if total > limit:
+                raise PayloadTooLarge(
+                    f"dataset expands to more than its limit of {limit} bytes "
+                    f"(gzip files count decompressed; {name} passed it)"
+                )
         examples = 0
         for name in sizes:
             with files.open_read(name) as handle:
-                # A line too long to read (None) is still an example: the job reports it.
-                examples += sum(1 for _, raw in iter_lines(handle, max_line_bytes=CHUNK) if raw is None or raw.strip())
+                # Lines as a job reads them (gzip decompressed). A line too long to read
+                # (None) is still an example: the job reports it.
+                lines = shard_lines(handle, max_line_bytes=CHUNK, max_total_bytes=limit, name=name)
+                examples += sum(1 for _, raw in lines if raw is None or raw.strip())
         dataset = dataset.model_copy(
             update={"state": DatasetState.READY, "example_count": str(examples), "size_bytes": str(total), "update_time": now()}
         )

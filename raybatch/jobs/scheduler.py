@@ -36,6 +36,7 @@ from raybatch.exceptions import (
     InvalidArgument,
     NotFound,
 )
+from raybatch.jobs.model_access import model_refusal
 from raybatch.jobs.states import transition
 from raybatch.pipeline.write import load_commits, progress_of, publish_files
 from raybatch.resources import (
@@ -107,6 +108,11 @@ class JobScheduler:
             fields = {**inherited, **fields, "continued_from_job_name": parent.job.name}
         if not fields.get("model") or not fields.get("input_dataset_id"):
             raise InvalidArgument("model and inputDatasetId are required unless continuedFromJobName is set")
+        # Before any record is written; a continuation's inherited model is checked too,
+        # against today's catalog and allowlist, not those its parent was created under.
+        refusal = model_refusal(self._config, account, fields["model"])
+        if refusal:
+            raise InvalidArgument(refusal)
         input_account, input_id = parse_reference(fields["input_dataset_id"], DATASETS, account)
         if input_account != account or self._store.get_dataset(account, input_id) is None:
             raise NotFound(f"dataset {fields['input_dataset_id']} not found")
@@ -227,6 +233,8 @@ class JobScheduler:
             problem = f"input dataset {job.input_dataset_id} is {dataset.state.value}, not READY: validate its upload first"
         elif int(dataset.size_bytes) > self._config.max_dataset_bytes:
             problem = f"input dataset is {dataset.size_bytes} bytes, over the limit of {self._config.max_dataset_bytes}"
+        elif refusal := model_refusal(self._config, account, job.model):
+            problem = refusal  # the catalog or allowlist changed since the job was created
         else:
             try:
                 from raybatch.runner import cluster_plan, ensure_ray
@@ -244,7 +252,11 @@ class JobScheduler:
             self._move_if(record, S.VALIDATING, S.PENDING, "")
 
     def _model(self, name: str) -> ModelEntry:
-        return self._config.models.get(name) or ModelEntry(source=name)
+        if name in self._config.models:
+            return self._config.models[name]
+        if not self._config.allow_any_model:  # a job created before the catalog changed
+            raise ConfigError(f"model {name!r} is not in the service's model catalog")
+        return ModelEntry(source=name)
 
     def _run_config(self, record: JobRecord) -> RunConfig:
         job = record.job
@@ -262,6 +274,9 @@ class JobScheduler:
             precision=job.precision,
             engine=engine,
             skip_succeeded_in=record.runtime.skip_succeeded_in,
+            # The dataset limit again while reading: a shard that expands past it (a
+            # gzip bomb, a file changed after validation) stops the job, not the node.
+            max_shard_bytes=self._config.max_dataset_bytes,
         )
         try:
             return RunConfig.model_validate(fields)

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict
 from raybatch.exceptions import RowError
 from raybatch.pipeline.rows import REQUEST_SCHEMA, column
 from raybatch.pipeline.validate import Body, ValidatedRequest, is_blank, validate_line
-from raybatch.protocol import ChatCompletionBody
+from raybatch.protocol import DEFAULT_MAX_CUSTOM_ID_BYTES, ChatCompletionBody
 
 
 class EngineRequest(BaseModel):
@@ -88,6 +88,7 @@ def prepare_requests(
     max_n: int,
     job_defaults: dict[str, Any],
     duplicates: frozenset[tuple[str, int]],
+    max_custom_id_bytes: int = DEFAULT_MAX_CUSTOM_ID_BYTES,
 ) -> pa.Table:
     """Ray Data UDF for stages 2 and 3: raw lines in, engine requests or errors out.
 
@@ -104,6 +105,7 @@ def prepare_requests(
                 max_n=max_n,
                 job_defaults=job_defaults,
                 is_duplicate=(shard, line) in duplicates,
+                max_custom_id_bytes=max_custom_id_bytes,
             )
             custom_id = validated.custom_id
             request_json = to_engine_request(validated).model_dump_json(exclude_none=True)

@@ -16,6 +16,7 @@ from typing import IO, Iterator, Optional
 
 import pyarrow as pa
 
+from raybatch.exceptions import InputTooLarge
 from raybatch.pipeline.rows import RAW_SCHEMA, column
 from raybatch.storage import Shard, open_shard
 
@@ -45,23 +46,41 @@ def _line_reader(handle: IO[bytes]) -> IO[bytes]:
     return io.BufferedReader(handle, 1 << 20)
 
 
-def iter_lines(handle: IO[bytes], max_line_bytes: int) -> Iterator[tuple[int, Optional[bytes]]]:
+def _too_large(name: str, limit: int) -> InputTooLarge:
+    return InputTooLarge(
+        f"input shard {name} expands to more than {limit} bytes, the input size limit "
+        "(a gzip shard counts decompressed); nothing past the limit was read"
+    )
+
+
+def iter_lines(
+    handle: IO[bytes], max_line_bytes: int, max_total_bytes: Optional[int] = None, name: str = ""
+) -> Iterator[tuple[int, Optional[bytes]]]:
     """Yield (1-based line number, line without its line end) for every line.
 
     A line longer than `max_line_bytes` yields None instead of its bytes. CRLF ends and
-    a UTF-8 BOM at the start of the file are removed.
+    a UTF-8 BOM at the start of the file are removed. Past `max_total_bytes` read (of
+    `handle`, i.e. decompressed for gzip) it raises InputTooLarge, naming `name`.
     """
     reader = _line_reader(handle)
     line_number = 0
+    consumed = 0
+    limit = max_total_bytes if max_total_bytes is not None else float("inf")
     while True:
         chunk = reader.readline(max_line_bytes + 2)  # room for "\r\n"
         if not chunk:
             return
+        consumed += len(chunk)
+        if consumed > limit:
+            raise _too_large(name, max_total_bytes)
         line_number += 1
         complete = chunk.endswith(b"\n") or len(chunk) < max_line_bytes + 2
         while not chunk.endswith(b"\n") and not complete:
             # Too long: skip the rest of the line without holding it.
             chunk = reader.readline(_DRAIN_CHUNK)
+            consumed += len(chunk)
+            if consumed > limit:
+                raise _too_large(name, max_total_bytes)
             if not chunk:
                 break
         if not complete:
@@ -76,7 +95,31 @@ def iter_lines(handle: IO[bytes], max_line_bytes: int) -> Iterator[tuple[int, Op
         yield line_number, (chunk if len(chunk) <= max_line_bytes else None)
 
 
-def shard_lines(handle: IO[bytes], max_line_bytes: int) -> Iterator[tuple[int, Optional[bytes]]]:
+def _decompressed(reader: IO[bytes]) -> IO[bytes]:
+    """`reader` itself, or a gzip stream over it if it starts with gzip's magic bytes."""
+    if reader.peek(len(GZIP_MAGIC))[: len(GZIP_MAGIC)] != GZIP_MAGIC:
+        return reader
+    return gzip.GzipFile(fileobj=reader, mode="rb")
+
+
+def expanded_size(handle: IO[bytes], limit: int) -> int:
+    """Bytes the shard in `handle` expands to (decompressed if gzip), counted in 1 MiB
+    reads and given up as soon as they pass `limit` (the result is then > limit): a
+    bomb is refused after reading just past the limit, not after expanding whole. A
+    damaged gzip stream counts what it delivered; the job reports the damage as a row."""
+    stream = _decompressed(_line_reader(handle))
+    total = 0
+    try:
+        while total <= limit and (chunk := stream.read(_DRAIN_CHUNK)):
+            total += len(chunk)
+    except _GZIP_DAMAGE:
+        pass
+    return total
+
+
+def shard_lines(
+    handle: IO[bytes], max_line_bytes: int, max_total_bytes: Optional[int] = None, name: str = ""
+) -> Iterator[tuple[int, Optional[bytes]]]:
     """`iter_lines` of one shard, decompressed first if it starts with gzip's magic bytes
     (line numbers are then those of the decompressed text).
 
@@ -86,12 +129,13 @@ def shard_lines(handle: IO[bytes], max_line_bytes: int) -> Iterator[tuple[int, O
     lines decoded before it have been yielded as they came out.
     """
     reader = _line_reader(handle)
-    if reader.peek(len(GZIP_MAGIC))[: len(GZIP_MAGIC)] != GZIP_MAGIC:
-        yield from iter_lines(reader, max_line_bytes)
+    stream = _decompressed(reader)
+    if stream is reader:
+        yield from iter_lines(reader, max_line_bytes, max_total_bytes, name)
         return
     line_number = 0
     try:
-        for line_number, raw in iter_lines(gzip.GzipFile(fileobj=reader, mode="rb"), max_line_bytes):
+        for line_number, raw in iter_lines(stream, max_line_bytes, max_total_bytes, name):
             yield line_number, raw
     except _GZIP_DAMAGE as exc:
         reason = f"the shard's gzip stream is damaged ({exc}): this line and the rest of the shard cannot be read"
@@ -99,20 +143,26 @@ def shard_lines(handle: IO[bytes], max_line_bytes: int) -> Iterator[tuple[int, O
 
 
 def read_shards(
-    batch: pa.Table, *, max_line_bytes: int, skip: Optional[dict[str, "LineSet"]] = None
+    batch: pa.Table,
+    *,
+    max_line_bytes: int,
+    skip: Optional[dict[str, "LineSet"]] = None,
+    max_shard_bytes: Optional[int] = None,
 ) -> Iterator[pa.Table]:
     """Ray Data generator UDF: a batch of shard descriptions in, batches of lines out.
 
     Columns out: `shard` (name), `line` (1-based), `raw` (bytes; None if too large,
     UNREADABLE and the reason if it could not be decoded). Lines in `skip[shard]`
-    (committed by an earlier run) are left out.
+    (committed by an earlier run) are left out. A shard expanding past
+    `max_shard_bytes` raises InputTooLarge: the whole run stops, since a shard cut
+    short would leave its later lines in neither file.
     """
     skip = skip or {}
     for url, name, size in zip(column(batch, "url"), column(batch, "name"), column(batch, "size")):
         done = skip.get(name)
         shards, lines, raws = [], [], []
         with open_shard(Shard(str(url), str(name), int(size))) as handle:
-            for line_number, raw in shard_lines(handle, max_line_bytes):
+            for line_number, raw in shard_lines(handle, max_line_bytes, max_shard_bytes, str(name)):
                 if done is not None and line_number in done:
                     continue
                 shards.append(str(name))

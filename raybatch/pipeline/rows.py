@@ -13,12 +13,15 @@ import pyarrow as pa
 # read → validate/preprocess
 RAW_SCHEMA = pa.schema([("shard", pa.string()), ("line", pa.int64()), ("raw", pa.binary())])
 
-# read → input scan (custom_ids for duplicate detection, blank-line counts)
+# read → input scan (custom_id digests for duplicate detection, blank-line counts). A
+# fixed-size digest, not the custom_id: what the driver gathers for a whole input must
+# not grow with the length of the ids a user chose.
+CUSTOM_ID_DIGEST_BYTES = 16
 SCAN_SCHEMA = pa.schema(
     [
         ("shard", pa.string()),
         ("line", pa.int64()),
-        ("custom_id", pa.string()),
+        ("custom_id_digest", pa.binary(CUSTOM_ID_DIGEST_BYTES)),
         ("blank", pa.bool_()),
     ]
 )

@@ -157,7 +157,7 @@ def test_validation_fails_jobs_with_a_clear_message(client, service, tmp_path):
     cases = {
         "not-ready": ({"model": "scripted", "input_dataset_id": "never-uploaded"}, "is UPLOADING, not READY"),
         "fp8-on-cpu": ({"model": "tiny", "input_dataset_id": "valid-input", "precision": "FP8"}, "precision FP8 cannot be served"),
-        "no-model": ({"model": "/nowhere/model", "input_dataset_id": "valid-input"}, "no config.json"),
+        "no-model": ({"model": "no-files", "input_dataset_id": "valid-input"}, "no config.json"),
     }
     for job_id, (fields, _) in cases.items():
         client.batch_inference_jobs.create(batch_inference_job_id=job_id, **fields)

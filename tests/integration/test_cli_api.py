@@ -50,5 +50,7 @@ def test_cli_exit_codes(service):
     assert missing.returncode == 4 and "404 NOT_FOUND" in missing.stderr
     refused = _cli(service, "rbk_k000000000000_" + "x" * 43, "dataset", "list", check=False)
     assert refused.returncode == 4 and "401 UNAUTHENTICATED" in refused.stderr
-    failed = _cli(service, key, "job", "create", "--model", "/no/such/model", "--input-dataset-id", "cli-in", "--wait", check=False)
+    failed = _cli(service, key, "job", "create", "--model", "no-files", "--input-dataset-id", "cli-in", "--wait", check=False)
     assert failed.returncode == 1 and "JOB_STATE_FAILED" in failed.stdout and "config.json" in failed.stdout
+    outside = _cli(service, key, "job", "create", "--model", "/no/such/model", "--input-dataset-id", "cli-in", check=False)
+    assert outside.returncode == 4 and "400 INVALID_ARGUMENT: model '/no/such/model' is not served here" in outside.stderr

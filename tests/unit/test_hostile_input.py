@@ -11,7 +11,8 @@ Decided outcomes, input → outcome:
     nesting past 64 levels (100,000)     → invalid_json "nested deeper than 64 levels"
     an integer of 1,000,000 digits       → invalid_json, in milliseconds of CPU
     custom_id "" or not a string         → missing_custom_id
-    custom_id 10 KB, ../../x, NUL, U+202E → answered, echoed byte for byte, never a path
+    custom_id of 512 bytes, ../../x, NUL, U+202E → answered, echoed byte for byte, never a path
+    custom_id past 512 bytes                   → custom_id_too_long, not echoed, claims nothing
     a lone surrogate escape, any string  → invalid_json
     empty file                           → no rows, empty result files
     only bad lines                       → all error rows
@@ -42,7 +43,7 @@ from raybatch.pipeline.postprocess import finish_rows
 from raybatch.pipeline.preprocess import EngineRequest, prepare_requests
 from raybatch.pipeline.read import UNREADABLE, LineSet, iter_lines, read_shards, shard_lines
 from raybatch.pipeline.rows import RAW_SCHEMA, column
-from raybatch.pipeline.validate import MAX_NESTING, scan_custom_ids, validate_body, validate_line
+from raybatch.pipeline.validate import MAX_NESTING, DuplicateScan, scan_custom_ids, validate_body, validate_line
 from raybatch.pipeline.write import OutputWriter, publish_files
 from raybatch.protocol import CHAT_URL
 from raybatch.storage import Location, list_shards
@@ -80,17 +81,9 @@ def read_all(input_url: str, max_line_bytes: int = MAX_LINE_BYTES) -> pa.Table:
 def scan(raw: pa.Table, max_line_bytes: int) -> tuple[int, int, frozenset]:
     """(non-blank lines, blank lines, duplicates) as the runner's input scan finds them:
     the lines come in shard-then-line order, so the first claim of a custom_id wins."""
-    lines = blanks = 0
-    claimed, duplicates = set(), set()
-    scanned = scan_custom_ids(raw, max_line_bytes=max_line_bytes)
-    for shard, line, custom_id, blank in zip(*(column(scanned, c) for c in ("shard", "line", "custom_id", "blank"))):
-        blanks += blank
-        lines += not blank
-        if custom_id is not None:
-            if custom_id in claimed:
-                duplicates.add((shard, line))
-            claimed.add(custom_id)
-    return lines, blanks, frozenset(duplicates)
+    found = DuplicateScan(sorted(set(column(raw, "shard"))))
+    found.add(scan_custom_ids(raw, max_line_bytes=max_line_bytes))
+    return found.lines, found.blank_lines, frozenset(found.duplicates())
 
 
 def run_without_ray(input_url: str, output_url: str, max_line_bytes: int = MAX_LINE_BYTES, **engine_args) -> int:
@@ -222,7 +215,7 @@ def test_nesting_past_the_limit_is_invalid_json(raw):
     assert error_of(raw) == ("invalid_json", None, f"line is nested deeper than {MAX_NESTING} levels")
     assert prepared([raw])[0]["error_code"] == "invalid_json"
     assert scan_custom_ids(pa.Table.from_pydict({"shard": ["s"], "line": [1], "raw": [raw]}), max_line_bytes=MIB)[
-        "custom_id"
+        "custom_id_digest"
     ].to_pylist() == [None]  # the scan agrees: a refused line claims no custom_id
 
 

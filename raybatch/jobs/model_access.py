@@ -1,0 +1,41 @@
+"""Which models an account's jobs may name: the service's catalog, narrowed per account.
+
+A model outside the catalog is a Hugging Face ID or a local path that vLLM would load on
+GPU workers holding every tenant's storage credentials; loading one runs whatever that
+repository makes vLLM or transformers run (several vLLM releases ran code from a
+config's `auto_map` with trust_remote_code off). So only the operator's catalog is
+served unless the operator opts out (`ServiceConfig.allow_any_model`).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from raybatch.config import ServiceConfig
+
+
+def models_served(config: ServiceConfig, account: str) -> list[str]:
+    """The catalog names `account` may use, sorted."""
+    allowed = config.account_models.get(account)
+    return sorted(config.models if allowed is None else set(allowed) & set(config.models))
+
+
+def model_refusal(config: ServiceConfig, account: str, model: str) -> Optional[str]:
+    """Why `account` may not run `model`, or None if it may. The message lists what it
+    may run instead, so that a refused user can correct the request at once."""
+    served = models_served(config, account)
+    if model in served:
+        return None
+    restricted = account in config.account_models
+    if model in config.models and restricted:
+        return f"model {model!r} is not available to account {account!r}; {_listing(served, account)}"
+    if config.allow_any_model and not restricted:
+        return None  # the operator opted out: any ID or path goes to vLLM as is
+    return f"model {model!r} is not served here; {_listing(served, account if restricted else None)}"
+
+
+def _listing(served: list[str], account: Optional[str]) -> str:
+    whose = f" to account {account!r}" if account else ""
+    if not served:
+        return f"no models are served{whose} (the service's model catalog is empty)"
+    return f"models served{whose}: {', '.join(served)}"
