@@ -132,7 +132,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_tiny_model(args: argparse.Namespace) -> int:
     from raybatch.tiny_model import build_tiny_model
 
-    print(build_tiny_model(args.path, seed=args.seed))
+    print(build_tiny_model(args.path, seed=args.seed, shape=args.shape))
     return EXIT_OK
 
 
@@ -143,6 +143,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     tiny = sub.add_parser("tiny-model", help="write a tiny random Llama for tests and demos")
     tiny.add_argument("path")
     tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("--shape", choices=["tiny", "bench"], default="tiny",
+                      help="tiny: ~1M parameters (tests, demo); bench: ~110M, for benchmarks")
     from raybatch.cli_service import add_service_commands
     from raybatch.exceptions import ConfigError
 

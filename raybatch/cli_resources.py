@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -226,6 +227,24 @@ def _job_wait(client: RaybatchClient, args: argparse.Namespace) -> int:
     return _wait_and_report(client, args.id, args.timeout)
 
 
+def _engines(client: RaybatchClient, args: argparse.Namespace) -> int:
+    replicas = client.list_engines()["replicas"]
+    if args.json:
+        print(json.dumps(replicas, indent=2))
+        return EXIT_OK
+    rows = [
+        [
+            r["replicaId"], r["model"], r["precisionKey"], (r.get("node") or "-")[:12],
+            f"{r['gpus']}{' ' + r['acceleratorType'] if r.get('acceleratorType') else ''}", r["state"],
+            str(r["rowsInFlight"]), str(r["rowsQueued"]),
+            time.strftime("%H:%M:%S", time.localtime(r["idleSince"])) if r.get("idleSince") else "-",
+        ]
+        for r in replicas
+    ]
+    _print_table(["REPLICA", "MODEL", "SPEC", "NODE", "GPUS", "STATE", "IN FLIGHT", "QUEUED", "IDLE SINCE"], rows)
+    return EXIT_OK
+
+
 # ------------------------------------------------------------------------- parsers
 
 
@@ -301,7 +320,9 @@ def _job_parsers(sub, parents) -> None:
 
 
 def add_resource_commands(sub) -> None:
-    """Add `dataset` and `job` to the subparsers of `raybatch`."""
+    """Add `dataset`, `job` and `engines` to the subparsers of `raybatch`."""
     parents = [_connection_options()]
     _dataset_parsers(sub, parents)
     _job_parsers(sub, parents)
+    engines = _command(sub, "engines", "list the engine pool's replicas (needs an admin account's key)", _engines, parents)
+    engines.add_argument("--json", action="store_true", help="print the replicas as JSON")

@@ -258,6 +258,10 @@ class RaybatchClient:
     def delete_job(self, job_id: str) -> dict:
         return self._request("DELETE", self._path("batchInferenceJobs", job_id))
 
+    def list_engines(self) -> dict:
+        """The engine pool's replicas (an admin account's key only)."""
+        return self._request("GET", "/v1/admin/engines")
+
     def wait_job(
         self,
         job_id: str,

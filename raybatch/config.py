@@ -19,13 +19,52 @@ class EngineConfig(BaseModel):
     replicas: Optional[int] = Field(
         None,
         ge=1,
-        description="Engine replicas. None: one per `tensor_parallel_size` GPUs in the "
-        "cluster, or one on a cluster without GPUs. More replicas add throughput and "
-        "memory use; each loads the whole model.",
+        description="A fixed number of engine replicas (sets min_replicas and max_replicas "
+        "both). None: `raybatch run` uses one per `tensor_parallel_size` x "
+        "`pipeline_parallel_size` GPUs of the cluster (one without GPUs); the service "
+        "scales between min_replicas and max_replicas.",
+    )
+    min_replicas: int = Field(
+        0, ge=0, description="Replicas the service keeps warm even with nothing queued. "
+        "Above 0 a job starts without waiting for an engine, at the price of the replicas' "
+        "GPUs and memory held while idle."
+    )
+    max_replicas: Optional[int] = Field(
+        None, ge=1, description="Most replicas of this model at once. None: as many as the "
+        "GPUs fit (one on a cluster without GPUs). Lower it to leave GPUs to other models."
+    )
+    idle_seconds: float = Field(
+        300, gt=0, description="A replica with nothing in flight and nothing queued for this "
+        "long is stopped (never below min_replicas). Shorter frees GPUs sooner; longer spares "
+        "the next job an engine start (tens of seconds to minutes)."
+    )
+    admission_factor: float = Field(
+        1.25, ge=1, le=4, description="Requests each replica holds in flight, as a multiple "
+        "of max_num_seqs. Above 1, a finished sequence is replaced at once from the ones "
+        "waiting inside the engine; higher holds more requests (and their memory) in the "
+        "engine and makes fair sharing between jobs coarser."
+    )
+    max_start_failures: int = Field(
+        3, ge=1, description="Engine starts that may fail in a row before the jobs waiting "
+        "for this model fail with the engine's error."
+    )
+    replica_cpus: float = Field(
+        1, ge=0, description="CPUs reserved for each replica's engine loop (scheduling, "
+        "detokenizing), so the pipelines' tasks cannot starve it. 0 for engines that need "
+        "no CPU of their own (the scripted test engine)."
+    )
+    resources: dict[str, float] = Field(
+        default_factory=dict, description="Custom Ray resources each replica needs, e.g. "
+        "{\"engine-pool-a\": 1} to keep replicas on the nodes that advertise it."
     )
     tensor_parallel_size: int = Field(
         1, ge=1, description="GPUs per replica, all on one node. Raise it for models that "
         "do not fit one GPU; it costs inter-GPU traffic per token."
+    )
+    pipeline_parallel_size: int = Field(
+        1, ge=1, description="Pipeline stages per replica, each of tensor_parallel_size GPUs; "
+        "stages may sit on different nodes (vLLM's Ray executor). For models that do not fit "
+        "one node; it adds a pipeline bubble per step."
     )
     max_model_len: Optional[int] = Field(
         None, ge=16, description="Context length. None: the model's own. Lower saves KV cache."
@@ -39,20 +78,22 @@ class EngineConfig(BaseModel):
         1, ge=1, description="KV cache of the CPU engine, in GiB (VLLM_CPU_KVCACHE_SPACE)."
     )
     batch_size: int = Field(
-        16, ge=1, description="Rows per batch sent to an engine actor. Small batches keep "
-        "rows moving; with `concurrent_batches` they set how many requests are in flight."
+        16, ge=1, description="Rows a job hands the engine pool per call. Small batches "
+        "keep commits flowing; large ones cost fewer calls per row."
     )
-    concurrent_batches: int = Field(
-        16, ge=1, description="Batches each engine actor works on at once. batch_size x "
-        "concurrent_batches should exceed max_num_seqs so the engine never starves."
+    concurrent_batches: Optional[int] = Field(
+        None, ge=1, description="Batches a job has at the pool at once: with batch_size, its "
+        "bound on queued rows (and their memory). None: enough to keep every replica of its "
+        "model fed (1.5 x max_num_seqs x replicas rows)."
     )
     engine_args: dict[str, Any] = Field(
         default_factory=dict, description="Further vLLM engine arguments, passed as given."
     )
     request_timeout_seconds: float = Field(
-        1800, gt=0, description="A request not answered in this time means a hung engine: "
-        "its actor is replaced and its batches retried. Must exceed the slowest honest "
-        "request, queueing included."
+        1800, gt=0, description="A request inside an engine this long means a hung engine: "
+        "the replica is replaced and every row it had in flight, of every job, is retried. "
+        "Counts time inside the engine only, not time queued behind other jobs; must exceed "
+        "the slowest honest request."
     )
     max_failures_per_row: int = Field(
         2, ge=1, description="A row that was alone on an engine when it died or hung this "
@@ -102,6 +143,13 @@ class RunConfig(BaseModel):
         5.0, gt=0, description="A part is committed at least this often while rows arrive."
     )
     engine: EngineConfig = Field(default_factory=EngineConfig)
+    engine_pool: Optional[str] = Field(
+        None, description="Name of the service's engine pool actor, whose warm replicas "
+        "this job shares with every other job. None: the run starts a pool of its own and "
+        "stops it at the end (`raybatch run`)."
+    )
+    account: str = Field("local", description="Whose job this is: the pool shares engines "
+                         "fairly between accounts, then between an account's jobs.")
     skip_succeeded_in: list[str] = Field(
         default_factory=list, description="Output folders of earlier runs on the same "
         "input (a continuation's parent chain): lines they answered successfully are "
@@ -137,8 +185,20 @@ class ServiceConfig(BaseModel):
                                    "bytes would let a few MB of gzip stand for gigabytes.")
     max_upload_bytes: int = Field(150 * MIB, ge=1, description="Largest `:upload` request body.")
     max_json_body_bytes: int = Field(MIB, ge=1024, description="Largest body of any other request.")
-    max_running_jobs: int = Field(1, ge=1, description="Jobs running at once; the rest wait "
-                                  "PENDING. Each running job holds its engines.")
+    max_running_jobs: int = Field(8, ge=1, description="Jobs running at once; the rest wait "
+                                  "PENDING. Running jobs share the engine pool's replicas "
+                                  "(rows interleaved by fair share), so more jobs add no "
+                                  "engines; each costs a driver process (~0.5 GiB).")
+    max_running_jobs_per_account: int = Field(4, ge=1, description="Jobs of one account "
+                                              "running at once; its others wait PENDING "
+                                              "while other accounts' jobs start.")
+    account_weights: dict[str, float] = Field(default_factory=dict, description="Share of "
+                                              "the engines per account (default 1): an "
+                                              "account of weight 2 gets twice the rows of "
+                                              "one of weight 1 while both have rows queued.")
+    admin_accounts: list[str] = Field(default_factory=list, description="Accounts whose keys "
+                                      "may read the service's admin routes (the engine "
+                                      "pool's replicas).")
     max_job_duration_seconds: float = Field(24 * 3600, gt=0, description="A job running "
                                             "longer EXPIRES, keeping partial results.")
     progress_interval_seconds: float = Field(2.0, gt=0, description="How often the scheduler "

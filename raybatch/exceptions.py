@@ -3,21 +3,23 @@
     RaybatchError                 base class; never raised itself
     ├── ConfigError               a setting is wrong; fix it and run again (not recoverable)
     │   ├── InputTooLarge         an input shard expands past the size limit (a gzip bomb)
-    │   └── PrecisionNotServable  the cluster has no hardware for the asked precision
+    │   ├── PrecisionNotServable  the cluster has no hardware for the asked precision
+    │   └── EngineStartError      the model's engine failed to start again and again
     ├── OutputConflictError       OUT already holds output of a different run (not recoverable)
     ├── IncompleteRunError        the pipeline ended with lines uncommitted (recoverable:
     │                             run again, committed lines are skipped)
     ├── StorageUnavailable        storage kept failing with transient errors after every
     │                             retry (also an OSError; recoverable: run again later)
     ├── RowError                  one line cannot be answered; it becomes an error row
-    ├── EngineFailure             the engine itself is dead or hung (recoverable: its actor
-    │                             is replaced and its batches retried; no row is blamed)
+    ├── EngineFailure             the engine itself is dead or hung (recoverable: the pool
+    │                             replaces the replica and retries its rows; no row is blamed)
     ├── ApiRequestError           the service refused a client request (raybatch.client)
     ├── IllegalTransition         a job state change the state table forbids (a bug; refused)
     └── ApiError                  an API request is refused; carries its HTTP status
         ├── InvalidArgument       400 INVALID_ARGUMENT (bad ID, bad body, bad parameter)
         ├── FailedPrecondition    400 FAILED_PRECONDITION (resource in the wrong state)
         ├── Unauthenticated       401 (no, malformed, wrong or revoked key)
+        ├── PermissionDenied      403 (an admin route asked with a non-admin key)
         ├── NotFound              404 (also: another account's resource)
         ├── AlreadyExists         409
         ├── Conflict              409 ABORTED (a concurrent change won)
@@ -45,6 +47,12 @@ class PrecisionNotServable(ConfigError):
 
     Raised before any engine starts, so nothing is spent on a run that cannot work.
     """
+
+
+class EngineStartError(ConfigError):
+    """A model's engine failed to start `max_start_failures` times in a row (a model that
+    cannot load, an engine argument vLLM refuses, too little memory). The rows waiting
+    for it fail their job with the engine's last error. Not recoverable by retrying."""
 
 
 class InputTooLarge(ConfigError):
@@ -94,8 +102,9 @@ class RowError(RaybatchError):
 
 class EngineFailure(RaybatchError):
     """The inference engine cannot answer anything any more (dead, or hung past the
-    request timeout). No row is to blame, so none becomes an error row: the engine actor
-    exits and Ray starts a fresh one, which answers the same batches again."""
+    request timeout). No row is to blame, so none becomes an error row: the engine pool
+    stops that replica, starts a fresh one and sends the rows that were in flight again
+    (engines/pool.py)."""
 
 
 class IllegalTransition(RaybatchError):
@@ -124,6 +133,10 @@ class FailedPrecondition(ApiError):
 
 class Unauthenticated(ApiError):
     http_status, status = 401, "UNAUTHENTICATED"
+
+
+class PermissionDenied(ApiError):
+    http_status, status = 403, "PERMISSION_DENIED"
 
 
 class NotFound(ApiError):

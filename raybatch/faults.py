@@ -17,6 +17,8 @@ Points, and where they are checked:
     engine.hang      ScriptedEngine.generate: never answer (the request timeout catches it)
     engine.poison    ScriptedEngine.generate: {"custom_id": ID, "fault": "die" | "hang"}:
                      every request for that row kills or hangs the engine (a poison row)
+    engine.gate      ScriptedEngine.generate: while armed, no request starts (a test
+                     queues several jobs' rows, then disarms it to release them at once)
     writer.crash     OutputWriter: exit between writing a part and committing it
                      (N counts the parts this writer wrote)
     storage.error    storage.retrying: a transient ConnectionResetError, raised before the

@@ -78,28 +78,55 @@ def precision_rule(precision: Precision) -> PrecisionRule:
     )
 
 
+class NodeResources(BaseModel):
+    """What one alive Ray node offers engines."""
+
+    gpus: float = 0
+    accelerator_type: Optional[str] = None  # Ray's `accelerator_type:<name>`; None: unknown
+
+
+def cluster_nodes(ray_nodes: list[dict]) -> list[NodeResources]:
+    """`ray.nodes()` → the alive nodes' GPUs and GPU type."""
+    nodes = []
+    for node in ray_nodes:
+        if not node.get("Alive"):
+            continue
+        resources = node.get("Resources", {})
+        types = [key.split(":", 1)[1] for key in resources if key.startswith("accelerator_type:")]
+        nodes.append(NodeResources(gpus=resources.get("GPU", 0.0), accelerator_type=types[0] if types else None))
+    return nodes
+
+
 class EnginePlan(BaseModel):
-    """How the engine stage is placed: replicas, GPUs each, and vLLM arguments."""
+    """How a model's replicas are placed: how many fit, GPUs each, on which GPU types,
+    and the vLLM arguments."""
 
     device: str  # "gpu" | "cpu"
-    replicas: int
-    gpus_per_replica: int
-    accelerator_type: Optional[str]
+    replicas: int  # config.replicas, else as many as the capable GPUs fit (1 on CPU)
+    gpus_per_replica: int  # tensor_parallel_size x pipeline_parallel_size
+    pipeline_parallel_size: int = 1
+    replicas_by_type: dict[str, int] = {}  # capable GPU type ("" unknown) → replicas that fit
     engine_args: dict[str, Any]
 
+    @property
+    def accelerator_types(self) -> list[str]:
+        """The GPU types replicas may use; empty: any (CPU, or types Ray does not name)."""
+        return sorted(t for t in self.replicas_by_type if t)
 
-def plan_engines(
-    config: EngineConfig,
-    precision: Precision,
-    total_resources: dict[str, float],
-    gpus_per_node: list[float],
-) -> EnginePlan:
-    """Decide placement. Raises PrecisionNotServable or ConfigError with the reason."""
+
+def _capable(accelerator: Optional[str], rule: PrecisionRule) -> bool:
+    # A GPU type Ray does not name, or one missing from the table, is given the benefit
+    # of the doubt: vLLM itself says so at start if it cannot serve the precision.
+    if rule.min_compute_capability is None or accelerator is None:
+        return True
+    return COMPUTE_CAPABILITY.get(accelerator, 99) >= rule.min_compute_capability
+
+
+def plan_engines(config: EngineConfig, precision: Precision, nodes: list[NodeResources]) -> EnginePlan:
+    """Decide placement (pure: nodes in, plan out). Raises PrecisionNotServable or
+    ConfigError with the reason, before any engine starts."""
     rule = precision_rule(precision)
-    total_gpus = int(total_resources.get("GPU", 0))
-    accelerators = sorted(
-        key.split(":", 1)[1] for key in total_resources if key.startswith("accelerator_type:")
-    )
+    tp, pp = config.tensor_parallel_size, config.pipeline_parallel_size
     engine_args: dict[str, Any] = {
         "max_num_seqs": config.max_num_seqs,
         "enable_prefix_caching": True,
@@ -107,45 +134,53 @@ def plan_engines(
     }
     if config.max_model_len:
         engine_args["max_model_len"] = config.max_model_len
-    engine_args.update(config.engine_args)
+    gpu_nodes = [n for n in nodes if n.gpus >= 1]
 
-    if total_gpus == 0:
+    if not gpu_nodes:
         if rule.min_compute_capability is not None:
             raise PrecisionNotServable(
                 f"precision {precision.value} cannot be served: this cluster has no GPU "
                 f"and {rule.why}"
             )
-        if config.tensor_parallel_size > 1:
-            raise ConfigError("tensor_parallel_size > 1 needs GPUs; this cluster has none")
-        return EnginePlan(
-            device="cpu",
-            replicas=config.replicas or 1,
-            gpus_per_replica=0,
-            accelerator_type=None,
-            engine_args=engine_args,
-        )
+        if tp > 1 or pp > 1:
+            raise ConfigError("tensor_parallel_size and pipeline_parallel_size above 1 need GPUs; this cluster has none")
+        engine_args.update(config.engine_args)
+        return EnginePlan(device="cpu", replicas=config.replicas or 1, gpus_per_replica=0, engine_args=engine_args)
 
-    tp = config.tensor_parallel_size
-    if not any(gpus >= tp for gpus in gpus_per_node):
+    capable = [n for n in gpu_nodes if _capable(n.accelerator_type, rule)]
+    if not capable:
+        types = sorted({n.accelerator_type for n in gpu_nodes if n.accelerator_type})
+        raise PrecisionNotServable(
+            f"precision {precision.value} cannot be served on {', '.join(types)}: {rule.why}"
+        )
+    # A replica's tensor-parallel group sits on one node; its pipeline stages may sit on
+    # different nodes, all of one GPU type.
+    stages: dict[str, int] = {}
+    for node in capable:
+        kind = node.accelerator_type or ""
+        stages[kind] = stages.get(kind, 0) + int(node.gpus) // tp
+    if not any(stages.values()):
         raise ConfigError(
             f"tensor_parallel_size {tp} needs {tp} GPUs on one node; the largest node "
-            f"has {int(max(gpus_per_node, default=0))}"
+            f"{'that can serve ' + precision.value + ' ' if len(capable) < len(gpu_nodes) else ''}"
+            f"has {int(max(n.gpus for n in capable))}"
         )
-    accelerator = accelerators[0] if len(accelerators) == 1 else None
-    if rule.min_compute_capability is not None and accelerators:
-        capable = [a for a in accelerators if COMPUTE_CAPABILITY.get(a, 99) >= rule.min_compute_capability]
-        if not capable:
-            raise PrecisionNotServable(
-                f"precision {precision.value} cannot be served on {', '.join(accelerators)}: "
-                f"{rule.why}"
-            )
-        accelerator = capable[0] if len(capable) < len(accelerators) else accelerator
-    replicas = config.replicas or max(1, sum(int(g) // tp for g in gpus_per_node))
+    by_type = {kind: count // pp for kind, count in stages.items() if count // pp}
+    if not by_type:
+        raise ConfigError(
+            f"pipeline_parallel_size {pp} needs {pp} groups of {tp} GPU(s) of one type; "
+            f"the cluster has at most {max(stages.values())}"
+        )
     engine_args.update(tensor_parallel_size=tp, gpu_memory_utilization=config.gpu_memory_utilization)
+    if pp > 1:
+        # Stages across nodes: vLLM's Ray executor, inside the replica's placement group.
+        engine_args.update(pipeline_parallel_size=pp, distributed_executor_backend="ray")
+    engine_args.update(config.engine_args)
     return EnginePlan(
         device="gpu",
-        replicas=replicas,
-        gpus_per_replica=tp,
-        accelerator_type=accelerator,
+        replicas=config.replicas or sum(by_type.values()),
+        gpus_per_replica=tp * pp,
+        pipeline_parallel_size=pp,
+        replicas_by_type=by_type,
         engine_args=engine_args,
     )

@@ -13,18 +13,22 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
+import uuid
 import warnings
 from typing import Callable, Optional
 
+import pyarrow as pa
 import ray
 from pydantic import BaseModel
 
 from raybatch.config import RunConfig
 from raybatch.exceptions import InputTooLarge
-from raybatch.exceptions import ConfigError, IncompleteRunError, OutputConflictError, RowError
-from raybatch.pipeline.engine import EngineStage
+from raybatch.engines.pool import NAMESPACE, JobTicket, PoolModel, pool_handle, pool_model_for
+from raybatch.exceptions import ConfigError, EngineStartError, IncompleteRunError, OutputConflictError, RowError
+from raybatch.pipeline.engine import EngineStage, PoolAccess
 from raybatch.pipeline.postprocess import finish_rows
 from raybatch.pipeline.preprocess import prepare_requests
 from raybatch.pipeline.read import read_shards
@@ -38,13 +42,15 @@ from raybatch.pipeline.write import (
     publish_files,
     succeeded_lines,
 )
-from raybatch.precision import EnginePlan, plan_engines
+from raybatch.precision import EnginePlan, cluster_nodes, plan_engines
 from raybatch.protocol import CHAT_URL, COMPLETIONS_URL
 from raybatch.storage import Location, Shard, list_shards
 
 logger = logging.getLogger(__name__)
 
 RUN_FILE = f"{STATE_DIR}/run.json"
+# Inputs up to this size (stored bytes) are scanned in the driver itself.
+LOCAL_SCAN_BYTES = 32 << 20
 
 
 class InputScan(BaseModel):
@@ -80,10 +86,14 @@ def ensure_ray(num_cpus: Optional[int] = None) -> None:
 
 
 def cluster_plan(config: RunConfig) -> EnginePlan:
-    gpus_per_node = [
-        node.get("Resources", {}).get("GPU", 0.0) for node in ray.nodes() if node.get("Alive")
-    ]
-    return plan_engines(config.engine, config.precision, ray.cluster_resources(), gpus_per_node)
+    return plan_engines(config.engine, config.precision, cluster_nodes(ray.nodes()))
+
+
+def job_pool_model(config: RunConfig, plan: EnginePlan, fixed: bool) -> PoolModel:
+    """What the job asks the engine pool for (`fixed`: a run's own pool)."""
+    return pool_model_for(
+        config.engine, plan, config.model, config.served_model_name or config.model, fixed=fixed
+    )
 
 
 def _check_job_defaults(config: RunConfig) -> dict:
@@ -133,13 +143,21 @@ def scan_input(shards: list[Shard], config: RunConfig) -> InputScan:
     memory does not grow with the ids' length. Raises InputTooLarge for a shard that
     expands past `max_shard_bytes`, before any engine starts."""
     found = DuplicateScan([s.name for s in shards])
-    dataset = _lines(shards, config).map_batches(
-        scan_custom_ids,
-        batch_format="pyarrow",
-        fn_kwargs={"max_line_bytes": config.max_line_bytes, "max_custom_id_bytes": config.max_custom_id_bytes},
-    )
+    scan_args = {"max_line_bytes": config.max_line_bytes, "max_custom_id_bytes": config.max_custom_id_bytes}
+    if sum(s.size for s in shards) <= LOCAL_SCAN_BYTES:
+        # A small input is scanned right here: Ray Data's start-up (seconds) would
+        # otherwise stand between a job and its first rows.
+        read_args = {"max_line_bytes": config.max_line_bytes, "max_shard_bytes": config.max_shard_bytes}
+        batches = (
+            scan_custom_ids(lines, **scan_args)
+            for shard in shards
+            for lines in read_shards(pa.table({"url": [shard.url], "name": [shard.name], "size": [shard.size]}), **read_args)
+        )
+    else:
+        dataset = _lines(shards, config).map_batches(scan_custom_ids, batch_format="pyarrow", fn_kwargs=scan_args)
+        batches = dataset.iter_batches(batch_format="pyarrow", batch_size=None)
     try:
-        for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
+        for batch in batches:
             found.add(batch)
     except Exception as error:
         too_large = _cause_of_type(error, InputTooLarge)
@@ -167,9 +185,7 @@ def _cause_of_type(error: BaseException, kind: type) -> Optional[str]:
     return None
 
 
-def build_pipeline(
-    shards: list[Shard], config: RunConfig, plan: EnginePlan, scan: InputScan, skip
-) -> ray.data.Dataset:
+def build_pipeline(shards: list[Shard], config: RunConfig, access: PoolAccess, scan: InputScan, skip) -> ray.data.Dataset:
     prepared = _lines(shards, config, skip).map_batches(
         prepare_requests,
         batch_format="pyarrow",
@@ -186,29 +202,23 @@ def build_pipeline(
     # would otherwise travel as one block, so one task would hold them all and emit its
     # answers only when the last one is done.
     prepared = prepared.repartition(target_num_rows_per_block=engine.batch_size)
-    # `max_concurrency` (batches each engine actor works on at once) has no named
+    # Enough batches at the pool to keep every replica fed with rows to spare (the
+    # pool's queue refills a replica's slot the moment a row finishes).
+    policy = access.model.policy
+    concurrent = engine.concurrent_batches or math.ceil(
+        1.5 * policy.slots_per_replica / engine.admission_factor * policy.max_replicas / engine.batch_size
+    )
+    # `max_concurrency` (batches the stage actor works on at once) has no named
     # parameter yet; ray.data.llm passes it the same way.
     warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
     answered = prepared.map_batches(
         EngineStage,
         batch_size=engine.batch_size,
         batch_format="pyarrow",
-        fn_constructor_kwargs={
-            "kind": engine.kind,
-            "model": config.model,
-            "engine_args": plan.engine_args,
-            "cpu_kv_cache_gib": engine.cpu_kv_cache_gib,
-            "request_timeout_seconds": engine.request_timeout_seconds,
-            "output_url": config.output,
-            "max_failures_per_row": engine.max_failures_per_row,
-        },
-        compute=ray.data.ActorPoolStrategy(
-            size=plan.replicas, max_tasks_in_flight_per_actor=2 * engine.concurrent_batches
-        ),
-        max_concurrency=engine.concurrent_batches,
-        num_gpus=plan.gpus_per_replica,
-        num_cpus=1 if plan.device == "cpu" else 0,
-        accelerator_type=plan.accelerator_type,
+        fn_constructor_kwargs={"access": access.model_dump()},
+        compute=ray.data.ActorPoolStrategy(size=1, max_tasks_in_flight_per_actor=2 * concurrent),
+        max_concurrency=concurrent,
+        num_cpus=0,
     )
     # batch_size=None: each engine batch moves on alone. Ray Data's default would hold
     # answered rows back until 1024 of them are there, delaying commits and progress.
@@ -226,10 +236,34 @@ def run_job(
     started = time.monotonic()
     _check_job_defaults(config)
     shards = list_shards(config.input)
-    output = Location(config.output)
     ensure_ray()
     plan = cluster_plan(config)
-    _claim_output(output, config)
+    _claim_output(Location(config.output), config)
+    # The service's shared pool, or one of the run's own, which lives as long as the run.
+    own_pool = config.engine_pool is None
+    pool_name = config.engine_pool or f"raybatch-run-{uuid.uuid4().hex[:12]}"
+    pool = pool_handle(pool_name, detached=False) if own_pool else ray.get_actor(pool_name, namespace=NAMESPACE)
+    access = PoolAccess(
+        pool_name=pool_name,
+        ticket=JobTicket(account=config.account, job=config.output, run_id=uuid.uuid4().hex),
+        model=job_pool_model(config, plan, fixed=own_pool),
+    )
+    pool.warm.remote(access.model)  # engines start while the input is scanned
+    try:
+        return _stream(config, shards, access, on_progress, publish, started)
+    finally:
+        if own_pool:
+            ray.get(pool.shutdown.remote())
+            ray.kill(pool)
+
+
+def _stream(
+    config: RunConfig, shards: list[Shard], access: PoolAccess,
+    on_progress: Optional[Callable[[OutputStatus], None]], publish: bool, started: float,
+) -> RunSummary:
+    """Scan, stream the pipeline into the writer, publish: the part of a run after the
+    engines were asked for."""
+    output = Location(config.output)
     scan = scan_input(shards, config)
     inherited: dict = {}
     for earlier in config.skip_succeeded_in:
@@ -252,14 +286,20 @@ def run_job(
         on_progress(status)
     remaining = total - status.progress.total_processed_requests
     if remaining > 0 and not status.cap_reached:
-        for batch in build_pipeline(shards, config, plan, scan, skip).iter_batches(
-            batch_format="pyarrow", batch_size=None
-        ):
-            status = ray.get(writer.append.remote(batch))
-            if on_progress:
-                on_progress(status)
-            if status.cap_reached:
-                break
+        try:
+            for batch in build_pipeline(shards, config, access, scan, skip).iter_batches(
+                batch_format="pyarrow", batch_size=None
+            ):
+                status = ray.get(writer.append.remote(batch))
+                if on_progress:
+                    on_progress(status)
+                if status.cap_reached:
+                    break
+        except Exception as error:
+            start_error = _cause_of_type(error, EngineStartError)
+            if start_error is None:
+                raise
+            raise EngineStartError(start_error) from None
     status = ray.get(writer.flush.remote())
     if on_progress:
         on_progress(status)

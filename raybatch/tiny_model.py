@@ -41,7 +41,15 @@ def _training_corpus() -> list[str]:
     return lines
 
 
-def build_tiny_model(path: str | os.PathLike, seed: int = 0) -> Path:
+# Shapes: "tiny" (~1M parameters, starts fast: tests and the demo) and "bench" (~110M,
+# compute-dominant on CPU like a real model: benchmarks/).
+SHAPES = {
+    "tiny": {"hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2, "num_attention_heads": 4},
+    "bench": {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12},
+}
+
+
+def build_tiny_model(path: str | os.PathLike, seed: int = 0, shape: str = "tiny") -> Path:
     """Write the model to `path` (created if needed) and return it."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -73,11 +81,8 @@ def build_tiny_model(path: str | os.PathLike, seed: int = 0) -> Path:
 
     config = LlamaConfig(
         vocab_size=len(fast),
-        hidden_size=256,
-        intermediate_size=512,
-        num_hidden_layers=2,
-        num_attention_heads=4,  # head dimension 64: vLLM CPU needs >= 32
-        num_key_value_heads=4,
+        **SHAPES[shape],  # head dimension 64 in both: vLLM CPU needs >= 32
+        num_key_value_heads=SHAPES[shape]["num_attention_heads"],
         max_position_embeddings=MAX_POSITION_EMBEDDINGS,
         bos_token_id=fast.bos_token_id,
         eos_token_id=fast.eos_token_id,

@@ -49,8 +49,9 @@ def s3_endpoint():
 
 
 SERVICE_MODELS = {
-    # The real engine: vLLM CPU on the tiny model (eager: starts in ~25 s, not ~70 s).
-    "tiny": {"source": "{tiny}", "engine": {"engine_args": {"enforce_eager": True}}},
+    # The real engine: vLLM CPU on the tiny model (eager: starts in ~25 s, not ~70 s),
+    # kept warm from service start, as an operator would keep a busy model.
+    "tiny": {"source": "{tiny}", "engine": {"min_replicas": 1, "engine_args": {"enforce_eager": True}}},
     # The deterministic test engine, one row at a time, so a job takes a known time.
     "scripted-slow": {
         "source": "scripted",
@@ -67,12 +68,30 @@ SERVICE_MODELS = {
                    "engine_args": {"seconds_per_request": 0.5, "invocations_dir": "{home}/calls"}},
     },
 }
-# The soak's engines (test_zz_soak.py): recording every call, with a short request
+# Shared by several jobs at once (test_engine_pool.py): a replica takes 3 rows at a time
+# (1.25 x max_num_seqs 2), each job keeps 6 at the pool, so rows of different jobs
+# compete for the same slots; every call recorded under {home}/pool-calls.
+# "scripted-fair" has no short hang timeout: its test holds requests at a gate.
+# Its rows also take longer (0.5 s), so that every job's pipeline keeps rows waiting at
+# the pool (the pool can only share out rows that are there).
+for _name, _replicas, _timeout, _seconds in (
+    ("scripted-shared-1", 1, 3, 0.1), ("scripted-shared-2", 2, 3, 0.1), ("scripted-fair", 1, 600, 0.5),
+):
+    SERVICE_MODELS[_name] = {
+        "source": "scripted",
+        "engine": {"kind": "scripted", "replicas": _replicas, "max_num_seqs": 2, "batch_size": 1,
+                   "concurrent_batches": 6, "request_timeout_seconds": _timeout,
+                   "engine_args": {"seconds_per_request": _seconds, "invocations_dir": "{home}/pool-calls"}},
+    }
+for _name, _entry in list(SERVICE_MODELS.items()):
+    if _entry.get("engine", {}).get("kind") == "scripted":
+        _entry["engine"]["replica_cpus"] = 0
+# The soak's engines (test_soak.py): recording every call, with a short request
 # timeout so that an armed hang is caught in seconds; one replica and two.
 for _replicas in (1, 2):
     SERVICE_MODELS[f"scripted-soak-{_replicas}"] = {
         "source": "scripted",
-        "engine": {"kind": "scripted", "replicas": _replicas, "batch_size": 2, "concurrent_batches": 1,
+        "engine": {"kind": "scripted", "replica_cpus": 0, "replicas": _replicas, "batch_size": 2, "concurrent_batches": 1,
                    "request_timeout_seconds": 3,
                    "engine_args": {"seconds_per_request": 0.25, "invocations_dir": "{home}/calls"}},
     }
@@ -136,7 +155,10 @@ def service_config(storage: str, tiny_model: str) -> dict:
         "progress_interval_seconds": 1,
         # tests/security: an account that may use only part of the catalog.
         "account_models": {"catalog-restricted": ["scripted"]},
-        "run_defaults": {"part_max_seconds": 1},
+        # Scripted replicas need no CPU of their own; idle ones go after 20 s, so the
+        # session's many scripted models do not pile up.
+        "run_defaults": {"part_max_seconds": 1, "engine": {"idle_seconds": 20}},
+        "admin_accounts": ["admin"],
     }
 
 
@@ -180,3 +202,9 @@ def ray_cluster(service):
 
     ensure_ray()
     yield
+
+
+def pytest_collection_modifyitems(items):
+    """Slow tests run last, in their files' order: the cluster restarts and the soak stop
+    the session's cluster (and bring it back), which nothing after them should meet."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is not None)

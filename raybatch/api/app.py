@@ -27,7 +27,7 @@ from raybatch.api.auth import authenticate
 from raybatch.api.datasets import DatasetService
 from raybatch.api.signing import SIGNED_PREFIX, UrlSigner
 from raybatch.config import ServiceConfig
-from raybatch.exceptions import ApiError, InvalidArgument, NotFound, PayloadTooLarge
+from raybatch.exceptions import ApiError, InvalidArgument, NotFound, PayloadTooLarge, PermissionDenied
 from raybatch.resources import (
     CreateDatasetRequest,
     CreateJobRequest,
@@ -177,6 +177,7 @@ async def _body(request: Request, model: type[BaseModel]) -> Any:
 @serve.ingress(api)
 class RaybatchApi:
     def __init__(self, config: ServiceConfig):
+        from raybatch.engines.pool import pool_handle, pool_name
         from raybatch.jobs.scheduler import scheduler_handle
 
         import ray
@@ -188,6 +189,7 @@ class RaybatchApi:
         self.config = this_module._settings["config"] = config
         self.store = Store(config.storage)
         self.scheduler = scheduler_handle(config)
+        self.engine_pool = pool_handle(pool_name(config.storage), config.account_weights)
         ray.get(self.scheduler.ready.remote())  # it makes the signing key first
         self.datasets = DatasetService(self.store, config)
         self.signer = UrlSigner(self.store, config.signed_url_seconds)
@@ -349,6 +351,17 @@ class RaybatchApi:
         self._caller(request, account, job_id)
         await self.scheduler.delete_job.remote(account, job_id)
         return Response(content=b"{}", media_type="application/json")
+
+
+    # ------------------------------------------------------------------- admin
+
+    @api.get("/v1/admin/engines")
+    async def list_engines(self, request: Request):
+        """The engine pool's replicas, for the accounts in `admin_accounts` only."""
+        key = authenticate(self.store, request.headers.get("authorization"))
+        if key.account not in self.config.admin_accounts:
+            raise PermissionDenied("this route is for the service's admin accounts")
+        return {"replicas": await self.engine_pool.replicas.remote()}
 
 
 def build_app(args: dict) -> serve.Application:

@@ -37,6 +37,7 @@ from raybatch.exceptions import (
     NotFound,
 )
 from raybatch.jobs.model_access import model_refusal
+from raybatch.engines.pool import pool_handle, pool_name
 from raybatch.jobs.states import transition
 from raybatch.pipeline.write import load_commits, progress_of, publish_files
 from raybatch.resources import (
@@ -64,6 +65,9 @@ NAMESPACE = "raybatch"
 MAX_ATTEMPTS = 3  # drivers that die without an answer before the job FAILS
 S = JobState
 ACTIVE = (S.RUNNING, S.CANCELLING)  # states in which a driver may be running
+# Entering these, a job's rows in the engine pool are dropped: its driver is stopping,
+# dead (a new attempt sends its rows again) or done.
+RELEASES_ENGINES = frozenset({S.CANCELLING, S.RE_QUEUEING} | {s for s in S if s.terminal})
 
 
 def run_config_path(account: str, job_id: str) -> str:
@@ -81,6 +85,10 @@ class JobScheduler:
         self._store.signing_key()  # made once here, before any API replica needs it
         self._lock = threading.RLock()
         self._drivers = None  # JobSubmissionClient, made on first use
+        # The engines every job shares; created here so that it exists before any driver.
+        self._pool_name = pool_name(config.storage)
+        self._pool = pool_handle(self._pool_name, config.account_weights)
+        self._warmed_catalog = False
         self._stop = threading.Event()
         self._loop = threading.Thread(target=self._run_loop, name="scheduler-loop", daemon=True)
         self._loop.start()
@@ -201,12 +209,53 @@ class JobScheduler:
             except Exception as error:
                 logger.exception("job %s", record.job.name)
                 self._fail(record, f"internal error: {error}")
-        running = sum(1 for r in self._store.all_jobs() if r.job.state in ACTIVE)
+        if not self._warmed_catalog:
+            self._warm_catalog()
+        self._admit(records)
+
+    def _admit(self, records: list[JobRecord]) -> None:
+        """Start PENDING jobs up to the limits, taking accounts in turn (each in order of
+        creation), so that one account's queue of jobs cannot keep another's waiting."""
+        active = [r for r in self._store.all_jobs() if r.job.state in ACTIVE]
+        running = len(active)
+        per_account: dict[str, int] = {}
+        for record in active:
+            per_account[record.runtime.account] = per_account.get(record.runtime.account, 0) + 1
+        waiting: dict[str, list[JobRecord]] = {}
         for record in records:
-            fresh = self._reload(record)
-            if fresh.job.state == S.PENDING and running < self._config.max_running_jobs:
-                self._start_driver(fresh)
-                running += 1
+            if record.job.state in (S.PENDING, S.VALIDATING, S.RE_QUEUEING):
+                waiting.setdefault(record.runtime.account, []).append(record)
+        # Accounts with the fewest running jobs go first.
+        turns = sorted(waiting, key=lambda account: per_account.get(account, 0))
+        while turns and running < self._config.max_running_jobs:
+            for account in list(turns):
+                queue = waiting[account]
+                started = False
+                while queue and not started:
+                    fresh = self._reload(queue.pop(0))
+                    if fresh.job.state == S.PENDING and per_account.get(account, 0) < self._config.max_running_jobs_per_account:
+                        self._start_driver(fresh)
+                        per_account[account] = per_account.get(account, 0) + 1
+                        running += 1
+                        started = True
+                if not started or not queue or per_account.get(account, 0) >= self._config.max_running_jobs_per_account:
+                    turns.remove(account)
+                if running >= self._config.max_running_jobs:
+                    break
+
+    def _warm_catalog(self) -> None:
+        """Start the catalog's `min_replicas` at service start, not at the first job."""
+        from raybatch.runner import cluster_plan, ensure_ray, job_pool_model
+
+        ensure_ray()
+        for name, entry in self._config.models.items():
+            config = self._model_run_config(name, input="unused", output="unused")
+            if config.engine.min_replicas or config.engine.replicas:
+                try:
+                    self._pool.warm.remote(job_pool_model(config, cluster_plan(config), fixed=False))
+                except ConfigError as error:
+                    logger.error("model %s cannot be served on this cluster: %s", name, error)
+        self._warmed_catalog = True
 
     def _advance(self, record: JobRecord) -> None:
         state = record.job.state
@@ -240,10 +289,14 @@ class JobScheduler:
                 from raybatch.runner import cluster_plan, ensure_ray
 
                 ensure_ray()
+                from raybatch.runner import job_pool_model
+
                 config = self._run_config(record)
                 if config.engine.kind == "vllm":
                     _check_model_source(config.model)
-                    cluster_plan(config)
+                plan = cluster_plan(config)
+                # A cold model's engine starts now, while the job waits for a slot.
+                self._pool.warm.remote(job_pool_model(config, plan, fixed=False))
             except ConfigError as error:
                 problem = str(error)
         if problem:
@@ -260,20 +313,28 @@ class JobScheduler:
 
     def _run_config(self, record: JobRecord) -> RunConfig:
         job = record.job
-        model = self._model(job.model)
+        return self._model_run_config(
+            job.model,
+            input=self._files_url(job.input_dataset_id),
+            output=self._files_url(job.output_dataset_id),
+            inference_parameters=job.inference_parameters,
+            precision=job.precision,
+            skip_succeeded_in=record.runtime.skip_succeeded_in,
+            account=record.runtime.account,
+        )
+
+    def _model_run_config(self, name: str, **job_fields) -> RunConfig:
+        model = self._model(name)
         fields = dict(self._config.run_defaults)
         defaults = fields.get("engine", {})
         engine = {**defaults, **model.engine}
         engine["engine_args"] = {**defaults.get("engine_args", {}), **model.engine.get("engine_args", {})}
         fields.update(
-            input=self._files_url(job.input_dataset_id),
-            output=self._files_url(job.output_dataset_id),
+            **job_fields,
             model=model.source,
-            served_model_name=job.model,
-            inference_parameters=job.inference_parameters,
-            precision=job.precision,
+            served_model_name=name,
             engine=engine,
-            skip_succeeded_in=record.runtime.skip_succeeded_in,
+            engine_pool=self._pool_name,
             # The dataset limit again while reading: a shard that expands past it (a
             # gzip bomb, a file changed after validation) stops the job, not the node.
             max_shard_bytes=self._config.max_dataset_bytes,
@@ -419,6 +480,10 @@ class JobScheduler:
         """Apply one transition and store it (caller holds the lock)."""
         record.job = transition(record.job, target, message)
         self._store.put_job(record)
+        if target in RELEASES_ENGINES and record.job.output_dataset_id:
+            # Its rows leave the pool's queues and its requests are aborted inside the
+            # engines at once; no other job's rows are touched.
+            self._pool.end_job.remote(self._files_url(record.job.output_dataset_id))
 
     def _move_if(self, record: JobRecord, expected: JobState, target: JobState, message: str) -> bool:
         with self._lock:

@@ -9,7 +9,7 @@ from typing import Any, Optional
 
 import pyarrow as pa
 
-from raybatch.pipeline.engine import EngineResult, TokenLogprob
+from raybatch.pipeline.rows import EngineResult, TokenLogprob
 from raybatch.pipeline.rows import OUTPUT_SCHEMA, column
 from raybatch.protocol import (
     AssistantMessage,

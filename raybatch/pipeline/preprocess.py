@@ -1,6 +1,6 @@
 """Stage 3 — preprocess: a validated request becomes an `EngineRequest`.
 
-The engine request is what any engine behind `raybatch.pipeline.engine.Engine` needs:
+The engine request is what any engine behind `raybatch.engines.Engine` needs:
 the chat messages or the prompt, and sampling settings named as vLLM's
 `SamplingParams` names them. It travels between stages as JSON, so blocks stay plain
 string columns whatever the rows hold.
@@ -8,28 +8,14 @@ string columns whatever the rows hold.
 
 from __future__ import annotations
 
-from typing import Any, Optional, Union
+from typing import Any, Optional
 
 import pyarrow as pa
-from pydantic import BaseModel, ConfigDict
 
 from raybatch.exceptions import RowError
-from raybatch.pipeline.rows import REQUEST_SCHEMA, column
+from raybatch.pipeline.rows import REQUEST_SCHEMA, EngineRequest, column
 from raybatch.pipeline.validate import Body, ValidatedRequest, is_blank, validate_line
 from raybatch.protocol import DEFAULT_MAX_CUSTOM_ID_BYTES, ChatCompletionBody
-
-
-class EngineRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    custom_id: str
-    kind: str  # "chat" | "completion"
-    messages: Optional[list[dict[str, str]]] = None
-    prompt: Optional[Union[str, list[int]]] = None
-    sampling: dict[str, Any]
-    max_tokens: Optional[int] = None  # None: whatever the context leaves
-    structured_output: Optional[dict[str, Any]] = None
-    echo: bool = False
 
 
 def _sampling(body: Body) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""The columns rows carry between stages, fixed as Arrow schemas.
+"""What travels between stages: the columns rows carry, fixed as Arrow schemas, and
+the engine request and result that travel inside them as JSON.
 
 Every stage returns a table of its schema, so a batch in which some column happens to
 be all null still has the same types as the others, and blocks always concatenate.
@@ -6,9 +7,10 @@ be all null still has the same types as the others, and blocks always concatenat
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional, Union
 
 import pyarrow as pa
+from pydantic import BaseModel, ConfigDict
 
 # read → validate/preprocess
 RAW_SCHEMA = pa.schema([("shard", pa.string()), ("line", pa.int64()), ("raw", pa.binary())])
@@ -69,3 +71,42 @@ def column(batch: Any, name: str) -> list:
     """A column of a pyarrow table or a dict batch as a Python list."""
     values = batch[name]
     return values.to_pylist() if hasattr(values, "to_pylist") else list(values)
+
+
+# The JSON inside the `request` column: what any engine needs.
+class EngineRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    custom_id: str
+    kind: str  # "chat" | "completion"
+    messages: Optional[list[dict[str, str]]] = None
+    prompt: Optional[Union[str, list[int]]] = None
+    sampling: dict[str, Any]
+    max_tokens: Optional[int] = None  # None: whatever the context leaves
+    structured_output: Optional[dict[str, Any]] = None
+    echo: bool = False
+
+
+# The JSON inside the `result` column: what an engine answered.
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class TokenLogprob(TopLogprob):
+    top: list[TopLogprob]
+
+
+class Choice(BaseModel):
+    text: str
+    finish_reason: Optional[str]
+    completion_tokens: int
+    logprobs: Optional[list[TokenLogprob]] = None
+
+
+class EngineResult(BaseModel):
+    prompt_tokens: int
+    cached_tokens: int
+    prompt_text: Optional[str] = None  # only for completions with `echo`
+    choices: list[Choice]

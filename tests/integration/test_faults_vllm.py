@@ -28,7 +28,7 @@ def _engine_pids() -> list[int]:
     from ray.util.state import list_actors
 
     actors = list_actors(filters=[("state", "=", "ALIVE")], detail=True, limit=1000)
-    return [a.pid for a in actors if "EngineStage" in (a.class_name or "")]
+    return [a.pid for a in actors if "EngineReplica" in (a.class_name or "")]
 
 
 def _setup(tmp_path, tiny_model):

@@ -1,13 +1,13 @@
 """How VllmEngine sorts failures: a request's own failure is its error row; a dead
-engine is not any row's fault and must escape (the stage fails and is retried)."""
+engine is not any row's fault and must escape (the pool replaces the replica)."""
 
 import asyncio
 
 import pytest
 
 from raybatch.exceptions import RowError
-from raybatch.pipeline.engine import VllmEngine
-from raybatch.pipeline.preprocess import EngineRequest
+from raybatch.engines.vllm_engine import VllmEngine
+from raybatch.pipeline.rows import EngineRequest
 
 
 class FailingLLM:

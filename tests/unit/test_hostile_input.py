@@ -38,9 +38,11 @@ import pyarrow as pa
 import pytest
 
 from raybatch.exceptions import RowError
-from raybatch.pipeline.engine import EngineStage
+from raybatch.engines.replica import EngineReplica, ReplicaSpec
+from raybatch.pipeline.engine import answer_batch
 from raybatch.pipeline.postprocess import finish_rows
-from raybatch.pipeline.preprocess import EngineRequest, prepare_requests
+from raybatch.pipeline.preprocess import prepare_requests
+from raybatch.pipeline.rows import EngineRequest
 from raybatch.pipeline.read import UNREADABLE, LineSet, iter_lines, read_shards, shard_lines
 from raybatch.pipeline.rows import RAW_SCHEMA, column
 from raybatch.pipeline.validate import MAX_NESTING, DuplicateScan, scan_custom_ids, validate_body, validate_line
@@ -94,13 +96,18 @@ def run_without_ray(input_url: str, output_url: str, max_line_bytes: int = MAX_L
         output_url, cap_bytes=1 << 40, part_max_rows=1 << 20, part_max_bytes=1 << 40,
         part_max_seconds=1e9, total_input_requests=lines,
     )
-    engine = EngineStage("scripted", "scripted", engine_args, 1)
+    # The replica's own code, called in this process instead of through the pool.
+    replica = EngineReplica(ReplicaSpec(kind="scripted", model="scripted", engine_args=engine_args))
+
+    async def submit(rows):
+        return [await replica.generate(request) for _, _, request in rows]
+
     for batch in raw.to_batches(max_chunksize=1024):
         requests = prepare_requests(
             pa.Table.from_batches([batch]), max_line_bytes=max_line_bytes, max_n=4,
             job_defaults={}, duplicates=duplicates,
         )
-        writer.append(finish_rows(asyncio.run(engine(requests)), model="scripted"))
+        writer.append(finish_rows(asyncio.run(answer_batch(requests, submit)), model="scripted"))
     writer.flush()
     publish_files(Location(output_url))
     return blanks

@@ -12,7 +12,8 @@ per character, after `seconds_per_request`. Settings come as `engine_args`:
 
 Faults are armed through `raybatch.faults`: engine.kill, engine.die and engine.hang,
 counted in calls to one engine process, fire once, so the replaced engine works;
-engine.poison names a row that kills or hangs every engine that answers it.
+engine.poison names a row that kills or hangs every engine that answers it; while
+engine.gate is armed no request starts (a test lines jobs up, then opens it).
 """
 
 from __future__ import annotations
@@ -26,8 +27,7 @@ from typing import Any
 
 from raybatch import faults
 from raybatch.exceptions import EngineFailure
-from raybatch.pipeline.engine import Choice, EngineResult
-from raybatch.pipeline.preprocess import EngineRequest
+from raybatch.pipeline.rows import Choice, EngineRequest, EngineResult
 
 
 class ScriptedEngine:
@@ -41,6 +41,8 @@ class ScriptedEngine:
         self._calls = 0
 
     async def generate(self, request: EngineRequest) -> EngineResult:
+        while faults.spec("engine.gate") is not None:  # held until the test opens it
+            await asyncio.sleep(0.05)
         self._calls += 1
         if self._invocations:
             # One file per call, named by custom_id: a count that survives actor restarts.

@@ -1,0 +1,117 @@
+"""`EngineReplica`: one engine for one (model, precision, engine arguments), as a Ray
+actor on its GPUs, answering one request per call so that a finished row frees its
+slot at once. The pool (`engines/pool.py`) owns every replica: it decides where they
+run, what they get and when they go.
+
+`ReplicaSpec` is what makes two replicas interchangeable: the same spec, the same
+answers. Jobs whose specs are equal share replicas; a BF16 and an FP8 job on one model
+have different specs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from typing import Any, Optional
+
+from pydantic import BaseModel, ConfigDict
+
+from raybatch.exceptions import RowError
+from raybatch.pipeline.rows import EngineRequest
+from raybatch.protocol import CamelModel
+
+# (kind, result JSON, error code, error message): the engine stage's answer for a row.
+Answer = tuple[Optional[str], Optional[str], Optional[str], Optional[str]]
+
+
+class ReplicaSpec(BaseModel):
+    """What a replica runs and what it needs from the cluster."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: str  # "vllm" | "scripted"
+    model: str  # the source: a Hugging Face ID or a path every node can read
+    engine_args: dict[str, Any]
+    cpu_kv_cache_gib: int = 1
+    gpus: int = 0  # tensor_parallel_size x pipeline_parallel_size
+    pipeline_parallel_size: int = 1
+    accelerator_types: list[str] = []  # GPU types that can serve it (empty: any)
+    cpus: float = 1.0  # reserved for the engine's own loop, so pipeline tasks cannot starve it
+    resources: dict[str, float] = {}
+
+    @property
+    def key(self) -> str:
+        """Replicas of equal keys are interchangeable (placement aside)."""
+        identity = self.model_dump_json(include={"kind", "model", "engine_args", "cpu_kv_cache_gib"})
+        return hashlib.sha256(identity.encode()).hexdigest()[:16]
+
+
+class ReplicaPlacement(BaseModel):
+    """Where one replica goes: Ray actor options, or a placement group for replicas
+    whose pipeline stages may span nodes."""
+
+    num_cpus: float
+    num_gpus: float
+    accelerator_type: Optional[str] = None
+    resources: dict[str, float] = {}
+    bundles: Optional[list[dict[str, float]]] = None  # placement group, when pipeline parallel
+    strategy: Optional[str] = None
+
+
+def placement(spec: ReplicaSpec, accelerator_type: Optional[str]) -> ReplicaPlacement:
+    """Pure: how a replica of `spec` is placed. Tensor parallel stays inside one node
+    (the actor holds all its GPUs; vLLM's workers are its own processes). Pipeline
+    parallel takes a placement group of one GPU per worker, packed node by node, and
+    vLLM's Ray executor puts its workers in it; the actor itself needs only CPU."""
+    if spec.pipeline_parallel_size > 1:
+        gpu = {"GPU": 1.0, **({f"accelerator_type:{accelerator_type}": 0.001} if accelerator_type else {})}
+        return ReplicaPlacement(
+            num_cpus=spec.cpus,
+            num_gpus=0,
+            resources=spec.resources,
+            bundles=[{"CPU": spec.cpus, **spec.resources}] + [dict(gpu) for _ in range(spec.gpus)],
+            strategy="PACK",
+        )
+    return ReplicaPlacement(
+        num_cpus=spec.cpus, num_gpus=spec.gpus, accelerator_type=accelerator_type, resources=spec.resources
+    )
+
+
+class ReplicaInfo(CamelModel):
+    """One replica as `raybatch engines` and the admin route show it."""
+
+    replica_id: str
+    model: str  # the served names of the jobs that used it, else the source
+    precision_key: str  # the spec's key: replicas of equal keys are interchangeable
+    node: Optional[str]
+    gpus: int
+    accelerator_type: Optional[str]
+    state: str  # starting | ready | draining (taking no new rows: a suspect row waits for it)
+    rows_in_flight: int
+    rows_queued: int  # rows waiting for this model, all replicas together
+    idle_since: Optional[float]  # unix time; None while it has rows
+
+
+class EngineReplica:
+    """The actor. Built by the pool with `ray.remote(EngineReplica).options(...)`."""
+
+    def __init__(self, spec: ReplicaSpec):
+        from raybatch.engines.vllm_engine import build_engine
+
+        self._engine = build_engine(spec.kind, spec.model, spec.engine_args, spec.cpu_kv_cache_gib)
+
+    def ready(self) -> dict:
+        import ray
+
+        return {"node": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
+
+    async def generate(self, request_json: str) -> Answer:
+        """One row. A RowError is the row's answer; EngineFailure (or anything else)
+        leaves this call and tells the pool the engine is in trouble. Cancelling the
+        call (`ray.cancel`) aborts the request inside the engine."""
+        request = EngineRequest.model_validate_json(request_json)
+        try:
+            result = await self._engine.generate(request)
+        except RowError as error:
+            return request.kind, None, error.code, error.message
+        return request.kind, result.model_dump_json(), None, None

@@ -1,0 +1,141 @@
+"""The engines behind the pool's replicas: the `Engine` interface, vLLM's async engine
+(`VllmEngine`), and `build_engine`, which picks one by kind ('vllm' or 'scripted', the
+deterministic test engine of `engines/scripted.py`).
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from typing import Any, Optional, Protocol
+
+from raybatch.exceptions import EngineFailure, RowError
+from raybatch.pipeline.rows import Choice, EngineRequest, EngineResult, TokenLogprob, TopLogprob
+from raybatch.protocol import ErrorCode
+
+
+class Engine(Protocol):
+    async def generate(self, request: EngineRequest) -> EngineResult:
+        """Answer one request. Raises RowError for a request this engine cannot answer;
+        any other exception means the engine itself is in trouble."""
+
+
+class VllmEngine:
+    """vLLM's async engine (v1 `AsyncLLM`): continuous batching over every request in
+    flight, prefix caching on, the model's own chat template."""
+
+    def __init__(self, model: str, engine_args: dict[str, Any], cpu_kv_cache_gib: int):
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cpu_kv_cache_gib))
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        args = dict(engine_args)
+        if args.get("tensor_parallel_size", 1) > 1 and args.get("pipeline_parallel_size", 1) == 1:
+            # One node: the actor holds all of the replica's GPUs; workers are its own
+            # processes. Pipeline parallel spans nodes: the plan asks for vLLM's Ray
+            # executor inside the replica's placement group instead.
+            args.setdefault("distributed_executor_backend", "mp")
+        self._llm = AsyncLLM.from_engine_args(AsyncEngineArgs(model=model, **args))
+        self._tokenizer = self._llm.tokenizer
+        self.max_model_len = self._llm.model_config.max_model_len
+
+    def _prompt_ids(self, request: EngineRequest) -> list[int]:
+        tokenizer = self._tokenizer
+        if request.kind == "chat":
+            try:
+                text = tokenizer.apply_chat_template(
+                    request.messages, add_generation_prompt=True, tokenize=False
+                )
+            except Exception as exc:  # a template may refuse e.g. a role order
+                raise RowError(ErrorCode.INVALID_REQUEST, f"chat template refused: {exc}") from None
+            return tokenizer.encode(text, add_special_tokens=False)
+        if isinstance(request.prompt, str):
+            return tokenizer.encode(request.prompt)
+        vocab = len(tokenizer)
+        if any(not 0 <= token < vocab for token in request.prompt):
+            raise RowError(ErrorCode.INVALID_REQUEST, f"prompt token ids must be in [0, {vocab})")
+        return list(request.prompt)
+
+    def _max_tokens(self, request: EngineRequest, prompt_tokens: int) -> int:
+        room = self.max_model_len - prompt_tokens
+        wanted = request.max_tokens
+        if room <= 0 or (wanted is not None and wanted > room):
+            raise RowError(
+                ErrorCode.CONTEXT_LENGTH_EXCEEDED,
+                f"This model's maximum context length is {self.max_model_len} tokens. "
+                f"However, you requested {prompt_tokens + (wanted or 0)} tokens "
+                f"({prompt_tokens} in the prompt, {wanted or 0} for the completion).",
+            )
+        return wanted or room
+
+    def _describe(self, token_id: int, logprob: float) -> TopLogprob:
+        text = self._tokenizer.decode([token_id])
+        return TopLogprob(token=text, logprob=logprob, bytes=list(text.encode("utf-8")))
+
+    def _logprobs(self, token_ids, logprobs, top_k: int) -> Optional[list[TokenLogprob]]:
+        if logprobs is None:
+            return None
+        entries = []
+        for token_id, alternatives in zip(token_ids, logprobs):
+            ranked = sorted(alternatives.items(), key=lambda item: item[1].rank or 0)
+            sampled = self._describe(token_id, alternatives[token_id].logprob)
+            top = [self._describe(tid, lp.logprob) for tid, lp in ranked[:top_k]]
+            entries.append(TokenLogprob(**sampled.model_dump(), top=top))
+        return entries
+
+    async def generate(self, request: EngineRequest) -> EngineResult:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import StructuredOutputsParams
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        prompt_ids = self._prompt_ids(request)
+        sampling = dict(request.sampling)
+        if request.structured_output:
+            sampling["structured_outputs"] = StructuredOutputsParams(**request.structured_output)
+        try:
+            params = SamplingParams(max_tokens=self._max_tokens(request, len(prompt_ids)), **sampling)
+        except (ValueError, TypeError) as exc:
+            raise RowError(ErrorCode.INVALID_REQUEST, str(exc)) from None
+        final = None
+        try:
+            async for output in self._llm.generate(
+                TokensPrompt(prompt_token_ids=prompt_ids), params, f"{request.custom_id}-{uuid.uuid4().hex}"
+            ):
+                final = output
+        except EngineDeadError as exc:  # the whole engine is gone: no row is to blame
+            raise EngineFailure(f"vLLM engine died: {exc}") from exc
+        except ValueError as exc:  # vLLM's per-request input checks
+            raise RowError(ErrorCode.INVALID_REQUEST, str(exc)) from None
+        except Exception as exc:  # EngineGenerateError and kin: this request alone failed
+            raise RowError(ErrorCode.ENGINE_ERROR, f"{type(exc).__name__}: {exc}") from None
+        choices = [
+            Choice(
+                text=completion.text,
+                finish_reason=completion.finish_reason,
+                completion_tokens=len(completion.token_ids),
+                logprobs=self._logprobs(
+                    completion.token_ids, completion.logprobs, request.sampling.get("logprobs") or 0
+                ),
+            )
+            for completion in sorted(final.outputs, key=lambda c: c.index)
+        ]
+        return EngineResult(
+            prompt_tokens=len(prompt_ids),
+            cached_tokens=final.num_cached_tokens or 0,
+            prompt_text=self._tokenizer.decode(prompt_ids) if request.echo else None,
+            choices=choices,
+        )
+
+    def shutdown(self) -> None:
+        self._llm.shutdown()
+
+
+def build_engine(kind: str, model: str, engine_args: dict[str, Any], cpu_kv_cache_gib: int) -> Engine:
+    if kind == "vllm":
+        return VllmEngine(model, engine_args, cpu_kv_cache_gib)
+    if kind == "scripted":
+        from raybatch.engines.scripted import ScriptedEngine
+
+        return ScriptedEngine(engine_args)
+    raise ValueError(f"unknown engine kind {kind!r}")
