@@ -1,5 +1,5 @@
-"""Soak: 20 rounds through the service, each a job with one fault of the reliability
-list injected at a random point, each followed by the invariant checker (every line
+"""Soak: 20 rounds through the service, each two jobs of two accounts sharing the same
+engine replicas, with one fault of the reliability list injected at a random point, each followed by the invariant checker (every line
 exactly once, no torn lines, jobProgress equal to the files, the files equal to the
 committed parts, and, from the scripted engine's call record, nothing committed answered
 again).
@@ -12,8 +12,9 @@ down` or `ray stop --force`, then `raybatch up`), storage-errors (transient erro
 every process's storage calls, before or after they take effect), and continuations (a
 job cancelled mid-run, then two continuations of it created at once: exactly one runs).
 
-Seeded: the seed is printed, RAYBATCH_SOAK_SEED repeats a soak. Named to run last with
-the cluster-restart test: its restarts stop the session's cluster (and bring it back)."""
+Seeded: the seed is printed, RAYBATCH_SOAK_SEED repeats a soak. Marked slow, so it runs
+last with the cluster-restart test (tests/conftest.py orders slow tests last): its
+restarts stop the session's cluster (and bring it back)."""
 
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ from tests.integration.test_run_engine import chat
 
 pytestmark = pytest.mark.slow
 
-ACCOUNT = "soak"
+ACCOUNTS = ("soak", "soak-other")  # two accounts' jobs at once in every round
 ROUNDS = 20
 FAULTS = (
     "engine-kill", "engine-die", "engine-hang", "writer-crash",
@@ -98,7 +99,7 @@ def _kill_driver(service, job_id: str) -> None:
     from raybatch.runner import ensure_ray
 
     ensure_ray()  # a restart in an earlier round left this process outside the cluster
-    driver = Store(service.storage).get_job(ACCOUNT, job_id).runtime.driver_id
+    driver = Store(service.storage).get_job(ACCOUNTS[0], job_id).runtime.driver_id
     assert JobSubmissionClient().stop_job(driver)
 
 
@@ -119,11 +120,22 @@ def _continue_twice(client, parent: str) -> str:
     return created[0].name.rsplit("/", 1)[-1]
 
 
+def _check_job(client, service, account: str, job_id: str, built: InputBuilder, calls: str, context: str) -> None:
+    job, _ = wait_job(client, job_id, timeout=300)
+    assert job.state == "JOB_STATE_COMPLETED", (context, account, job.status)
+    output = dataset_files_url(service.storage, account, f"{job_id}-output")
+    check_run(output, built.expected, progress=job.job_progress.to_dict(), calls_dir=calls)
+
+
 def test_soak(service, faults, tmp_path):
+    """Each round runs two jobs of two accounts at once on the same shared replicas:
+    the fault lands on one of them (a driver, a writer, a cancel) or on both (the
+    replicas, the storage, the cluster); both are checked."""
     seed = int(os.environ.get("RAYBATCH_SOAK_SEED") or random.SystemRandom().randrange(1 << 30))
     print(f"soak seed {seed} (RAYBATCH_SOAK_SEED={seed} repeats it)")
     rng = random.Random(seed)
-    client = sdk_client(service.base_url, service.key(ACCOUNT), ACCOUNT)
+    clients = {account: sdk_client(service.base_url, service.key(account), account) for account in ACCOUNTS}
+    client, other = clients[ACCOUNTS[0]], clients[ACCOUNTS[1]]
     calls = os.path.join(service.home, "calls")
     for number, fault in enumerate(_schedule(rng)):
         context = f"round {number} ({fault}, seed {seed})"
@@ -136,18 +148,27 @@ def test_soak(service, faults, tmp_path):
             fault, rng.randrange(40, 80))
         model = f"scripted-soak-{rng.choice((1, 2))}"
         built = _upload(client, tmp_path / job_id, job_id, lines, bad_line=rng.random() < 0.5)
+        # The other account's job, on the same model at the same time.
+        other_id = f"{job_id}-other"
+        other_built = _upload(other, tmp_path / other_id, other_id, rng.randrange(40, 80), bad_line=rng.random() < 0.5)
         point = {"engine-kill": "engine.kill", "engine-die": "engine.die", "engine-hang": "engine.hang",
                  "writer-crash": "writer.crash"}.get(fault)
-        if point:  # counted per engine process (in calls) or per writer (in parts)
-            faults.arm(point, after=rng.randrange(1, lines // 6) if point != "writer.crash" else rng.randrange(1, 3))
+        if point == "writer.crash":  # counted in parts, per writer: whichever writer gets there
+            faults.arm(point, after=rng.randrange(1, 3))
         if fault == "storage-errors":
             faults.arm("storage.error", rate=rng.choice((0.02, 0.05, 0.1)))
         client.batch_inference_jobs.create(batch_inference_job_id=job_id, model=model, input_dataset_id=job_id)
-        output = dataset_files_url(service.storage, ACCOUNT, f"{job_id}-output")
+        other.batch_inference_jobs.create(batch_inference_job_id=other_id, model=model, input_dataset_id=other_id)
+        output = dataset_files_url(service.storage, ACCOUNTS[0], f"{job_id}-output")
 
-        strike_at = rng.randrange(1, lines // 3)  # lines committed before an outside fault
+        strike_at = rng.randrange(1, lines // 3)  # lines committed before the fault
         struck_at = None
-        if fault == "driver-kill":
+        if point and point.startswith("engine."):
+            # The replicas are shared and long-lived: armed mid-job, the fault fires at
+            # the next request of either job.
+            _wait_committed(output, strike_at, context)
+            faults.arm(point, after=1)
+        elif fault == "driver-kill":
             _wait_committed(output, strike_at, context)
             struck_at = time.time()
             _kill_driver(service, job_id)
@@ -159,9 +180,10 @@ def test_soak(service, faults, tmp_path):
             service.start()
         elif fault == "continuations":
             _wait_committed(output, strike_at, context)
-            client.post(f"/v1/accounts/{ACCOUNT}/batchInferenceJobs/{job_id}:cancel", cast_to=object)
+            client.post(f"/v1/accounts/{ACCOUNTS[0]}/batchInferenceJobs/{job_id}:cancel", cast_to=object)
 
         job, _ = wait_job(client, job_id, timeout=300)
+        wait_job(other, other_id, timeout=300)
         stored_errors = faults.storage_errors()
         fired = point is None or faults.fired(point)
         if point and fired:
@@ -169,8 +191,7 @@ def test_soak(service, faults, tmp_path):
         faults.clear()  # nothing more is injected while the checker reads
         progress = job.job_progress.to_dict()
         if fault != "continuations":
-            assert job.state == "JOB_STATE_COMPLETED", (context, job.status)
-            check_run(output, built.expected, progress=progress, calls_dir=calls)
+            _check_job(client, service, ACCOUNTS[0], job_id, built, calls, context)
         else:
             assert job.state == "JOB_STATE_CANCELLED", (context, job.status)
             parent_rows = check_run(output, built.expected, complete=False, progress=progress)
@@ -178,15 +199,24 @@ def test_soak(service, faults, tmp_path):
             child, _ = wait_job(client, child_id, timeout=300)
             assert child.state == "JOB_STATE_COMPLETED", (context, child.status)
             rest = [e for e in built.expected if e.custom_id not in parent_rows]
-            child_output = dataset_files_url(service.storage, ACCOUNT, f"{child_id}-output")
+            child_output = dataset_files_url(service.storage, ACCOUNTS[0], f"{child_id}-output")
             check_run(child_output, rest, progress=child.job_progress.to_dict())
             check_not_rerun([output, child_output], calls)
+        # The other account's job is whole whatever happened to the first.
+        _check_job(other, service, ACCOUNTS[1], other_id, other_built, calls, context)
         assert fired, f"{context}: the armed fault was never reached"
-        attempts = Store(service.storage).get_job(ACCOUNT, job_id).runtime.attempts
-        # A lost writer or driver, or a lost cluster, costs the job one more attempt.
-        resumed = fault in ("writer-crash", "driver-kill", "cluster-restart")
-        assert attempts == 1 + resumed, f"{context}: {attempts} attempts"
+        store = Store(service.storage)
+        attempts = store.get_job(ACCOUNTS[0], job_id).runtime.attempts
+        other_attempts = store.get_job(ACCOUNTS[1], other_id).runtime.attempts
+        if fault == "writer-crash":  # one writer crashed: one of the two jobs resumed once
+            assert sorted((attempts, other_attempts)) == [1, 2], f"{context}: {attempts}, {other_attempts} attempts"
+        elif fault == "cluster-restart":  # the other job may have finished before the stop
+            assert attempts == 2 and other_attempts in (1, 2), f"{context}: {attempts}, {other_attempts} attempts"
+        else:  # a killed driver is the first job's; nothing else costs an attempt
+            assert attempts == 1 + (fault == "driver-kill") and other_attempts == 1, (
+                f"{context}: {attempts}, {other_attempts} attempts")
         if fault == "storage-errors":
             assert stored_errors > 0, f"{context}: no storage error was injected"
-        print(f"{context}: {lines} lines on {model}, {attempts} attempt(s), {stored_errors} storage "
-              f"errors injected, {_recovery(output, struck_at)}, round {time.monotonic() - started:.1f}s")
+        print(f"{context}: {lines} + {len(other_built.lines())} lines of two accounts on {model}, "
+              f"{attempts}/{other_attempts} attempt(s), {stored_errors} storage errors injected, "
+              f"{_recovery(output, struck_at)}, round {time.monotonic() - started:.1f}s")
