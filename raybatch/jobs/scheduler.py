@@ -400,6 +400,8 @@ class JobScheduler:
         limit = self._time_limit(record)
         if record.runtime.running_since and now() - record.runtime.running_since > limit:
             record.runtime.stop_reason = "expire"
+            # Its requests leave the engines now, not once the driver has stopped.
+            self._pool.end_job.remote(self._files_url(record.job.output_dataset_id))
             self._stop_driver(record)
             self._finish(record, S.EXPIRED, f"time limit of {limit.total_seconds():g}s reached; partial results kept")
             return
