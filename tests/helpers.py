@@ -233,6 +233,10 @@ class Faults:
     def fired(self, point: str) -> bool:
         return os.path.exists(os.path.join(self.folder, f"{point}.fired"))
 
+    def fired_at(self, point: str) -> float:
+        """When the fault fired (epoch seconds)."""
+        return os.path.getmtime(os.path.join(self.folder, f"{point}.fired"))
+
     def storage_errors(self) -> int:
         """How many storage errors were injected since the last clear."""
         log = os.path.join(self.folder, "storage.error.log")

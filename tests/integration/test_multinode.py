@@ -65,11 +65,11 @@ class Worker:
 
 
 def _replica_nodes(seen: dict, stop: threading.Event) -> None:
-    """Poll the service's pool: every node a ready replica ran on, with its rows."""
+    """Poll the service's pool: every node where a replica had rows in flight."""
     pool = ray.get_actor(pool_name(os.environ["RAYBATCH_TEST_STORAGE"]), namespace=NAMESPACE)
     while not stop.is_set():
         for replica in ray.get(pool.replicas.remote()):
-            if replica["state"] == "ready" and replica["node"]:
+            if replica["state"] == "ready" and replica["node"] and replica["rowsInFlight"]:
                 seen.setdefault(replica["node"], set()).add(replica["replicaId"])
         time.sleep(0.2)
 
@@ -137,9 +137,7 @@ def test_replicas_follow_lost_and_new_worker_nodes(ray_cluster, service, tmp_pat
         thread.join(300)
         assert not thread.is_alive() and outcome["summary"].state == "completed"
         check_run(config.output, built.expected, calls_dir=tmp_path / "joined" / "calls")
-        assert late.node_id in seen, "no replica ran on the node that joined mid-job"
-        pids = {c.pid for calls in invocations(tmp_path / "joined" / "calls").values() for c in calls}
-        assert len(pids) == 2, "rows were not answered by both replicas"
+        assert late.node_id in seen, "no replica answered rows on the node that joined mid-job"
     finally:
         stop.set()
         for worker in workers:
