@@ -39,7 +39,7 @@ from raybatch.exceptions import (
 from raybatch.jobs.model_access import model_refusal
 from raybatch.engines.pool import pool_handle, pool_name
 from raybatch.jobs.states import transition
-from raybatch.pipeline.write import load_commits, progress_of, publish_files
+from raybatch.output_layout import load_commits, progress_of, publish_files, read_progress
 from raybatch.resources import (
     DATASETS,
     JOBS,
@@ -433,12 +433,10 @@ class JobScheduler:
         return timedelta(seconds=seconds)
 
     def _publish_progress(self, record: JobRecord) -> None:
-        output = Location(self._files_url(record.job.output_dataset_id))
-        from raybatch.pipeline.write import PROGRESS_FILE, OutputStatus
-
-        if not output.exists(PROGRESS_FILE):
+        status = read_progress(Location(self._files_url(record.job.output_dataset_id)))
+        if status is None:
             return
-        progress = OutputStatus.model_validate_json(output.read_bytes(PROGRESS_FILE)).progress
+        progress = status.progress
         with self._lock:
             fresh = self._reload(record)
             if fresh.job.state == record.job.state and fresh.job.job_progress != progress:

@@ -66,7 +66,7 @@ def _upload(client, folder, dataset_id: str, lines: int, bad_line: bool) -> Inpu
 
 
 def _committed_lines(output: str) -> int:
-    from raybatch.pipeline.write import load_commits
+    from raybatch.output_layout import load_commits
     from raybatch.storage import Location
 
     return sum(c.results + c.errors for c in load_commits(Location(output)))
@@ -75,7 +75,7 @@ def _committed_lines(output: str) -> int:
 def _recovery(output: str, struck_at: Optional[float]) -> str:
     """The longest pause in commits from the fault on: how long the job stood still
     (a stopping cluster or driver may still commit for a moment after the fault)."""
-    from raybatch.pipeline.write import load_commits
+    from raybatch.output_layout import load_commits
     from raybatch.storage import Location
 
     if struck_at is None:  # storage errors slow a job down, a cancel ends it

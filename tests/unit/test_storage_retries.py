@@ -25,7 +25,8 @@ from fsspec.spec import AbstractBufferedFile
 
 from raybatch import storage
 from raybatch.exceptions import ConfigError, StorageUnavailable
-from raybatch.pipeline.write import ERRORS_FILE, RESULTS_FILE, OutputWriter, load_commits, publish_files
+from raybatch.output_layout import ERRORS_FILE, RESULTS_FILE, load_commits, publish_files
+from raybatch.pipeline.write import OutputWriter
 from raybatch.storage import Location, RetryPolicy, is_transient, list_shards, open_shard
 from tests.unit.test_write import batch
 

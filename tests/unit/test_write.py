@@ -5,7 +5,8 @@ import json
 import pyarrow as pa
 
 from raybatch.pipeline.rows import OUTPUT_SCHEMA
-from raybatch.pipeline.write import OutputWriter, load_commits, publish_files
+from raybatch.output_layout import load_commits, publish_files
+from raybatch.pipeline.write import OutputWriter
 from raybatch.storage import Location
 
 
