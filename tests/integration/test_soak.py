@@ -29,13 +29,14 @@ import pytest
 from raybatch.store import Store
 from tests.helpers import (
     InputBuilder,
+    chat,
     check_not_rerun,
     check_run,
     dataset_files_url,
     sdk_client,
     wait_job,
+    wait_until,
 )
-from tests.integration.test_run_engine import chat
 
 pytestmark = pytest.mark.slow
 
@@ -87,10 +88,10 @@ def _recovery(output: str, struck_at: Optional[float]) -> str:
 
 
 def _wait_committed(output: str, lines: int, context: str) -> None:
-    deadline = time.monotonic() + 120
-    while _committed_lines(output) < lines:
-        assert time.monotonic() < deadline, f"{context}: {lines} lines never committed"
-        time.sleep(0.1)
+    wait_until(
+        lambda: _committed_lines(output) >= lines, timeout=120, interval=0.1,
+        message=f"{context}: {lines} lines never committed",
+    )
 
 
 def _kill_driver(service, job_id: str) -> None:
