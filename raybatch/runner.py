@@ -28,27 +28,26 @@ from raybatch.config import RunConfig
 from raybatch.exceptions import InputTooLarge
 from raybatch.engines.pool import NAMESPACE, JobTicket, PoolModel, pool_handle, pool_model_for
 from raybatch.exceptions import ConfigError, EngineStartError, IncompleteRunError, OutputConflictError, RowError
-from raybatch.pipeline.engine import EngineStage, PoolAccess
-from raybatch.pipeline.postprocess import finish_rows
-from raybatch.pipeline.preprocess import prepare_requests
-from raybatch.pipeline.read import read_shards
-from raybatch.pipeline.validate import DuplicateScan, scan_custom_ids, validate_body
-from raybatch.pipeline.write import (
-    STATE_DIR,
+from raybatch.output_layout import (
+    RUN_FILE,
     OutputStatus,
-    OutputWriter,
     committed_lines,
     load_commits,
     publish_files,
     succeeded_lines,
 )
+from raybatch.pipeline.engine import EngineStage, PoolAccess
+from raybatch.pipeline.postprocess import finish_rows
+from raybatch.pipeline.preprocess import prepare_requests
+from raybatch.pipeline.read import read_shards
+from raybatch.pipeline.validate import DuplicateScan, scan_custom_ids, validate_body
+from raybatch.pipeline.write import OutputWriter
 from raybatch.precision import EnginePlan, cluster_nodes, plan_engines
 from raybatch.protocol import CHAT_URL, COMPLETIONS_URL
 from raybatch.storage import Location, Shard, list_shards
 
 logger = logging.getLogger(__name__)
 
-RUN_FILE = f"{STATE_DIR}/run.json"
 # Inputs up to this size (stored bytes) are scanned in the driver itself.
 LOCAL_SCAN_BYTES = 32 << 20
 

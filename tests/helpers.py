@@ -1,14 +1,24 @@
-"""Test helpers: input builders and the invariant checker every run is held to."""
+"""Test helpers shared by the test files (no test file imports another): input builders,
+the invariant checker every run is held to, `wait_until`, the mixed input of the engine
+tests, the service the integration tests run against, and fault arming."""
 
 from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
-from typing import NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional, TypeVar
 
 import fsspec
+import pyarrow as pa
+
+from raybatch.config import EngineConfig
+from raybatch.pipeline.rows import OUTPUT_SCHEMA
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -47,6 +57,16 @@ class InputBuilder:
 
     def lines(self) -> list[Expected]:
         return [e for e in self.expected if not e.blank]
+
+
+def wait_until(predicate: Callable[[], T], timeout: float = 60.0, interval: float = 0.2, message: str = "") -> T:
+    """Call `predicate` every `interval` seconds until it returns something true, and
+    return that; fail the test with `message` once `timeout` seconds have passed."""
+    deadline = time.monotonic() + timeout
+    while not (result := predicate()):
+        assert time.monotonic() < deadline, message or f"still not true after {timeout:g}s"
+        time.sleep(interval)
+    return result
 
 
 def read_jsonl(url: str) -> list[dict]:
@@ -167,6 +187,72 @@ def _claimed_elsewhere(line: Expected, expected: list[Expected]) -> bool:
     return line.error == "duplicate_custom_id"
 
 
+
+# The mixed input of the engine tests: every bad-line kind and every request feature
+# in one input, so that one engine start covers them all.
+
+MAX_LINE_BYTES = 4096
+MAX_MODEL_LEN = 512
+# Eager mode starts the CPU engine in ~25 s instead of ~75 s; decoding is slower, which
+# these small inputs do not notice.
+ENGINE = EngineConfig(max_model_len=MAX_MODEL_LEN, engine_args={"enforce_eager": True})
+SCHEMA = {
+    "type": "object",
+    "properties": {"color": {"enum": ["red", "green", "blue"]}},
+    "required": ["color"],
+    "additionalProperties": False,
+}
+
+
+def chat(text: str, **sampling) -> dict:
+    return {"messages": [{"role": "user", "content": text}], **sampling}
+
+
+def mixed_input() -> InputBuilder:
+    b = InputBuilder()
+    a = "a.jsonl"
+    # The first line carries a UTF-8 BOM and ends in CRLF.
+    b.add(a, b"\xef\xbb\xbf" + json.dumps({"custom_id": "bom-crlf", "body": chat("hi")}).encode(), "bom-crlf", end=b"\r\n")
+    b.ok(a, "greedy-a", chat("Tell me a story.", temperature=0, max_tokens=12))
+    b.ok(a, "greedy-b", chat("Tell me a story.", temperature=0, max_tokens=12))
+    b.ok(a, "seeded-a", chat("Roll a die.", temperature=1.0, seed=42, max_tokens=12))
+    b.ok(a, "seeded-b", chat("Roll a die.", temperature=1.0, seed=42, max_tokens=12))
+    b.ok(a, "n-three", chat("Three colors.", n=3, max_tokens=6, ignore_eos=True))
+    b.ok(a, "job-defaults", chat("Use the job's max_tokens.", ignore_eos=True))
+    b.ok(a, "own-max", chat("Use my own max_tokens.", max_tokens=5, ignore_eos=True))
+    b.ok(a, "completion-text", {"prompt": "The quick brown fox", "max_tokens": 8}, url="/v1/completions", method="POST")
+    b.ok(a, "completion-ids", {"prompt": [5, 6, 7, 8], "max_tokens": 4, "logprobs": 2}, url="/v1/completions")
+    b.ok(a, "schema", chat("A color as JSON.", max_tokens=40, seed=3, response_format={"type": "json_schema", "json_schema": {"name": "c", "schema": SCHEMA}}))
+    b.ok(a, "json-object", chat("Any JSON object.", max_tokens=60, temperature=0, response_format={"type": "json_object"}))
+    b.ok(a, "logprobs", chat("With logprobs.", max_tokens=4, logprobs=True, top_logprobs=2))
+    b.add(a, b"", blank=True)
+    b.add(a, b'{"custom_id": "cut", "body": {', None, "invalid_json")
+    b.add(a, b'{"custom_id": "bad-utf8", "body": "\xff\xfe"}', None, "invalid_json")
+    b.add(a, b"[1, 2, 3]", None, "invalid_request")
+    b.add(a, {"body": chat("no id")}, None, "missing_custom_id")
+    b.add(a, {"custom_id": "", "body": chat("empty id")}, None, "missing_custom_id")
+    b.add(a, {"custom_id": 5, "body": chat("numeric id")}, None, "missing_custom_id")
+    b.add(a, {"custom_id": "bom-crlf", "body": chat("again")}, "bom-crlf", "duplicate_custom_id")
+    b.add(a, {"custom_id": "no-body"}, "no-body", "invalid_request")
+    b.add(a, {"custom_id": "messages-string", "body": {"messages": "hello"}}, "messages-string", "invalid_request")
+    b.add(a, {"custom_id": "prompt-object", "url": "/v1/completions", "body": {"prompt": {"x": 1}}}, "prompt-object", "invalid_request")
+    b.add(a, {"custom_id": "embeddings", "url": "/v1/embeddings", "body": {"input": "x"}}, "embeddings", "invalid_request")
+    b.add(a, {"custom_id": "huge", "body": chat("x" * MAX_LINE_BYTES)}, None, "line_too_large")
+    b.add(a, {"custom_id": "long-prompt", "body": chat("word " * 700, max_tokens=4)}, "long-prompt", "context_length_exceeded")
+    b.add(a, {"custom_id": "too-many-tokens", "body": chat("hi", max_tokens=MAX_MODEL_LEN)}, "too-many-tokens", "context_length_exceeded")
+    b.add(a, {"custom_id": "negative-max", "body": chat("hi", max_tokens=-1)}, "negative-max", "invalid_request")
+    b.add(a, b'{"custom_id": "nan-temperature", "body": {"messages": [{"role": "user", "content": "hi"}], "temperature": NaN}}', "nan-temperature", "invalid_request")
+    b.add(a, {"custom_id": "n-too-big", "body": chat("hi", n=17)}, "n-too-big", "invalid_request")
+    b.add(a, {"custom_id": "string-max", "body": chat("hi", max_tokens="5")}, "string-max", "invalid_request")
+    # A second shard: a duplicate across shards (the first shard's line wins), a last
+    # line with no newline, and a whitespace-only line.
+    s = "sub/b.jsonl"
+    b.add(s, {"custom_id": "greedy-a", "body": chat("dup across shards")}, "greedy-a", "duplicate_custom_id")
+    b.add(s, b"   \t", blank=True)
+    b.ok(s, "last-no-newline", chat("end", max_tokens=3))
+    b.shards[s][-1] = b.shards[s][-1].rstrip(b"\n")
+    return b
+
 TERMINAL = {"JOB_STATE_COMPLETED", "JOB_STATE_FAILED", "JOB_STATE_CANCELLED", "JOB_STATE_EXPIRED"}
 
 
@@ -195,6 +281,122 @@ def wait_job(client, job_id: str, until=TERMINAL, timeout: float = 300.0, poll: 
 def dataset_files_url(storage: str, account: str, dataset_name: str) -> str:
     return f"{storage}/accounts/{account}/datasets/{dataset_name.rsplit('/', 1)[-1]}/files"
 
+
+
+# The service the integration tests run against (the `service` fixture in conftest.py).
+
+SERVICE_MODELS = {
+    # The real engine: vLLM CPU on the tiny model (eager: starts in ~25 s, not ~70 s),
+    # kept warm from service start, as an operator would keep a busy model.
+    "tiny": {"source": "{tiny}", "engine": {"min_replicas": 1, "engine_args": {"enforce_eager": True}}},
+    # The deterministic test engine, one row at a time, so a job takes a known time.
+    "scripted-slow": {
+        "source": "scripted",
+        "engine": {"kind": "scripted", "batch_size": 1, "concurrent_batches": 1,
+                   "engine_args": {"seconds_per_request": 1.0}},
+    },
+    "scripted": {"source": "scripted", "engine": {"kind": "scripted"}},
+    # A catalog entry whose files are missing: the job fails at VALIDATING, saying so.
+    "no-files": {"source": "/nowhere/model"},
+    # Slow, and recording every call under {home}/calls (the cluster-restart test).
+    "scripted-counted": {
+        "source": "scripted",
+        "engine": {"kind": "scripted", "batch_size": 1, "concurrent_batches": 1,
+                   "engine_args": {"seconds_per_request": 0.5, "invocations_dir": "{home}/calls"}},
+    },
+}
+# Shared by several jobs at once (test_engine_pool.py): a replica takes 3 rows at a time
+# (1.25 x max_num_seqs 2), each job keeps 6 at the pool, so rows of different jobs
+# compete for the same slots; every call recorded under {home}/pool-calls.
+# "scripted-fair" has no short hang timeout: its test holds requests at a gate.
+# Its rows also take longer (0.5 s), so that every job's pipeline keeps rows waiting at
+# the pool (the pool can only share out rows that are there).
+for _name, _replicas, _timeout, _seconds in (
+    ("scripted-shared-1", 1, 3, 0.1), ("scripted-shared-2", 2, 3, 0.1), ("scripted-fair", 1, 600, 0.5),
+):
+    SERVICE_MODELS[_name] = {
+        "source": "scripted",
+        "engine": {"kind": "scripted", "replicas": _replicas, "max_num_seqs": 2, "batch_size": 1,
+                   "concurrent_batches": 6, "request_timeout_seconds": _timeout,
+                   "engine_args": {"seconds_per_request": _seconds, "invocations_dir": "{home}/pool-calls"}},
+    }
+for _name, _entry in list(SERVICE_MODELS.items()):
+    if _entry.get("engine", {}).get("kind") == "scripted":
+        _entry["engine"]["replica_cpus"] = 0
+# The soak's engines (test_soak.py): recording every call, with a short request
+# timeout so that an armed hang is caught in seconds; one replica and two.
+for _replicas in (1, 2):
+    SERVICE_MODELS[f"scripted-soak-{_replicas}"] = {
+        "source": "scripted",
+        "engine": {"kind": "scripted", "replica_cpus": 0, "replicas": _replicas, "batch_size": 2, "concurrent_batches": 1,
+                   "request_timeout_seconds": 3,
+                   "engine_args": {"seconds_per_request": 0.25, "invocations_dir": "{home}/calls"}},
+    }
+
+
+CLI = [sys.executable, "-m", "raybatch.cli"]
+
+
+@dataclass
+class Service:
+    base_url: str
+    storage: str
+    home: str
+    address: str
+
+    def key(self, account: str) -> str:
+        from raybatch.api.auth import create_key
+        from raybatch.store import Store
+
+        return create_key(Store(self.storage), account)[0]
+
+    def stop(self, how: str) -> None:
+        """Stop the whole Ray cluster: "raybatch down" or "ray stop --force". This
+        process leaves it first."""
+        import ray
+
+        ray.shutdown()
+        if how == "raybatch down":
+            raybatch_cli(self.home, "down")
+        else:
+            ray_cli = os.path.join(os.path.dirname(sys.executable), "ray")
+            subprocess.run([ray_cli, "stop", "--force"], capture_output=True, timeout=120)
+
+    def start(self) -> None:
+        """`raybatch up` again, on the same port with the same config."""
+        service_up(self.home, int(self.base_url.rsplit(":", 1)[1]))
+
+
+def raybatch_cli(home: str, *args: str, check: bool = True) -> str:
+    env = {**os.environ, "RAYBATCH_HOME": home}
+    env.pop("RAY_ADDRESS", None)
+    done = subprocess.run([*CLI, *args], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 or not check, done.stderr[-3000:]
+    return done.stdout
+
+
+def service_up(home: str, port: int) -> dict:
+    stdout = raybatch_cli(home, "up", "--port", str(port), "--config", os.path.join(home, "service.json"), "--num-cpus", "4")
+    with open(os.path.join(home, "up.json")) as up:
+        state = json.load(up)
+    assert stdout.strip().splitlines()[-1] == state["base_url"]
+    return state
+
+
+def service_config(storage: str, tiny_model: str) -> dict:
+    home = os.path.dirname(storage)
+    models = json.loads(json.dumps(SERVICE_MODELS).replace("{tiny}", tiny_model).replace("{home}", home))
+    return {
+        "storage": storage,
+        "models": models,
+        "progress_interval_seconds": 1,
+        # tests/security: an account that may use only part of the catalog.
+        "account_models": {"catalog-restricted": ["scripted"]},
+        # Scripted replicas need no CPU of their own; idle ones go after 20 s, so the
+        # session's many scripted models do not pile up.
+        "run_defaults": {"part_max_seconds": 1, "engine": {"idle_seconds": 20}},
+        "admin_accounts": ["admin"],
+    }
 
 class Call(NamedTuple):
     pid: int  # the engine process that was asked
@@ -266,3 +468,15 @@ def peak_python_memory(function, *args, warm_up: Optional[tuple] = None):
 
     with multiprocessing.get_context("spawn").Pool(1) as pool:
         return pool.apply(_traced, (function, args, warm_up))
+
+
+# The writer's input: rows as the postprocess stage hands them over.
+
+def batch(lines, shard="in.jsonl", error_every=0):
+    rows = {name: [] for name in OUTPUT_SCHEMA.names}
+    for line in lines:
+        is_error = bool(error_every) and line % error_every == 0
+        values = (shard, line, is_error, json.dumps({"line": line, "pad": "x" * 20}), 3, 2, 1)
+        for name, value in zip(OUTPUT_SCHEMA.names, values):
+            rows[name].append(value)
+    return pa.Table.from_pydict(rows, schema=OUTPUT_SCHEMA)

@@ -19,9 +19,8 @@ from typing import Optional
 
 from pydantic import BaseModel
 
+from raybatch.output_layout import ENGINE_FAILURES_DIR
 from raybatch.storage import Location
-
-FAILURES_DIR = "_raybatch/engine-failures"
 
 RowKey = tuple[str, int]  # (shard, line)
 
@@ -45,8 +44,8 @@ class FailureLog:
     def __init__(self, output_url: str):
         self._out = Location(output_url)
         records = [
-            EngineFailureRecord.model_validate_json(self._out.read_bytes(f"{FAILURES_DIR}/{name}"))
-            for name in self._out.list(FAILURES_DIR)
+            EngineFailureRecord.model_validate_json(self._out.read_bytes(f"{ENGINE_FAILURES_DIR}/{name}"))
+            for name in self._out.list(ENGINE_FAILURES_DIR)
             if name.endswith(".json")
         ]
         self._suspects: set[RowKey] = set()
@@ -78,7 +77,7 @@ class FailureLog:
         # Named by time first, so that the sorted listing reads records in the order they
         # were written and a poison row's message names its latest failure.
         name = f"{time.time_ns():020d}-{uuid.uuid4().hex}.json"
-        self._out.write_atomic(f"{FAILURES_DIR}/{name}", record.model_dump_json().encode())
+        self._out.write_atomic(f"{ENGINE_FAILURES_DIR}/{name}", record.model_dump_json().encode())
 
 
 def poison_message(failures: list[str], limit: int) -> Optional[str]:

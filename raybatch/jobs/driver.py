@@ -3,23 +3,22 @@
     python -m raybatch.jobs.driver --storage URL --account A --job ID --attempt N
 
 It runs the data plane (`runner.run_job`) with the RunConfig the scheduler wrote, and
-leaves an outcome record for the scheduler: completed, output_cap_reached, or failed
-with a message (settings that cannot work). A crash leaves no outcome; the scheduler
-then re-queues the job, which resumes from its committed parts. Publishing the result
-files is the scheduler's step (WRITING_RESULTS), not the driver's.
+leaves a `DriverOutcome` for the scheduler (`jobs/handoff.py`): completed,
+output_cap_reached, or failed with a message (settings that cannot work). A crash
+leaves no outcome; the scheduler then re-queues the job, which resumes from its
+committed parts. Publishing the result files is the scheduler's step
+(WRITING_RESULTS), not the driver's.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import signal
 import sys
 
-from raybatch.config import RunConfig
 from raybatch.exceptions import ConfigError, OutputConflictError
-from raybatch.jobs.scheduler import outcome_path, run_config_path
+from raybatch.jobs.handoff import DriverOutcome, OutcomeState, read_run_config, write_outcome
 from raybatch.store import Store
 
 
@@ -38,19 +37,16 @@ def main(argv=None) -> int:
     from raybatch.runner import run_job
 
     store = Store(args.storage)
-    config = RunConfig.model_validate_json(store.location.read_bytes(run_config_path(args.account, args.job)))
-
-    def record(state: str, message: str = "") -> None:
-        outcome = json.dumps({"state": state, "message": message}).encode()
-        store.location.write_atomic(outcome_path(args.account, args.job, args.attempt), outcome)
+    config = read_run_config(store.location, args.account, args.job)
 
     try:
         summary = run_job(config, publish=False)
     except (ConfigError, OutputConflictError) as error:
-        record("failed", str(error))
-        return 2
-    record(summary.state)
-    return 0
+        outcome, code = DriverOutcome(state=OutcomeState.FAILED, message=str(error)), 2
+    else:
+        outcome, code = DriverOutcome(state=OutcomeState(summary.state)), 0
+    write_outcome(store.location, args.account, args.job, args.attempt, outcome)
+    return code
 
 
 if __name__ == "__main__":

@@ -7,6 +7,12 @@ restart leaves it alone) → WRITING_RESULTS (publish results.jsonl/errors.jsonl
 COMPLETED; or EXPIRED / CANCELLED with the committed part published, or RE_QUEUEING
 when its driver died (it resumes from its committed parts).
 
+This module holds the API requests, the loop, admission and the records. What it
+leans on: `run_config` makes a job's RunConfig, `driver_control` submits, watches and
+stops drivers, `handoff` is what a driver and the scheduler leave each other (the run
+config in, a `DriverOutcome` out), and `raybatch.output_layout` reads the output
+folder (progress, commit records, publishing).
+
 All state lives in the store: a restarted scheduler reads the jobs back and carries on
 from whatever state each is in. Being the only writer of job records (one lock around
 each read-modify-write) is what keeps two changes from overwriting each other.
@@ -15,10 +21,7 @@ each read-modify-write) is what keeps two changes from overwriting each other.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
-import os
-import sys
 import threading
 import time
 import uuid
@@ -27,7 +30,7 @@ from typing import Optional
 
 import ray
 
-from raybatch.config import ModelEntry, RunConfig, ServiceConfig
+from raybatch.config import ServiceConfig
 from raybatch.exceptions import (
     AlreadyExists,
     ConfigError,
@@ -36,10 +39,13 @@ from raybatch.exceptions import (
     InvalidArgument,
     NotFound,
 )
-from raybatch.jobs.model_access import model_refusal
 from raybatch.engines.pool import pool_handle, pool_name
+from raybatch.jobs.driver_control import DriverControl
+from raybatch.jobs.handoff import OutcomeState, read_outcome, write_run_config
+from raybatch.jobs.model_access import model_refusal
+from raybatch.jobs.run_config import RunConfigBuilder, check_model_source
 from raybatch.jobs.states import transition
-from raybatch.pipeline.write import load_commits, progress_of, publish_files
+from raybatch.output_layout import load_commits, progress_of, publish_files, read_progress
 from raybatch.resources import (
     DATASETS,
     JOBS,
@@ -70,24 +76,17 @@ ACTIVE = (S.RUNNING, S.CANCELLING)  # states in which a driver may be running
 RELEASES_ENGINES = frozenset({S.CANCELLING, S.RE_QUEUEING} | {s for s in S if s.terminal})
 
 
-def run_config_path(account: str, job_id: str) -> str:
-    return f"{resource_name(account, JOBS, job_id)}/run-config.json"
-
-
-def outcome_path(account: str, job_id: str, attempt: int) -> str:
-    return f"{resource_name(account, JOBS, job_id)}/outcome-{attempt}.json"
-
-
 class JobScheduler:
     def __init__(self, config: ServiceConfig):
         self._config = config
         self._store = Store(config.storage)
         self._store.signing_key()  # made once here, before any API replica needs it
         self._lock = threading.RLock()
-        self._drivers = None  # JobSubmissionClient, made on first use
+        self._drivers = DriverControl()
         # The engines every job shares; created here so that it exists before any driver.
         self._pool_name = pool_name(config.storage)
         self._pool = pool_handle(self._pool_name, config.account_weights)
+        self._configs = RunConfigBuilder(config, self._store, self._pool_name)
         self._warmed_catalog = False
         self._stop = threading.Event()
         self._loop = threading.Thread(target=self._run_loop, name="scheduler-loop", daemon=True)
@@ -105,7 +104,7 @@ class JobScheduler:
         if request.continued_from_job_name:
             parent = self._continuation_parent(account, request.continued_from_job_name)
             runtime.skip_succeeded_in = parent.runtime.skip_succeeded_in + [
-                self._files_url(parent.job.output_dataset_id)
+                self._configs.files_url(parent.job.output_dataset_id)
             ]
             inherited = {
                 "model": parent.job.model,
@@ -249,7 +248,7 @@ class JobScheduler:
 
         ensure_ray()
         for name, entry in self._config.models.items():
-            config = self._model_run_config(name, input="unused", output="unused")
+            config = self._configs.for_model(name, input="unused", output="unused")
             if config.engine.min_replicas or config.engine.replicas:
                 try:
                     self._pool.warm.remote(job_pool_model(config, cluster_plan(config), fixed=False))
@@ -266,7 +265,7 @@ class JobScheduler:
         elif state == S.RUNNING:
             self._watch(record)
         elif state == S.CANCELLING:
-            self._stop_driver(record)
+            self._drivers.stop(record.runtime.driver_id)
             self._finish(record, S.CANCELLED, "cancelled; partial results kept")
         elif state == S.WRITING_RESULTS:
             self._finish(record, S.COMPLETED, "")
@@ -291,9 +290,9 @@ class JobScheduler:
                 ensure_ray()
                 from raybatch.runner import job_pool_model
 
-                config = self._run_config(record)
+                config = self._configs.for_job(record)
                 if config.engine.kind == "vllm":
-                    _check_model_source(config.model)
+                    check_model_source(config.model)
                 plan = cluster_plan(config)
                 # A cold model's engine starts now, while the job waits for a slot.
                 self._pool.warm.remote(job_pool_model(config, plan, fixed=False))
@@ -304,64 +303,11 @@ class JobScheduler:
         else:
             self._move_if(record, S.VALIDATING, S.PENDING, "")
 
-    def _model(self, name: str) -> ModelEntry:
-        if name in self._config.models:
-            return self._config.models[name]
-        if not self._config.allow_any_model:  # a job created before the catalog changed
-            raise ConfigError(f"model {name!r} is not in the service's model catalog")
-        return ModelEntry(source=name)
-
-    def _run_config(self, record: JobRecord) -> RunConfig:
-        job = record.job
-        return self._model_run_config(
-            job.model,
-            input=self._files_url(job.input_dataset_id),
-            output=self._files_url(job.output_dataset_id),
-            inference_parameters=job.inference_parameters,
-            precision=job.precision,
-            skip_succeeded_in=record.runtime.skip_succeeded_in,
-            account=record.runtime.account,
-        )
-
-    def _model_run_config(self, name: str, **job_fields) -> RunConfig:
-        model = self._model(name)
-        fields = dict(self._config.run_defaults)
-        defaults = fields.get("engine", {})
-        engine = {**defaults, **model.engine}
-        engine["engine_args"] = {**defaults.get("engine_args", {}), **model.engine.get("engine_args", {})}
-        fields.update(
-            **job_fields,
-            model=model.source,
-            served_model_name=name,
-            engine=engine,
-            engine_pool=self._pool_name,
-            # The dataset limit again while reading: a shard that expands past it (a
-            # gzip bomb, a file changed after validation) stops the job, not the node.
-            max_shard_bytes=self._config.max_dataset_bytes,
-        )
-        try:
-            return RunConfig.model_validate(fields)
-        except ValueError as error:
-            raise ConfigError(f"invalid job settings: {error}") from None
-
-    def _files_url(self, dataset_name: str) -> str:
-        account, dataset_id = parse_reference(dataset_name, DATASETS, "")
-        return self._store.dataset_files_url(account, dataset_id)
-
     # --------------------------------------------------------------- drivers
-
-    def _submission_client(self):
-        if self._drivers is None:
-            from ray.job_submission import JobSubmissionClient
-
-            address = os.environ.get("RAY_API_SERVER_ADDRESS") or ray._private.worker.get_dashboard_url()
-            self._drivers = JobSubmissionClient(address if "://" in address else f"http://{address}")
-        return self._drivers
 
     def _start_driver(self, record: JobRecord) -> None:
         account, job_id = record.runtime.account, record.job.name.rsplit("/", 1)[-1]
-        config = self._run_config(record)
-        self._store.location.write_atomic(run_config_path(account, job_id), config.model_dump_json().encode())
+        write_run_config(self._store.location, account, job_id, self._configs.for_job(record))
         attempt = record.runtime.attempts + 1
         driver_id = f"raybatch-{account}-{job_id}-{attempt}-{uuid.uuid4().hex[:6]}"
         with self._lock:
@@ -372,27 +318,7 @@ class JobScheduler:
             record.runtime.driver_id = driver_id
             record.runtime.running_since = record.runtime.running_since or now()
             self._move(record, S.RUNNING, f"attempt {attempt}")
-        entrypoint = (
-            f"{sys.executable} -m raybatch.jobs.driver --storage {self._store.root_url} "
-            f"--account {account} --job {job_id} --attempt {attempt}"
-        )
-        self._submission_client().submit_job(entrypoint=entrypoint, submission_id=driver_id)
-
-    def _driver_status(self, driver_id: Optional[str]) -> str:
-        if not driver_id:
-            return "GONE"
-        try:
-            return str(self._submission_client().get_job_status(driver_id).value)
-        except Exception:  # not found: the cluster it ran on is gone
-            return "GONE"
-
-    def _stop_driver(self, record: JobRecord, wait_seconds: float = 30.0) -> None:
-        driver_id = record.runtime.driver_id
-        if self._driver_status(driver_id) in ("PENDING", "RUNNING"):
-            self._submission_client().stop_job(driver_id)
-            deadline = time.monotonic() + wait_seconds
-            while self._driver_status(driver_id) in ("PENDING", "RUNNING") and time.monotonic() < deadline:
-                time.sleep(0.2)
+        self._drivers.submit(driver_id, storage=self._store.root_url, account=account, job_id=job_id, attempt=attempt)
 
     def _watch(self, record: JobRecord) -> None:
         account, job_id = record.runtime.account, record.job.name.rsplit("/", 1)[-1]
@@ -401,30 +327,29 @@ class JobScheduler:
         if record.runtime.running_since and now() - record.runtime.running_since > limit:
             record.runtime.stop_reason = "expire"
             # Its requests leave the engines now, not once the driver has stopped.
-            self._pool.end_job.remote(self._files_url(record.job.output_dataset_id))
-            self._stop_driver(record)
+            self._pool.end_job.remote(self._configs.files_url(record.job.output_dataset_id))
+            self._drivers.stop(record.runtime.driver_id)
             self._finish(record, S.EXPIRED, f"time limit of {limit.total_seconds():g}s reached; partial results kept")
             return
-        status = self._driver_status(record.runtime.driver_id)
-        if status in ("PENDING", "RUNNING"):
+        status = self._drivers.status(record.runtime.driver_id)
+        if status.alive:
             return
-        outcome_file = outcome_path(account, job_id, record.runtime.attempts)
-        outcome = None
-        if self._store.location.exists(outcome_file):
-            outcome = json.loads(self._store.location.read_bytes(outcome_file))
-        if outcome and outcome["state"] == "completed":
+        outcome = read_outcome(self._store.location, account, job_id, record.runtime.attempts)
+        if outcome is None:
+            # It ended without an answer (crashed, killed, its node or cluster lost): the
+            # next attempt resumes from the committed parts.
+            ended = status.value.lower()
+            if record.runtime.attempts >= MAX_ATTEMPTS:
+                self._fail(record, f"gave up after {record.runtime.attempts} attempts: driver {ended}")
+            else:
+                self._move_if(record, S.RUNNING, S.RE_QUEUEING, f"driver {record.runtime.driver_id} {ended}")
+        elif outcome.state == OutcomeState.COMPLETED:
             self._move_if(record, S.RUNNING, S.WRITING_RESULTS, "")
             self._finish(self._reload(record), S.COMPLETED, "")
-        elif outcome and outcome["state"] == "output_cap_reached":
+        elif outcome.state == OutcomeState.OUTPUT_CAP_REACHED:
             self._finish(record, S.EXPIRED, "output size cap reached; partial results kept")
-        elif outcome and outcome["state"] == "failed":
-            self._fail(record, outcome["message"])
-        elif record.runtime.attempts >= MAX_ATTEMPTS:
-            reason = outcome["message"] if outcome else f"driver {status.lower()}"
-            self._fail(record, f"gave up after {record.runtime.attempts} attempts: {reason}")
-        else:
-            reason = outcome["message"] if outcome else f"driver {record.runtime.driver_id} {status.lower()}"
-            self._move_if(record, S.RUNNING, S.RE_QUEUEING, reason)
+        elif outcome.state == OutcomeState.FAILED:
+            self._fail(record, outcome.message)
 
     def _time_limit(self, record: JobRecord) -> timedelta:
         seconds = self._config.max_job_duration_seconds
@@ -433,12 +358,10 @@ class JobScheduler:
         return timedelta(seconds=seconds)
 
     def _publish_progress(self, record: JobRecord) -> None:
-        output = Location(self._files_url(record.job.output_dataset_id))
-        from raybatch.pipeline.write import PROGRESS_FILE, OutputStatus
-
-        if not output.exists(PROGRESS_FILE):
+        status = read_progress(Location(self._configs.files_url(record.job.output_dataset_id)))
+        if status is None:
             return
-        progress = OutputStatus.model_validate_json(output.read_bytes(PROGRESS_FILE)).progress
+        progress = status.progress
         with self._lock:
             fresh = self._reload(record)
             if fresh.job.state == record.job.state and fresh.job.job_progress != progress:
@@ -448,7 +371,7 @@ class JobScheduler:
 
     def _finish(self, record: JobRecord, target: JobState, message: str) -> None:
         """Publish what was committed, mark the output dataset READY, then `target`."""
-        output = Location(self._files_url(record.job.output_dataset_id))
+        output = Location(self._configs.files_url(record.job.output_dataset_id))
         commits = load_commits(output)
         publish_files(output)
         account = record.runtime.account
@@ -485,7 +408,7 @@ class JobScheduler:
         if target in RELEASES_ENGINES and record.job.output_dataset_id:
             # Its rows leave the pool's queues and its requests are aborted inside the
             # engines at once; no other job's rows are touched.
-            self._pool.end_job.remote(self._files_url(record.job.output_dataset_id))
+            self._pool.end_job.remote(self._configs.files_url(record.job.output_dataset_id))
 
     def _move_if(self, record: JobRecord, expected: JobState, target: JobState, message: str) -> bool:
         with self._lock:
@@ -545,13 +468,6 @@ class JobScheduler:
             ),
         )
         return output_id
-
-
-def _check_model_source(source: str) -> None:
-    """A local model must exist; a hub ID is left for the engine to fetch."""
-    looks_local = source.startswith(("/", ".", "~", "file://")) or os.path.exists(source)
-    if looks_local and not os.path.isfile(os.path.join(os.path.expanduser(source), "config.json")):
-        raise ConfigError(f"model {source!r}: no config.json there")
 
 
 def scheduler_name(storage: str) -> str:

@@ -9,8 +9,7 @@ import json
 import httpx
 import pytest
 
-from tests.helpers import InputBuilder, check_run, dataset_files_url, read_jsonl, sdk_client, wait_job
-from tests.integration.test_run_engine import chat
+from tests.helpers import InputBuilder, chat, check_run, dataset_files_url, read_jsonl, sdk_client, wait_job
 
 pytestmark = pytest.mark.engine  # one job on vLLM, shared by the module
 

@@ -11,8 +11,7 @@ import pytest
 import ray
 
 from raybatch.resources import JobRecord
-from tests.helpers import InputBuilder, check_run, dataset_files_url, read_jsonl, sdk_client, wait_job
-from tests.integration.test_run_engine import chat
+from tests.helpers import InputBuilder, chat, check_run, dataset_files_url, read_jsonl, sdk_client, wait_job, wait_until
 
 ACCOUNT = "jobs"
 
@@ -31,10 +30,10 @@ def _upload(client, tmp_path, dataset_id: str, lines: int, bad_every: int = 0) -
 
 
 def _wait_progress(client, job_id: str, processed: int, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while client.batch_inference_jobs.get(job_id).job_progress.total_processed_requests < processed:
-        assert time.monotonic() < deadline, f"{job_id} made no progress"
-        time.sleep(0.3)
+    wait_until(
+        lambda: client.batch_inference_jobs.get(job_id).job_progress.total_processed_requests >= processed,
+        timeout=timeout, interval=0.3, message=f"{job_id} made no progress",
+    )
 
 
 def _output(service, job) -> str:
@@ -119,7 +118,7 @@ def test_restarting_the_serve_app_and_the_scheduler_mid_job_loses_nothing(client
     from raybatch.config import ServiceConfig
     from raybatch.runner import ensure_ray
     from raybatch.service import APP_NAME, deploy
-    from tests.conftest import service_config
+    from tests.helpers import service_config
 
     built = _upload(client, tmp_path, "to-survive", 40)
     client.batch_inference_jobs.create(batch_inference_job_id="survivor", model="scripted-slow", input_dataset_id="to-survive")

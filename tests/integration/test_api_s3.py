@@ -4,14 +4,12 @@ downloads come from them, and the size limits answer 413."""
 
 from __future__ import annotations
 
-import time
 
 import boto3
 import httpx
 import pytest
 
-from tests.helpers import InputBuilder, check_run, sdk_client, wait_job
-from tests.integration.test_run_engine import chat
+from tests.helpers import InputBuilder, chat, check_run, sdk_client, wait_job, wait_until
 
 ACCOUNT = "s3user"
 MIB = 1 << 20
@@ -23,7 +21,7 @@ def s3_service(service, s3_endpoint, tiny_model):
 
     from raybatch.api.app import build_app
     from raybatch.runner import ensure_ray
-    from tests.conftest import Service, service_config
+    from tests.helpers import Service, service_config
 
     boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket="raybatch-service")
     storage = "s3://raybatch-service/root"
@@ -31,10 +29,7 @@ def s3_service(service, s3_endpoint, tiny_model):
     ensure_ray()
     serve.run(build_app(config), name="raybatch-s3", route_prefix="/s3", blocking=False)
     base_url = f"{service.base_url}/s3"
-    deadline = time.monotonic() + 120
-    while httpx.get(f"{base_url}/healthz").status_code != 200:
-        assert time.monotonic() < deadline
-        time.sleep(0.5)
+    wait_until(lambda: httpx.get(f"{base_url}/healthz").status_code == 200, timeout=120, interval=0.5)
     yield Service(base_url, storage, service.home, service.address)
     serve.delete("raybatch-s3")
 

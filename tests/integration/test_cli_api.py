@@ -7,8 +7,7 @@ import json
 import subprocess
 import sys
 
-from tests.helpers import InputBuilder, read_jsonl
-from tests.integration.test_run_engine import chat
+from tests.helpers import InputBuilder, chat, read_jsonl
 
 ACCOUNT = "cli"
 

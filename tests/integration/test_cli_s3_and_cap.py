@@ -15,8 +15,7 @@ import ray
 
 from raybatch.config import RunConfig
 from raybatch.runner import run_job
-from tests.helpers import InputBuilder, check_run, read_jsonl
-from tests.integration.test_run_engine import ENGINE, MAX_LINE_BYTES, chat, mixed_input
+from tests.helpers import ENGINE, InputBuilder, MAX_LINE_BYTES, chat, check_run, mixed_input, read_jsonl
 
 pytestmark = pytest.mark.engine
 

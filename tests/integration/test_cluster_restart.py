@@ -11,8 +11,7 @@ import time
 
 import pytest
 
-from tests.helpers import InputBuilder, check_run, committed_results, dataset_files_url, sdk_client, wait_job
-from tests.integration.test_run_engine import chat
+from tests.helpers import InputBuilder, chat, check_run, committed_results, dataset_files_url, sdk_client, wait_job, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -38,10 +37,7 @@ def test_job_resumes_after_the_cluster_restarts(service, tmp_path, stop, model):
     client.datasets.upload(dataset_id, file=("in.jsonl", (tmp_path / "in.jsonl").read_bytes()))
     client.batch_inference_jobs.create(batch_inference_job_id=job_id, model=model, input_dataset_id=dataset_id)
     output = dataset_files_url(service.storage, ACCOUNT, f"{job_id}-output")
-    deadline = time.monotonic() + 120
-    while len(committed_results(output)) < 3:
-        assert time.monotonic() < deadline, "no commits"
-        time.sleep(0.3)
+    wait_until(lambda: len(committed_results(output)) >= 3, timeout=120, interval=0.3, message="no commits")
 
     service.stop(stop)
     committed_before = committed_results(output)

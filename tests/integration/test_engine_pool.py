@@ -9,8 +9,7 @@ import time
 import httpx
 import pytest
 
-from tests.helpers import InputBuilder, check_run, dataset_files_url, invocations, read_jsonl, sdk_client, wait_job
-from tests.integration.test_run_engine import chat
+from tests.helpers import InputBuilder, chat, check_run, dataset_files_url, invocations, read_jsonl, sdk_client, wait_job, wait_until
 
 COMPLETED = {"JOB_STATE_COMPLETED"}
 
@@ -81,10 +80,7 @@ def test_cancel_aborts_one_job_and_leaves_the_other_whole(service, tmp_path):
     kept = _job(service, account, "keep-me", "scripted-shared-1", 60, tmp_path)
     _job(service, account, "stop-me", "scripted-shared-1", 200, tmp_path)
     client = sdk_client(service.base_url, service.key(account), account)
-    deadline = time.monotonic() + 120
-    while client.batch_inference_jobs.get("stop-me").job_progress.total_processed_requests < 5:
-        assert time.monotonic() < deadline
-        time.sleep(0.2)
+    wait_until(lambda: client.batch_inference_jobs.get("stop-me").job_progress.total_processed_requests >= 5, timeout=120)
     client.post(f"/v1/accounts/{account}/batchInferenceJobs/stop-me:cancel", cast_to=object)
     cancelled_at = time.time()
     wait_job(client, "stop-me", until={"JOB_STATE_CANCELLED"}, timeout=60)
@@ -149,9 +145,7 @@ def test_a_second_job_finds_the_vllm_replica_warm(service, tmp_path):
     second = _job(service, account, "warm-2", "tiny", 20, tmp_path)
     created = time.monotonic()
     client = sdk_client(service.base_url, service.key(account), account)
-    while client.batch_inference_jobs.get("warm-2").job_progress.total_processed_requests == 0:
-        assert time.monotonic() - created < 120
-        time.sleep(0.2)
+    wait_until(lambda: client.batch_inference_jobs.get("warm-2").job_progress.total_processed_requests != 0, timeout=120)
     print(f"second job's first row visible {time.monotonic() - created:.1f}s after create")
     _check(service, account, "warm-2", second)
     after = [r for r in _engines(service).json()["replicas"] if r["model"] == "tiny"]

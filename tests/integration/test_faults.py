@@ -11,8 +11,7 @@ import pytest
 
 from raybatch.config import RunConfig
 from raybatch.runner import run_job
-from tests.helpers import InputBuilder, check_run, invocations, read_jsonl
-from tests.integration.test_run_engine import chat
+from tests.helpers import InputBuilder, chat, check_run, invocations, read_jsonl
 
 LINES = 60
 

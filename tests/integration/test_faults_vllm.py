@@ -16,8 +16,7 @@ import pytest
 
 from raybatch.config import RunConfig
 from raybatch.runner import run_job
-from tests.helpers import InputBuilder, check_run
-from tests.integration.test_run_engine import chat
+from tests.helpers import InputBuilder, chat, check_run
 
 pytestmark = pytest.mark.engine
 

@@ -20,8 +20,7 @@ import ray
 from raybatch.config import RunConfig
 from raybatch.engines.pool import NAMESPACE, pool_name
 from raybatch.runner import run_job
-from tests.helpers import InputBuilder, check_run, invocations
-from tests.integration.test_run_engine import chat
+from tests.helpers import InputBuilder, chat, check_run, invocations, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -41,10 +40,7 @@ class Worker:
             capture_output=True, text=True, timeout=120,
         )
         assert done.returncode == 0, done.stderr[-2000:]
-        deadline = time.monotonic() + 60
-        while self.node_id is None:
-            assert time.monotonic() < deadline, "the worker node did not join"
-            time.sleep(0.5)
+        wait_until(lambda: self.node_id is not None, timeout=60, interval=0.5, message="the worker node did not join")
 
     @property
     def node_id(self):

@@ -8,75 +8,12 @@ import json
 import jsonschema
 import pytest
 
-from raybatch.config import EngineConfig, RunConfig
+from raybatch.config import RunConfig
 from raybatch.protocol import InferenceParameters
 from raybatch.runner import run_job
-from tests.helpers import InputBuilder, check_run, read_jsonl
+from tests.helpers import ENGINE, MAX_LINE_BYTES, MAX_MODEL_LEN, SCHEMA, check_run, mixed_input, read_jsonl
 
 pytestmark = pytest.mark.engine
-
-MAX_LINE_BYTES = 4096
-MAX_MODEL_LEN = 512
-# Eager mode starts the CPU engine in ~25 s instead of ~75 s; decoding is slower, which
-# these small inputs do not notice.
-ENGINE = EngineConfig(max_model_len=MAX_MODEL_LEN, engine_args={"enforce_eager": True})
-SCHEMA = {
-    "type": "object",
-    "properties": {"color": {"enum": ["red", "green", "blue"]}},
-    "required": ["color"],
-    "additionalProperties": False,
-}
-
-
-def chat(text: str, **sampling) -> dict:
-    return {"messages": [{"role": "user", "content": text}], **sampling}
-
-
-def mixed_input() -> InputBuilder:
-    b = InputBuilder()
-    a = "a.jsonl"
-    # The first line carries a UTF-8 BOM and ends in CRLF.
-    b.add(a, b"\xef\xbb\xbf" + json.dumps({"custom_id": "bom-crlf", "body": chat("hi")}).encode(), "bom-crlf", end=b"\r\n")
-    b.ok(a, "greedy-a", chat("Tell me a story.", temperature=0, max_tokens=12))
-    b.ok(a, "greedy-b", chat("Tell me a story.", temperature=0, max_tokens=12))
-    b.ok(a, "seeded-a", chat("Roll a die.", temperature=1.0, seed=42, max_tokens=12))
-    b.ok(a, "seeded-b", chat("Roll a die.", temperature=1.0, seed=42, max_tokens=12))
-    b.ok(a, "n-three", chat("Three colors.", n=3, max_tokens=6, ignore_eos=True))
-    b.ok(a, "job-defaults", chat("Use the job's max_tokens.", ignore_eos=True))
-    b.ok(a, "own-max", chat("Use my own max_tokens.", max_tokens=5, ignore_eos=True))
-    b.ok(a, "completion-text", {"prompt": "The quick brown fox", "max_tokens": 8}, url="/v1/completions", method="POST")
-    b.ok(a, "completion-ids", {"prompt": [5, 6, 7, 8], "max_tokens": 4, "logprobs": 2}, url="/v1/completions")
-    b.ok(a, "schema", chat("A color as JSON.", max_tokens=40, seed=3, response_format={"type": "json_schema", "json_schema": {"name": "c", "schema": SCHEMA}}))
-    b.ok(a, "json-object", chat("Any JSON object.", max_tokens=60, temperature=0, response_format={"type": "json_object"}))
-    b.ok(a, "logprobs", chat("With logprobs.", max_tokens=4, logprobs=True, top_logprobs=2))
-    b.add(a, b"", blank=True)
-    b.add(a, b'{"custom_id": "cut", "body": {', None, "invalid_json")
-    b.add(a, b'{"custom_id": "bad-utf8", "body": "\xff\xfe"}', None, "invalid_json")
-    b.add(a, b"[1, 2, 3]", None, "invalid_request")
-    b.add(a, {"body": chat("no id")}, None, "missing_custom_id")
-    b.add(a, {"custom_id": "", "body": chat("empty id")}, None, "missing_custom_id")
-    b.add(a, {"custom_id": 5, "body": chat("numeric id")}, None, "missing_custom_id")
-    b.add(a, {"custom_id": "bom-crlf", "body": chat("again")}, "bom-crlf", "duplicate_custom_id")
-    b.add(a, {"custom_id": "no-body"}, "no-body", "invalid_request")
-    b.add(a, {"custom_id": "messages-string", "body": {"messages": "hello"}}, "messages-string", "invalid_request")
-    b.add(a, {"custom_id": "prompt-object", "url": "/v1/completions", "body": {"prompt": {"x": 1}}}, "prompt-object", "invalid_request")
-    b.add(a, {"custom_id": "embeddings", "url": "/v1/embeddings", "body": {"input": "x"}}, "embeddings", "invalid_request")
-    b.add(a, {"custom_id": "huge", "body": chat("x" * MAX_LINE_BYTES)}, None, "line_too_large")
-    b.add(a, {"custom_id": "long-prompt", "body": chat("word " * 700, max_tokens=4)}, "long-prompt", "context_length_exceeded")
-    b.add(a, {"custom_id": "too-many-tokens", "body": chat("hi", max_tokens=MAX_MODEL_LEN)}, "too-many-tokens", "context_length_exceeded")
-    b.add(a, {"custom_id": "negative-max", "body": chat("hi", max_tokens=-1)}, "negative-max", "invalid_request")
-    b.add(a, b'{"custom_id": "nan-temperature", "body": {"messages": [{"role": "user", "content": "hi"}], "temperature": NaN}}', "nan-temperature", "invalid_request")
-    b.add(a, {"custom_id": "n-too-big", "body": chat("hi", n=17)}, "n-too-big", "invalid_request")
-    b.add(a, {"custom_id": "string-max", "body": chat("hi", max_tokens="5")}, "string-max", "invalid_request")
-    # A second shard: a duplicate across shards (the first shard's line wins), a last
-    # line with no newline, and a whitespace-only line.
-    s = "sub/b.jsonl"
-    b.add(s, {"custom_id": "greedy-a", "body": chat("dup across shards")}, "greedy-a", "duplicate_custom_id")
-    b.add(s, b"   \t", blank=True)
-    b.ok(s, "last-no-newline", chat("end", max_tokens=3))
-    b.shards[s][-1] = b.shards[s][-1].rstrip(b"\n")
-    return b
-
 
 def mixed_config(root, model: str) -> RunConfig:
     return RunConfig(

@@ -29,13 +29,14 @@ import pytest
 from raybatch.store import Store
 from tests.helpers import (
     InputBuilder,
+    chat,
     check_not_rerun,
     check_run,
     dataset_files_url,
     sdk_client,
     wait_job,
+    wait_until,
 )
-from tests.integration.test_run_engine import chat
 
 pytestmark = pytest.mark.slow
 
@@ -66,7 +67,7 @@ def _upload(client, folder, dataset_id: str, lines: int, bad_line: bool) -> Inpu
 
 
 def _committed_lines(output: str) -> int:
-    from raybatch.pipeline.write import load_commits
+    from raybatch.output_layout import load_commits
     from raybatch.storage import Location
 
     return sum(c.results + c.errors for c in load_commits(Location(output)))
@@ -75,7 +76,7 @@ def _committed_lines(output: str) -> int:
 def _recovery(output: str, struck_at: Optional[float]) -> str:
     """The longest pause in commits from the fault on: how long the job stood still
     (a stopping cluster or driver may still commit for a moment after the fault)."""
-    from raybatch.pipeline.write import load_commits
+    from raybatch.output_layout import load_commits
     from raybatch.storage import Location
 
     if struck_at is None:  # storage errors slow a job down, a cancel ends it
@@ -87,10 +88,10 @@ def _recovery(output: str, struck_at: Optional[float]) -> str:
 
 
 def _wait_committed(output: str, lines: int, context: str) -> None:
-    deadline = time.monotonic() + 120
-    while _committed_lines(output) < lines:
-        assert time.monotonic() < deadline, f"{context}: {lines} lines never committed"
-        time.sleep(0.1)
+    wait_until(
+        lambda: _committed_lines(output) >= lines, timeout=120, interval=0.1,
+        message=f"{context}: {lines} lines never committed",
+    )
 
 
 def _kill_driver(service, job_id: str) -> None:

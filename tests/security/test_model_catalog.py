@@ -4,13 +4,12 @@ Each attack goes through the real HTTP API of the running service."""
 from __future__ import annotations
 
 import json
-import time
 
 import httpx
 import pytest
 
 from raybatch.store import Store
-from tests.conftest import SERVICE_MODELS
+from tests.helpers import SERVICE_MODELS, wait_until
 
 ACCOUNT = "attacker"
 SERVED = ", ".join(sorted(SERVICE_MODELS))
@@ -69,10 +68,10 @@ def test_a_continuation_inherits_its_parents_model_and_passes_the_same_check(ser
     """A parent whose model is no longer served (created under allow_any_model, or before
     the catalog changed) cannot be continued into loading that model."""
     assert _create(service, attacker, ACCOUNT, "parent", model="scripted", inputDatasetId="in").status_code == 200
-    deadline = time.monotonic() + 120
-    while _call(service, attacker, "GET", f"{ACCOUNT}/batchInferenceJobs/parent").json()["state"] != "JOB_STATE_COMPLETED":
-        assert time.monotonic() < deadline, "the parent job did not complete"
-        time.sleep(0.5)
+    wait_until(
+        lambda: _call(service, attacker, "GET", f"{ACCOUNT}/batchInferenceJobs/parent").json()["state"] == "JOB_STATE_COMPLETED",
+        timeout=120, interval=0.5, message="the parent job did not complete",
+    )
     store = Store(service.storage)
     record = store.get_job(ACCOUNT, "parent")
     record.job.model = "attacker-org/evil-model"

@@ -46,7 +46,8 @@ from raybatch.pipeline.rows import EngineRequest
 from raybatch.pipeline.read import UNREADABLE, LineSet, iter_lines, read_shards, shard_lines
 from raybatch.pipeline.rows import RAW_SCHEMA, column
 from raybatch.pipeline.validate import MAX_NESTING, DuplicateScan, scan_custom_ids, validate_body, validate_line
-from raybatch.pipeline.write import OutputWriter, publish_files
+from raybatch.output_layout import publish_files
+from raybatch.pipeline.write import OutputWriter
 from raybatch.protocol import CHAT_URL
 from raybatch.storage import Location, list_shards
 from tests.helpers import InputBuilder, check_run, peak_python_memory, read_jsonl

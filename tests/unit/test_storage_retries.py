@@ -25,9 +25,10 @@ from fsspec.spec import AbstractBufferedFile
 
 from raybatch import storage
 from raybatch.exceptions import ConfigError, StorageUnavailable
-from raybatch.pipeline.write import ERRORS_FILE, RESULTS_FILE, OutputWriter, load_commits, publish_files
+from raybatch.output_layout import ERRORS_FILE, RESULTS_FILE, load_commits, publish_files
+from raybatch.pipeline.write import OutputWriter
 from raybatch.storage import Location, RetryPolicy, is_transient, list_shards, open_shard
-from tests.unit.test_write import batch
+from tests.helpers import batch
 
 
 def client_error(code: str, status: int, operation: str = "PutObject") -> botocore.exceptions.ClientError:

@@ -2,21 +2,10 @@
 
 import json
 
-import pyarrow as pa
-
-from raybatch.pipeline.rows import OUTPUT_SCHEMA
-from raybatch.pipeline.write import OutputWriter, load_commits, publish_files
+from raybatch.output_layout import load_commits, publish_files
+from raybatch.pipeline.write import OutputWriter
 from raybatch.storage import Location
-
-
-def batch(lines, shard="in.jsonl", error_every=0):
-    rows = {name: [] for name in OUTPUT_SCHEMA.names}
-    for line in lines:
-        is_error = bool(error_every) and line % error_every == 0
-        values = (shard, line, is_error, json.dumps({"line": line, "pad": "x" * 20}), 3, 2, 1)
-        for name, value in zip(OUTPUT_SCHEMA.names, values):
-            rows[name].append(value)
-    return pa.Table.from_pydict(rows, schema=OUTPUT_SCHEMA)
+from tests.helpers import batch
 
 
 def writer(out, cap=10**9, rows=4, total=10):

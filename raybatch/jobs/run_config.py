@@ -1,0 +1,72 @@
+"""Run-config assembly: `RunConfigBuilder` turns a job record and the service's
+configuration (model catalog, run defaults, limits) into the RunConfig its driver runs.
+"""
+
+from __future__ import annotations
+
+import os
+
+from raybatch.config import ModelEntry, RunConfig, ServiceConfig
+from raybatch.exceptions import ConfigError
+from raybatch.resources import DATASETS, JobRecord, parse_reference
+from raybatch.store import Store
+
+
+class RunConfigBuilder:
+    def __init__(self, config: ServiceConfig, store: Store, pool_name: str):
+        self._config = config
+        self._store = store
+        self._pool_name = pool_name
+
+    def for_job(self, record: JobRecord) -> RunConfig:
+        job = record.job
+        return self.for_model(
+            job.model,
+            input=self.files_url(job.input_dataset_id),
+            output=self.files_url(job.output_dataset_id),
+            inference_parameters=job.inference_parameters,
+            precision=job.precision,
+            skip_succeeded_in=record.runtime.skip_succeeded_in,
+            account=record.runtime.account,
+        )
+
+    def for_model(self, name: str, **job_fields) -> RunConfig:
+        """The catalog model `name` under the run defaults, with `job_fields` on top."""
+        model = self._model(name)
+        fields = dict(self._config.run_defaults)
+        defaults = fields.get("engine", {})
+        engine = {**defaults, **model.engine}
+        engine["engine_args"] = {**defaults.get("engine_args", {}), **model.engine.get("engine_args", {})}
+        fields.update(
+            **job_fields,
+            model=model.source,
+            served_model_name=name,
+            engine=engine,
+            engine_pool=self._pool_name,
+            # The dataset limit again while reading: a shard that expands past it (a
+            # gzip bomb, a file changed after validation) stops the job, not the node.
+            max_shard_bytes=self._config.max_dataset_bytes,
+        )
+        try:
+            return RunConfig.model_validate(fields)
+        except ValueError as error:
+            raise ConfigError(f"invalid job settings: {error}") from None
+
+    def files_url(self, dataset_name: str) -> str:
+        """Where a dataset's files are, from its resource name."""
+        account, dataset_id = parse_reference(dataset_name, DATASETS, "")
+        return self._store.dataset_files_url(account, dataset_id)
+
+    def _model(self, name: str) -> ModelEntry:
+        if name in self._config.models:
+            return self._config.models[name]
+        if not self._config.allow_any_model:  # a job created before the catalog changed
+            raise ConfigError(f"model {name!r} is not in the service's model catalog")
+        return ModelEntry(source=name)
+
+
+def check_model_source(source: str) -> None:
+    """A local model must exist; a hub ID is left for the engine to fetch."""
+    looks_local = source.startswith(("/", ".", "~", "file://")) or os.path.exists(source)
+    if looks_local and not os.path.isfile(os.path.join(os.path.expanduser(source), "config.json")):
+        raise ConfigError(f"model {source!r}: no config.json there")
