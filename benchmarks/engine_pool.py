@@ -1,0 +1,169 @@
+"""The engine pool's benchmarks, through a running service, beside one `LLM.chat` call
+over the same prompts with the same engine arguments, all in one run:
+
+  1. two identical jobs one after the other: the second's first visible row after
+     create, and its total time against the first's (target: <= 5 s and <= 0.4x);
+  2. two accounts create same-size jobs at the same moment: how far the other job is
+     when the first completes (target: >= 60 %);
+  3. one long job: steady-state output tokens/s against one `LLM.chat` call (target:
+     >= 0.95x).
+
+    .venv/bin/python benchmarks/engine_pool.py            # ~110M-parameter model, 400 rows
+    .venv/bin/python benchmarks/engine_pool.py --smoke    # tiny model, a few rows: does it work
+
+Prints a table and writes the figures as JSON (--out). It starts its own service
+(`raybatch up`): no other Ray may run on the machine. Figures go in docs/performance.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import (  # noqa: E402
+    build_model,
+    engine_args,
+    llm_chat_baseline,
+    service,
+    write_requests,
+)
+
+
+def _wait(client, job_id: str, on_poll=None, poll: float = 0.25) -> dict:
+    while True:
+        job = client.get_job(job_id)
+        if on_poll:
+            on_poll(job)
+        if job["state"] in ("JOB_STATE_COMPLETED", "JOB_STATE_FAILED", "JOB_STATE_CANCELLED", "JOB_STATE_EXPIRED"):
+            assert job["state"] == "JOB_STATE_COMPLETED", job
+            return job
+        time.sleep(poll)
+
+
+def _progress(job: dict) -> dict:
+    return job.get("jobProgress") or {}
+
+
+def timed_job(client, dataset: str, job_id: str, max_tokens: int) -> dict:
+    """Create a job and time it: first visible row (jobProgress > 0) and completion."""
+    created = time.monotonic()
+    client.create_job(model="bench", input_dataset_id=dataset, job_id=job_id,
+                      inference_parameters={"max_tokens": max_tokens})
+    first: dict = {}
+
+    def watch(job):
+        if "at" not in first and int(_progress(job).get("totalProcessedRequests") or 0) > 0:
+            first["at"] = time.monotonic() - created
+
+    job = _wait(client, job_id, watch)
+    return {"first_row_s": first.get("at"), "total_s": time.monotonic() - created,
+            "output_tokens": int(_progress(job).get("outputTokens") or 0)}
+
+
+def two_accounts(clients, dataset: str, max_tokens: int) -> dict:
+    """Both accounts create a job at once; when the first completes, how far is the other?"""
+    start = threading.Barrier(len(clients))
+    done: dict = {}
+
+    def run(account, client):
+        start.wait()
+        client.create_job(model="bench", input_dataset_id=dataset, job_id="fair", inference_parameters={"max_tokens": max_tokens})
+        _wait(client, "fair")
+        done.setdefault("first", account)
+        if done["first"] == account:  # the other job's progress at this moment
+            other = next(c for a, c in clients.items() if a != account)
+            done["other_percent"] = int(_progress(other.get_job("fair")).get("percent") or 0)
+
+    threads = [threading.Thread(target=run, args=item) for item in clients.items()]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return {"first_done": done["first"], "other_percent_then": done["other_percent"]}
+
+
+def steady_tokens_per_second(client, dataset: str, max_tokens: int) -> dict:
+    """Output tokens/s of one job between 20 % and 80 % of its rows (no start, no tail)."""
+    samples: list[tuple[float, int, int]] = []  # (time, processed, output tokens)
+    client.create_job(model="bench", input_dataset_id=dataset, job_id="long", inference_parameters={"max_tokens": max_tokens})
+    job = _wait(client, "long", lambda j: samples.append(
+        (time.monotonic(), int(_progress(j).get("totalProcessedRequests") or 0), int(_progress(j).get("outputTokens") or 0))))
+    total = int(_progress(job)["totalInputRequests"])
+    window = [s for s in samples if 0.2 * total <= s[1] <= 0.8 * total]
+    if len(window) < 2 or window[-1][0] == window[0][0]:
+        window = samples  # a tiny job: progress jumps past the window
+    (t0, _, k0), (t1, _, k1) = window[0], window[-1]
+    return {"output_tokens_per_s": (k1 - k0) / max(t1 - t0, 1e-9), "rows": total}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="tiny model, few rows: checks that it works")
+    parser.add_argument("--rows", type=int, help="rows per job (default 400; smoke 12)")
+    parser.add_argument("--max-tokens", type=int, help="output tokens per row (default 64; smoke 8)")
+    parser.add_argument("--out", default=str(ROOT / "out" / "bench-engine-pool.json"))
+    args = parser.parse_args()
+    rows = args.rows or (12 if args.smoke else 400)
+    max_tokens = args.max_tokens or (8 if args.smoke else 64)
+    shape = "tiny" if args.smoke else "bench"
+    model = build_model(shape)
+    work = Path(tempfile.mkdtemp(prefix="raybatch-bench-"))
+    requests = write_requests(work / "requests.jsonl", rows, max_tokens)
+    long_requests = write_requests(work / "long.jsonl", 2 * rows, max_tokens)
+    arguments = engine_args(shape)
+
+    print(f"model: {shape} ({model}); {rows} rows x {max_tokens} output tokens; engine {arguments}", flush=True)
+    baseline = llm_chat_baseline(model, requests, arguments)
+    print(f"one LLM.chat call: {baseline}", flush=True)
+
+    with service(work, model, arguments, accounts=("bench-a", "bench-b")) as clients:
+        a = clients["bench-a"]
+        for client in clients.values():
+            client.create_dataset("requests")
+            client.upload_dataset("requests", requests)
+        a.create_dataset("long")
+        a.upload_dataset("long", long_requests)
+        first = timed_job(a, "requests", "first", max_tokens)
+        print(f"job 1 (cold engine): {first}", flush=True)
+        second = timed_job(a, "requests", "second", max_tokens)
+        print(f"job 2 (warm engine): {second}", flush=True)
+        fairness = two_accounts(clients, "requests", max_tokens)
+        print(f"two accounts at once: {fairness}", flush=True)
+        steady = steady_tokens_per_second(a, "long", max_tokens)
+        print(f"one long job: {steady}", flush=True)
+
+    figures = {
+        "machine": f"{os.cpu_count()} cores", "model": shape, "rows": rows, "max_tokens": max_tokens,
+        "engine_args": arguments, "llm_chat": baseline, "job_1": first, "job_2": second,
+        "two_accounts": fairness, "long_job": steady,
+        "ratios": {
+            "job2_total_over_job1": second["total_s"] / first["total_s"],
+            "job2_first_row_s": second["first_row_s"],
+            "other_account_percent_when_first_done": fairness["other_percent_then"],
+            "steady_tokens_per_s_over_llm_chat": steady["output_tokens_per_s"] / baseline["output_tokens_per_s"],
+        },
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(figures, indent=2))
+    r = figures["ratios"]
+    print()
+    print(f"{'benchmark':<48}{'figure':>12}{'target':>10}")
+    print(f"{'job 2 first visible row after create (s)':<48}{r['job2_first_row_s'] or float('nan'):>12.1f}{'<= 5':>10}")
+    print(f"{'job 2 total / job 1 total':<48}{r['job2_total_over_job1']:>12.2f}{'<= 0.40':>10}")
+    print(f"{'other account done when the first completes (%)':<48}{r['other_account_percent_when_first_done']:>12}{'>= 60':>10}")
+    print(f"{'steady output tok/s / one LLM.chat call':<48}{r['steady_tokens_per_s_over_llm_chat']:>12.2f}{'>= 0.95':>10}")
+    print(f"figures: {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
