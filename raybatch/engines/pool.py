@@ -283,6 +283,9 @@ class EnginePool:
         """Fill every free slot: suspects first, each alone on a replica; then rows by
         fair share, always to the replica with the fewest in flight."""
         ready = [r for r in state.replicas if r.state == "ready"]
+        if not state.suspects:  # none waits (any more): nothing is held back for one
+            for replica in ready:
+                replica.held_for_suspect = False
         while state.suspects and ready:
             empty = [r for r in ready if not r.in_flight and not r.running_suspect]
             if not empty:

@@ -247,13 +247,13 @@ class JobScheduler:
         from raybatch.runner import cluster_plan, ensure_ray, job_pool_model
 
         ensure_ray()
-        for name, entry in self._config.models.items():
-            config = self._configs.for_model(name, input="unused", output="unused")
-            if config.engine.min_replicas or config.engine.replicas:
-                try:
+        for name in self._config.models:
+            try:
+                config = self._configs.for_model(name, input="unused", output="unused")
+                if config.engine.min_replicas or config.engine.replicas:
                     self._pool.warm.remote(job_pool_model(config, cluster_plan(config), fixed=False))
-                except ConfigError as error:
-                    logger.error("model %s cannot be served on this cluster: %s", name, error)
+            except ConfigError as error:  # its jobs will fail VALIDATING with the same message
+                logger.error("model %s cannot be served on this cluster: %s", name, error)
         self._warmed_catalog = True
 
     def _advance(self, record: JobRecord) -> None:

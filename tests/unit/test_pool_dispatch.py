@@ -1,0 +1,167 @@
+"""The engine pool's dispatch, without Ray (raybatch/engines/pool.py): fake replicas
+whose calls the test answers one by one, so the order in which rows reach engines, the
+refill of a freed slot, a failed replica's rows and the suspect rule are exact."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+import ray
+
+from raybatch.engines import pool as pool_module
+from raybatch.engines.pool import EnginePool, JobTicket, PoolModel, PoolPolicy, _Model, _Replica
+from raybatch.engines.replica import ReplicaSpec
+
+
+class FakeReplica:
+    """`actor.generate.remote(request)` gives a future the test resolves."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, asyncio.Future]] = []
+        self.generate = type("Method", (), {"remote": staticmethod(self._call)})()
+
+    def _call(self, request_json: str) -> asyncio.Future:
+        future = asyncio.get_running_loop().create_future()
+        self.calls.append((json.loads(request_json)["custom_id"], future))
+        return future
+
+    def answer(self, index: int = 0) -> str:
+        custom_id, future = [c for c in self.calls if not c[1].done()][index]
+        future.set_result(("chat", json.dumps({"answer": custom_id}), None, None))
+        return custom_id
+
+    def fail_all(self) -> None:
+        for _, future in self.calls:
+            if not future.done():
+                future.set_exception(ray.exceptions.ActorDiedError())
+
+    def open(self) -> list[str]:
+        return [custom_id for custom_id, future in self.calls if not future.done()]
+
+
+MODEL = PoolModel(
+    spec=ReplicaSpec(kind="scripted", model="m", engine_args={}),
+    policy=PoolPolicy(min_replicas=2, max_replicas=2, slots_per_replica=1, request_timeout_seconds=600),
+    served_name="m",
+)
+
+
+@pytest.fixture
+def pool(monkeypatch):
+    monkeypatch.setattr(pool_module.ray, "kill", lambda actor, no_restart=True: None)
+    monkeypatch.setattr(pool_module.ray, "cancel", lambda ref: ref.cancel())
+    engines = EnginePool()
+    engines._start_replica = lambda state: False  # replicas are the test's fakes
+    state = _Model(MODEL)
+    fakes = [FakeReplica(), FakeReplica()]
+    state.replicas = [_Replica(f"r{i}", fake, None, state="ready") for i, fake in enumerate(fakes)]
+    engines._models[MODEL.spec.key] = state
+    return engines, fakes
+
+
+def rows(prefix: str, count: int) -> list:
+    return [("in.jsonl", i + 1, json.dumps({"custom_id": f"{prefix}{i}", "kind": "chat"})) for i in range(count)]
+
+
+async def settle() -> None:
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+async def until(condition, timeout: float = 5.0) -> None:
+    """A job's first call reads its failure records in a thread: give it real time."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "the pool never got there"
+        await asyncio.sleep(0.01)
+
+
+def ticket(tmp_path, account: str, job: str) -> JobTicket:
+    return JobTicket(account=account, job=str(tmp_path / job), run_id=job)
+
+
+def test_a_freed_slot_takes_the_next_row_by_fair_share(pool, tmp_path):
+    """acme's job fills both slots and queues two more rows; then globex's job arrives.
+    Each freed slot takes the next row by fair share: globex's rows come in between
+    acme's, not after them (first come, first served would give a2, a3, b0, b1)."""
+    engines, (one, two) = pool
+    order: list[str] = []
+
+    def seen() -> list[str]:
+        order.extend(c for c in one.open() + two.open() if c not in order)
+        return order
+
+    async def scenario():
+        a = asyncio.ensure_future(engines.submit(ticket(tmp_path, "acme", "a"), MODEL, rows("a", 4)))
+        await until(lambda: len(seen()) == 2)
+        b = asyncio.ensure_future(engines.submit(ticket(tmp_path, "globex", "b"), MODEL, rows("b", 2)))
+        await until(lambda: len(engines._models[MODEL.spec.key].queue) == 4)
+        while len(seen()) < 6:  # answer the oldest open call; its slot takes the next row
+            oldest = order[min(order.index(c) for c in one.open() + two.open())]
+            (one if oldest in one.open() else two).answer(0)
+            await settle()
+        for fake in (one, two):
+            while fake.open():
+                fake.answer()
+                await settle()
+        return await a, await b
+
+    answers_a, answers_b = asyncio.run(scenario())
+    assert order == ["a0", "a1", "a2", "b0", "a3", "b1"]
+    assert [json.loads(answer[1])["answer"] for answer in answers_a] == ["a0", "a1", "a2", "a3"]
+    assert [json.loads(answer[1])["answer"] for answer in answers_b] == ["b0", "b1"]
+
+
+def test_a_failed_replicas_rows_run_again_alone_and_nothing_else_waits_for_them(pool, tmp_path):
+    engines, (one, two) = pool
+
+    async def scenario():
+        job = asyncio.ensure_future(engines.submit(ticket(tmp_path, "acme", "a"), MODEL, rows("a", 4)))
+        await until(lambda: len(one.open() + two.open()) == 2)
+        failed = one.open()
+        one.fail_all()  # replica r0 dies with its row in flight
+        await settle()
+        state = engines._models[MODEL.spec.key]
+        assert [r.replica_id for r in state.replicas] == ["r1"]
+        assert [row.key for row in state.suspects] == [("in.jsonl", 1)]
+        assert state.replicas[0].held_for_suspect  # r1 drains: the suspect will run alone
+        two.answer()
+        await settle()
+        assert two.open() == failed  # alone: nothing else was sent beside it
+        two.answer()
+        await settle()
+        while two.open():  # then the rest, normally
+            two.answer()
+            await settle()
+        return await job
+
+    answers = asyncio.run(scenario())
+    assert [json.loads(answer[1])["answer"] for answer in answers] == ["a0", "a1", "a2", "a3"]
+    log = (tmp_path / "a" / "_raybatch" / "engine-failures")
+    assert len(list(log.iterdir())) == 1  # written for the job it concerned
+
+
+def test_ending_a_job_drops_its_rows_and_releases_a_replica_held_for_its_suspect(pool, tmp_path):
+    engines, (one, two) = pool
+
+    async def scenario():
+        ended = asyncio.ensure_future(engines.submit(ticket(tmp_path, "acme", "ended"), MODEL, rows("e", 3)))
+        await until(lambda: len(one.open() + two.open()) == 2)
+        one.fail_all()  # its row becomes a suspect; r1 is held for it
+        await settle()
+        state = engines._models[MODEL.spec.key]
+        assert state.suspects and state.replicas[0].held_for_suspect
+        await engines.end_job(str(tmp_path / "ended"))
+        assert not state.suspects and len(state.queue) == 0
+        assert two.calls[0][1].cancelled()  # its request aborted in the engine
+        other = asyncio.ensure_future(engines.submit(ticket(tmp_path, "globex", "other"), MODEL, rows("o", 1)))
+        await until(lambda: two.open() == ["o0"])  # the replica is no longer held  # the replica is no longer held
+        two.answer()
+        await settle()
+        with pytest.raises(asyncio.CancelledError):
+            await ended
+        return await other
+
+    assert len(asyncio.run(scenario())) == 1
