@@ -102,7 +102,7 @@ class EngineConfig(BaseModel):
         "alone first; rows that only shared a failing engine are never blamed."
     )
     kind: str = Field("vllm", description="'vllm', or 'scripted': the deterministic test "
-                      "engine (pipeline/scripted_engine.py), for fault injection only.")
+                      "engine (engines/scripted.py), for fault injection only.")
 
 
 class RunConfig(BaseModel):
