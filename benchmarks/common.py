@@ -28,15 +28,27 @@ def build_model(shape: str) -> str:
     return str(path)
 
 
+def engine_extra(shape: str) -> dict:
+    """vLLM arguments beyond the planner's, for the service's catalog and the baseline
+    alike. On a CPU without bf16 instructions (AVX2 only, as here) bfloat16 is emulated
+    and float32 is several times faster; torch.compile takes many minutes on two cores,
+    so the engine runs eager."""
+    import torch
+
+    extra = {"enforce_eager": True}
+    if not torch.cuda.is_available():
+        extra["dtype"] = "float32"
+    return extra
+
+
 def engine_args(shape: str) -> dict:
-    """The vLLM arguments the service's planner gives the model (so the baseline gets the
-    very same): eager mode only for the tiny smoke model, which must start fast."""
+    """The vLLM arguments the service's planner gives the model, so that the baseline
+    gets the very same."""
     from raybatch.config import EngineConfig
     from raybatch.precision import NodeResources, plan_engines
     from raybatch.protocol import Precision
 
-    extra = {"enforce_eager": True} if shape == "tiny" else {}
-    config = EngineConfig(max_model_len=1024, engine_args=extra)
+    config = EngineConfig(max_model_len=1024, engine_args=engine_extra(shape))
     return plan_engines(config, Precision.PRECISION_UNSPECIFIED, [NodeResources()]).engine_args
 
 
@@ -70,16 +82,14 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def service(work: Path, model: str, arguments: dict, accounts: tuple[str, ...]) -> Iterator[dict]:
+def service(work: Path, model: str, extra: dict, accounts: tuple[str, ...]) -> Iterator[dict]:
     """`raybatch up` with the model as catalog entry `bench`; a client per account."""
     from raybatch.client import RaybatchClient
 
     home = work / "home"
     home.mkdir(parents=True, exist_ok=True)
     config = {"storage": str(work / "storage"), "progress_interval_seconds": 0.5,
-              "models": {"bench": {"source": model, "engine": {"max_model_len": 1024,
-                                                               "engine_args": {k: v for k, v in arguments.items()
-                                                                               if k == "enforce_eager"}}}}}
+              "models": {"bench": {"source": model, "engine": {"max_model_len": 1024, "engine_args": extra}}}}
     (home / "service.json").write_text(json.dumps(config))
     env = {**os.environ, "RAYBATCH_HOME": str(home)}
     env.pop("RAY_ADDRESS", None)

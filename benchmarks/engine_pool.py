@@ -8,7 +8,7 @@ over the same prompts with the same engine arguments, all in one run:
   3. one long job: steady-state output tokens/s against one `LLM.chat` call (target:
      >= 0.95x).
 
-    .venv/bin/python benchmarks/engine_pool.py            # ~110M-parameter model, 400 rows
+    .venv/bin/python benchmarks/engine_pool.py            # ~13M-parameter model, 400 rows
     .venv/bin/python benchmarks/engine_pool.py --smoke    # tiny model, a few rows: does it work
 
 Prints a table and writes the figures as JSON (--out). It starts its own service
@@ -32,6 +32,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.common import (  # noqa: E402
     build_model,
     engine_args,
+    engine_extra,
     llm_chat_baseline,
     service,
     write_requests,
@@ -114,7 +115,7 @@ def main() -> int:
     args = parser.parse_args()
     rows = args.rows or (12 if args.smoke else 400)
     max_tokens = args.max_tokens or (8 if args.smoke else 64)
-    shape = "tiny" if args.smoke else "bench"
+    shape = "tiny" if args.smoke else "small"
     model = build_model(shape)
     work = Path(tempfile.mkdtemp(prefix="raybatch-bench-"))
     requests = write_requests(work / "requests.jsonl", rows, max_tokens)
@@ -125,7 +126,7 @@ def main() -> int:
     baseline = llm_chat_baseline(model, requests, arguments)
     print(f"one LLM.chat call: {baseline}", flush=True)
 
-    with service(work, model, arguments, accounts=("bench-a", "bench-b")) as clients:
+    with service(work, model, engine_extra(shape), accounts=("bench-a", "bench-b")) as clients:
         a = clients["bench-a"]
         for client in clients.values():
             client.create_dataset("requests")

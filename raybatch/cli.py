@@ -143,8 +143,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     tiny = sub.add_parser("tiny-model", help="write a tiny random Llama for tests and demos")
     tiny.add_argument("path")
     tiny.add_argument("--seed", type=int, default=0)
-    tiny.add_argument("--shape", choices=["tiny", "bench"], default="tiny",
-                      help="tiny: ~1M parameters (tests, demo); bench: ~110M, for benchmarks")
+    tiny.add_argument("--shape", choices=["tiny", "small", "bench"], default="tiny",
+                      help="tiny: ~1M parameters (tests, demo); small: ~13M; bench: ~110M")
     from raybatch.cli_service import add_service_commands
     from raybatch.exceptions import ConfigError
 

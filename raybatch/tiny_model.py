@@ -41,10 +41,12 @@ def _training_corpus() -> list[str]:
     return lines
 
 
-# Shapes: "tiny" (~1M parameters, starts fast: tests and the demo) and "bench" (~110M,
-# compute-dominant on CPU like a real model: benchmarks/).
+# Shapes: "tiny" (~1M parameters, starts fast: tests and the demo), "small" (~13M: the
+# engine-pool benchmarks on a 2-core CPU) and "bench" (~110M, compute-dominant like a
+# real model: throughput benchmarks where there is time or a GPU).
 SHAPES = {
     "tiny": {"hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2, "num_attention_heads": 4},
+    "small": {"hidden_size": 512, "intermediate_size": 1536, "num_hidden_layers": 4, "num_attention_heads": 8},
     "bench": {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12},
 }
 

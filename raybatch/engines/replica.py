@@ -99,6 +99,38 @@ class EngineReplica:
         from raybatch.engines.vllm_engine import build_engine
 
         self._engine = build_engine(spec.kind, spec.model, spec.engine_args, spec.cpu_kv_cache_gib)
+        _reap_children_when_gone()
+
+
+# Run beside a replica: waits until the replica's process is gone (this process is then
+# re-parented), and kills the engine processes it had started.
+_REAPER = """
+import os, signal, sys, time
+parent, pids = int(sys.argv[1]), [int(pid) for pid in sys.argv[2:]]
+while os.getppid() == parent:
+    time.sleep(1)
+for pid in pids:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except OSError:
+        pass
+"""
+
+
+def _reap_children_when_gone() -> None:
+    """vLLM runs its engine core (and workers) in child processes that outlive a
+    replica killed with SIGKILL (`ray.kill`, `ray stop --force`, a lost raylet): each
+    would keep its memory, and on a GPU its GPU memory, for good. A small reaper process
+    kills them once the replica's process is gone."""
+    import subprocess
+    import sys
+
+    import psutil
+
+    children = [str(child.pid) for child in psutil.Process().children(recursive=True)]
+    if children:
+        subprocess.Popen([sys.executable, "-c", _REAPER, str(os.getpid()), *children],
+                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def ready(self) -> dict:
         import ray

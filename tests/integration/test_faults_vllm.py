@@ -78,9 +78,20 @@ def _core_process(actor_pid: int) -> psutil.Process:
 
 def test_engine_actor_sigkilled(ray_cluster, tiny_model, tmp_path):
     built, config = _setup(tmp_path, tiny_model)
-    summary = _run_with(tmp_path, config, lambda pid: os.kill(pid, signal.SIGKILL))
+    engine_processes: list[psutil.Process] = []
+
+    def kill(pid: int) -> None:
+        engine_processes.extend(psutil.Process(pid).children(recursive=True))
+        os.kill(pid, signal.SIGKILL)
+
+    summary = _run_with(tmp_path, config, kill)
     assert summary.state == "completed"
     check_run(str(tmp_path / "out"), built.expected)
+    # vLLM's engine-core processes do not outlive the killed replica (they would keep
+    # their memory, on a GPU their GPU memory, for good).
+    assert engine_processes, "the replica had no engine processes to watch"
+    gone, alive = psutil.wait_procs(engine_processes, timeout=10)
+    assert not alive, f"engine processes outlived their replica: {alive}"
 
 
 def test_engine_core_dies_while_its_actor_lives(ray_cluster, tiny_model, tmp_path):
