@@ -127,6 +127,10 @@ def _claim_output(output: Location, config: RunConfig) -> None:
 
 
 def _lines(shards: list[Shard], config: RunConfig, skip=None) -> ray.data.Dataset:
+    # A stage's own exception (EngineStartError, InputTooLarge), not Ray Data's
+    # UserCodeException around it: the wrapper's cause does not survive the trip back
+    # from a worker, and the run must say what went wrong.
+    ray.data.DataContext.get_current().raise_original_map_exception = True
     items = [{"url": s.url, "name": s.name, "size": s.size} for s in shards]
     return ray.data.from_items(items, override_num_blocks=min(len(items), 64)).map_batches(
         read_shards,

@@ -298,6 +298,8 @@ SERVICE_MODELS = {
     "scripted": {"source": "scripted", "engine": {"kind": "scripted"}},
     # A catalog entry whose files are missing: the job fails at VALIDATING, saying so.
     "no-files": {"source": "/nowhere/model"},
+    # An engine that fails every start: the job fails with the engine's error.
+    "scripted-broken": {"source": "scripted", "engine": {"kind": "scripted", "engine_args": {"fail_to_start": True}}},
     # Slow, and recording every call under {home}/calls (the cluster-restart test).
     "scripted-counted": {
         "source": "scripted",
@@ -308,16 +310,17 @@ SERVICE_MODELS = {
 # Shared by several jobs at once (test_engine_pool.py): a replica takes 3 rows at a time
 # (1.25 x max_num_seqs 2), each job keeps 6 at the pool, so rows of different jobs
 # compete for the same slots; every call recorded under {home}/pool-calls.
-# "scripted-fair" has no short hang timeout: its test holds requests at a gate.
-# Its rows also take longer (0.5 s), so that every job's pipeline keeps rows waiting at
-# the pool (the pool can only share out rows that are there).
-for _name, _replicas, _timeout, _seconds in (
-    ("scripted-shared-1", 1, 3, 0.1), ("scripted-shared-2", 2, 3, 0.1), ("scripted-fair", 1, 600, 0.5),
+# "scripted-fair" has no short hang timeout (its test holds requests at a gate), and its
+# rows take 1 s: a job's pipeline refills the pool far faster than the engine empties
+# it, so every account has rows waiting throughout the part of the test that is
+# measured (the pool can only share out rows that are there).
+for _name, _replicas, _timeout, _seconds, _batches in (
+    ("scripted-shared-1", 1, 3, 0.1, 6), ("scripted-shared-2", 2, 3, 0.1, 6), ("scripted-fair", 1, 600, 1.0, 6),
 ):
     SERVICE_MODELS[_name] = {
         "source": "scripted",
         "engine": {"kind": "scripted", "replicas": _replicas, "max_num_seqs": 2, "batch_size": 1,
-                   "concurrent_batches": 6, "request_timeout_seconds": _timeout,
+                   "concurrent_batches": _batches, "request_timeout_seconds": _timeout,
                    "engine_args": {"seconds_per_request": _seconds, "invocations_dir": "{home}/pool-calls"}},
     }
 for _name, _entry in list(SERVICE_MODELS.items()):

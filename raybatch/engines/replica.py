@@ -101,6 +101,22 @@ class EngineReplica:
         self._engine = build_engine(spec.kind, spec.model, spec.engine_args, spec.cpu_kv_cache_gib)
         _reap_children_when_gone()
 
+    def ready(self) -> dict:
+        import ray
+
+        return {"node": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
+
+    async def generate(self, request_json: str) -> Answer:
+        """One row. A RowError is the row's answer; EngineFailure (or anything else)
+        leaves this call and tells the pool the engine is in trouble. Cancelling the
+        call (`ray.cancel`) aborts the request inside the engine."""
+        request = EngineRequest.model_validate_json(request_json)
+        try:
+            result = await self._engine.generate(request)
+        except RowError as error:
+            return request.kind, None, error.code, error.message
+        return request.kind, result.model_dump_json(), None, None
+
 
 # Run beside a replica: waits until the replica's process is gone (this process is then
 # re-parented), and kills the engine processes it had started.
@@ -131,19 +147,3 @@ def _reap_children_when_gone() -> None:
     if children:
         subprocess.Popen([sys.executable, "-c", _REAPER, str(os.getpid()), *children],
                          stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-    def ready(self) -> dict:
-        import ray
-
-        return {"node": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
-
-    async def generate(self, request_json: str) -> Answer:
-        """One row. A RowError is the row's answer; EngineFailure (or anything else)
-        leaves this call and tells the pool the engine is in trouble. Cancelling the
-        call (`ray.cancel`) aborts the request inside the engine."""
-        request = EngineRequest.model_validate_json(request_json)
-        try:
-            result = await self._engine.generate(request)
-        except RowError as error:
-            return request.kind, None, error.code, error.message
-        return request.kind, result.model_dump_json(), None, None

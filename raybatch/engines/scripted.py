@@ -6,6 +6,7 @@ Its answer to a request is the request's last message (or prompt) reversed, one 
 per character, after `seconds_per_request`. Settings come as `engine_args`:
 
     seconds_per_request  float, default 0   (how long each request takes)
+    fail_to_start        bool, default false (the engine raises while starting, every time)
     invocations_dir      path, optional     (one file per call, `<custom_id hex>.<pid>.<n>`,
                                              holding the time of the call: proves what
                                              ran, in which process, and when)
@@ -34,6 +35,8 @@ class ScriptedEngine:
     max_model_len = 4096
 
     def __init__(self, engine_args: dict[str, Any]):
+        if engine_args.get("fail_to_start"):  # an engine that cannot load its model
+            raise RuntimeError("scripted engine refuses to start (fail_to_start)")
         self._seconds = float(engine_args.get("seconds_per_request", 0))
         self._invocations = engine_args.get("invocations_dir")
         if self._invocations:

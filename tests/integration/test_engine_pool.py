@@ -43,6 +43,12 @@ def _check(service, account: str, job_id: str, built: InputBuilder, **kwargs) ->
     return check_run(output, built.expected, progress=job.job_progress.model_dump(by_alias=True), **kwargs)
 
 
+def _record(service, account: str, job_id: str):
+    from raybatch.store import Store
+
+    return Store(service.storage).get_job(account, job_id)
+
+
 def _engines(service, account: str = "admin") -> httpx.Response:
     return httpx.get(f"{service.base_url}/v1/admin/engines",
                      headers={"Authorization": f"Bearer {service.key(account)}"}, timeout=30)
@@ -55,7 +61,7 @@ def test_two_accounts_share_a_replica_by_fair_share_not_by_job_count(service, fa
     served (or round robin over jobs) would give it."""
     faults.arm("engine.gate")
     jobs = [("many", f"fair-many-{n}") for n in range(3)] + [("one", "fair-one")]
-    built = {job_id: _job(service, account, job_id, "scripted-fair", 60, tmp_path) for account, job_id in jobs}
+    built = {job_id: _job(service, account, job_id, "scripted-fair", 30, tmp_path) for account, job_id in jobs}
     deadline = time.monotonic() + 240
     while True:  # every job keeps 6 rows at the pool (concurrent_batches 6 x 1 row)
         shared = [r for r in _engines(service).json()["replicas"] if r["model"] == "scripted-fair"]
@@ -69,7 +75,9 @@ def test_two_accounts_share_a_replica_by_fair_share_not_by_job_count(service, fa
         _check(service, account, job_id, built[job_id])
     calls = sorted((c.at, cid) for cid, found in _calls(service).items() if cid.startswith("fair-")
                    for c in found if c.at >= opened)
-    first = [cid for _, cid in calls[:60]]  # no job can have finished its 60 rows by then
+    # Fair: 'one' gets 18 of the first 36 (no job has finished its 30 rows by then);
+    # first come, first served or round robin over jobs would give it 9.
+    first = [cid for _, cid in calls[:36]]
     share = sum(cid.startswith("fair-one-") for cid in first) / len(first)
     print(f"fair share: account 'one' (1 job) got {share:.0%} of the first {len(first)} rows, 'many' (3 jobs) the rest")
     assert 0.4 <= share <= 0.6
@@ -119,6 +127,19 @@ def test_a_poison_row_in_one_job_does_not_stall_another(service, faults, tmp_pat
     output = dataset_files_url(service.storage, "pool-poison", job.output_dataset_id)
     [row] = read_jsonl(f"{output}/errors.jsonl")
     assert row["error"]["message"].startswith("the engine failed 2 times while answering this request alone")
+
+
+def test_an_engine_that_cannot_start_fails_its_job_with_the_engines_error(service, tmp_path):
+    account = "pool-broken"
+    _job(service, account, "broken", "scripted-broken", 5, tmp_path)
+    client = sdk_client(service.base_url, service.key(account), account)
+    job, _ = wait_job(client, "broken", timeout=180)
+    assert job.state == "JOB_STATE_FAILED"
+    assert job.status.message == (
+        "the engine for scripted failed to start 3 times; last error: "
+        "RuntimeError: scripted engine refuses to start (fail_to_start)"
+    )
+    assert _record(service, account, "broken").runtime.attempts == 1  # not retried: a setting
 
 
 def test_engines_are_listed_for_admins_only(service):
