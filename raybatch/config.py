@@ -50,8 +50,9 @@ class EngineConfig(BaseModel):
     )
     replica_cpus: float = Field(
         1, ge=0, description="CPUs reserved for each replica's engine loop (scheduling, "
-        "detokenizing), so the pipelines' tasks cannot starve it. 0 for engines that need "
-        "no CPU of their own (the scripted test engine)."
+        "detokenizing), so the pipelines' tasks cannot starve it. The scripted test "
+        "engine reserves none. On a small CPU-only machine every replica's CPU is one "
+        "fewer for the pipelines: start Ray with enough logical CPUs."
     )
     resources: dict[str, float] = Field(
         default_factory=dict, description="Custom Ray resources each replica needs, e.g. "

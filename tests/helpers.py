@@ -323,15 +323,12 @@ for _name, _replicas, _timeout, _seconds, _batches in (
                    "concurrent_batches": _batches, "request_timeout_seconds": _timeout,
                    "engine_args": {"seconds_per_request": _seconds, "invocations_dir": "{home}/pool-calls"}},
     }
-for _name, _entry in list(SERVICE_MODELS.items()):
-    if _entry.get("engine", {}).get("kind") == "scripted":
-        _entry["engine"]["replica_cpus"] = 0
 # The soak's engines (test_soak.py): recording every call, with a short request
 # timeout so that an armed hang is caught in seconds; one replica and two.
 for _replicas in (1, 2):
     SERVICE_MODELS[f"scripted-soak-{_replicas}"] = {
         "source": "scripted",
-        "engine": {"kind": "scripted", "replica_cpus": 0, "replicas": _replicas, "batch_size": 2, "concurrent_batches": 1,
+        "engine": {"kind": "scripted", "replicas": _replicas, "batch_size": 2, "concurrent_batches": 1,
                    "request_timeout_seconds": 3,
                    "engine_args": {"seconds_per_request": 0.25, "invocations_dir": "{home}/calls"}},
     }

@@ -156,6 +156,7 @@ class EnginePool:
     def __init__(self, account_weights: Optional[dict[str, float]] = None):
         self._models: dict[str, _Model] = {}
         self._runs: dict[str, _Job] = {}  # run_id → job
+        self._ended_runs: set[str] = set()  # attempts whose job ended: their rows are refused
         self._weights = dict(account_weights or {})
         self._tokens = itertools.count()
         self._watcher: Optional[asyncio.Task] = None
@@ -166,6 +167,10 @@ class EnginePool:
         """Answer rows (shard, line, EngineRequest JSON) of one job, in order. Returns
         when every one is answered; raises EngineStartError when the model's engine
         cannot start."""
+        if ticket.run_id in self._ended_runs:
+            # Its job was cancelled, expired or re-queued while its driver still runs:
+            # nothing more of this attempt reaches an engine.
+            raise asyncio.CancelledError(f"job {ticket.job} has ended")
         job = await self._register(ticket, model)
         state = self._models[job.model]
         loop = asyncio.get_running_loop()
@@ -215,6 +220,7 @@ class EnginePool:
             self._dispatch(state)
         for run_id in runs:
             del self._runs[run_id]
+        self._ended_runs |= runs
         return dropped
 
     # ------------------------------------------------------------ inspection
@@ -572,7 +578,8 @@ def pool_model_for(engine: "EngineConfig", plan: "EnginePlan", model: str, serve
         gpus=plan.gpus_per_replica,
         pipeline_parallel_size=plan.pipeline_parallel_size,
         accelerator_types=plan.accelerator_types,
-        cpus=engine.replica_cpus,
+        # The scripted test engine has no engine loop to protect.
+        cpus=0 if engine.kind == "scripted" else engine.replica_cpus,
         resources=engine.resources,
     )
     policy = PoolPolicy(

@@ -32,6 +32,15 @@ def s3_service(service, s3_endpoint, tiny_model):
     wait_until(lambda: httpx.get(f"{base_url}/healthz").status_code == 200, timeout=120, interval=0.5)
     yield Service(base_url, storage, service.home, service.address)
     serve.delete("raybatch-s3")
+    # Its scheduler and engine pool are detached: without this its warm tiny replica
+    # would hold a CPU for the rest of the session.
+    import ray
+
+    from raybatch.engines.pool import NAMESPACE, pool_name
+    from raybatch.jobs.scheduler import scheduler_name
+
+    for name in (scheduler_name(storage), pool_name(storage)):
+        ray.kill(ray.get_actor(name, namespace=NAMESPACE), no_restart=True)
 
 
 def test_presigned_upload_job_and_download_on_s3(s3_service, s3_endpoint, tmp_path):

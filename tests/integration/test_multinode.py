@@ -85,7 +85,7 @@ def _config(tmp_path, name: str, service, slot: str, replicas: int, lines: int) 
     config = RunConfig(
         input=str(tmp_path / name / "in"), output=str(tmp_path / name / "out"), model="scripted",
         engine_pool=pool_name(service.storage), account="multinode", part_max_rows=10, part_max_seconds=0.5,
-        engine={"kind": "scripted", "max_replicas": replicas, "replica_cpus": 0, "resources": {slot: 1},
+        engine={"kind": "scripted", "max_replicas": replicas, "resources": {slot: 1},
                 "max_num_seqs": 4, "batch_size": 2, "concurrent_batches": 8, "idle_seconds": 2,
                 "engine_args": {"seconds_per_request": 0.1, "invocations_dir": str(tmp_path / name / "calls")}},
     )

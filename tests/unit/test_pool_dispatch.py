@@ -162,6 +162,9 @@ def test_ending_a_job_drops_its_rows_and_releases_a_replica_held_for_its_suspect
         await settle()
         with pytest.raises(asyncio.CancelledError):
             await ended
+        with pytest.raises(asyncio.CancelledError):  # its driver, still stopping, sends more
+            await engines.submit(ticket(tmp_path, "acme", "ended"), MODEL, rows("late", 1))
+        assert "late0" not in one.open() + two.open()
         return await other
 
     assert len(asyncio.run(scenario())) == 1
