@@ -24,10 +24,15 @@ LINES = 240
 
 
 def _engine_pids() -> list[int]:
+    """The run's vLLM replicas, newest first: replicas with engine processes of their
+    own (the service's scripted replicas have none), started after the service's
+    warm `tiny` replica, which is shared and must not be struck."""
     from ray.util.state import list_actors
 
     actors = list_actors(filters=[("state", "=", "ALIVE")], detail=True, limit=1000)
-    return [a.pid for a in actors if "EngineReplica" in (a.class_name or "")]
+    replicas = [psutil.Process(a.pid) for a in actors if "EngineReplica" in (a.class_name or "")]
+    with_engines = [p for p in replicas if p.children()]
+    return [p.pid for p in sorted(with_engines, key=lambda p: p.create_time(), reverse=True)]
 
 
 def _setup(tmp_path, tiny_model):
