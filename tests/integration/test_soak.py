@@ -128,6 +128,8 @@ def _check_job(client, service, account: str, job_id: str, built: InputBuilder, 
     check_run(output, built.expected, progress=job.job_progress.to_dict(), calls_dir=calls)
 
 
+# Two jobs a round: about 20-25 minutes on two cores, past the suite's 15-minute default.
+@pytest.mark.timeout(2700)
 def test_soak(service, faults, tmp_path):
     """Each round runs two jobs of two accounts at once on the same shared replicas:
     the fault lands on one of them (a driver, a writer, a cancel) or on both (the
