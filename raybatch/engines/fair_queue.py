@@ -97,9 +97,6 @@ class FairQueue(Generic[Item]):
         self._size -= len(removed)
         return removed
 
-    def queued_by_job(self) -> dict[Hashable, int]:
-        return {job: len(rows) for queue in self._accounts.values() for job, rows in queue.jobs.items()}
-
     def __iter__(self) -> Iterator[Item]:
         for queue in self._accounts.values():
             for rows in queue.jobs.values():

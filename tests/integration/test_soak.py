@@ -190,7 +190,7 @@ def test_soak(service, faults, tmp_path):
         stored_errors = faults.storage_errors()
         fired = point is None or faults.fired(point)
         if point and fired:
-            struck_at = os.path.getmtime(os.path.join(faults.folder, f"{point}.fired"))
+            struck_at = faults.fired_at(point)
         faults.clear()  # nothing more is injected while the checker reads
         progress = job.job_progress.to_dict()
         if fault != "continuations":

@@ -73,8 +73,7 @@ def test_removing_a_job_takes_only_its_rows():
         queue.push("globex", "theirs", row)
     assert sorted(queue.remove_job("ended")) == [0, 1, 2]
     assert len(queue) == 6
-    assert queue.queued_by_job() == {"other": 3, "theirs": 3}
-    assert {job for _, job, _ in drain(queue, 6)} == {"other", "theirs"}
+    assert Counter(job for _, job, _ in drain(queue, 6)) == {"other": 3, "theirs": 3}
 
 
 def test_an_idle_account_keeps_no_credit():
