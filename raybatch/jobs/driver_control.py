@@ -6,6 +6,7 @@ of the scheduler leaves it running.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import time
@@ -14,6 +15,7 @@ from typing import Optional
 
 import ray
 
+log = logging.getLogger(__name__)
 
 class DriverStatus(str, Enum):
     """Ray's JobStatus, plus GONE."""
@@ -25,11 +27,14 @@ class DriverStatus(str, Enum):
     FAILED = "FAILED"  # its process exited non-zero or died
     # Ray knows no such driver: no id was ever recorded, or the cluster it ran on is gone.
     GONE = "GONE"
+    # The dashboard did not answer (a timeout, a 5xx, a refused connection on a loaded
+    # head): the driver may well be running, so it counts as alive until the next look.
+    UNKNOWN = "UNKNOWN"
 
     @property
     def alive(self) -> bool:
         """Whether the driver may still commit lines."""
-        return self in (DriverStatus.PENDING, DriverStatus.RUNNING)
+        return self in (DriverStatus.PENDING, DriverStatus.RUNNING, DriverStatus.UNKNOWN)
 
 
 class DriverControl:
@@ -56,14 +61,23 @@ class DriverControl:
         self._submission_client().submit_job(entrypoint=entrypoint, submission_id=driver_id)
 
     def status(self, driver_id: Optional[str]) -> DriverStatus:
+        """GONE only when Ray says it knows no such driver (HTTP 404). Any other failure
+        to ask is UNKNOWN: taking it for GONE would start a second attempt beside a
+        driver that still runs (the soak saw this on a loaded two-core head)."""
         if not driver_id:
             return DriverStatus.GONE
         try:
             return DriverStatus(str(self._submission_client().get_job_status(driver_id).value))
-        # Not found (the cluster it ran on is gone), or a status this version does not
-        # know: either way not a driver that is still running.
-        except Exception:
-            return DriverStatus.GONE
+        except RuntimeError as error:  # the SDK's error for any non-200 answer
+            if "status code 404" in str(error):
+                return DriverStatus.GONE
+            log.warning("driver %s: status unknown (%s); asking again on the next tick", driver_id, error)
+            return DriverStatus.UNKNOWN
+        except ValueError:  # a status this Ray version has and this module does not
+            return DriverStatus.UNKNOWN
+        except Exception as error:  # connection refused or reset: the dashboard restarts
+            log.warning("driver %s: status unknown (%s); asking again on the next tick", driver_id, error)
+            return DriverStatus.UNKNOWN
 
     def stop(self, driver_id: Optional[str], wait_seconds: float = 30.0) -> None:
         """Stop a live driver (Ray Jobs: SIGTERM, then SIGKILL) and wait, up to
