@@ -22,6 +22,7 @@ from typing import Callable, Optional
 
 import pyarrow as pa
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from pydantic import BaseModel
 
 from raybatch.config import RunConfig
@@ -258,6 +259,8 @@ def run_job(
         if own_pool:
             ray.get(pool.shutdown.remote())
             ray.kill(pool)
+        else:  # a failed run's queued rows would otherwise still take a shared replica's time
+            pool.end_job.remote(access.ticket.job, access.ticket.run_id)
 
 
 def _stream(
@@ -275,8 +278,11 @@ def _stream(
     total = scan.lines - sum(len(lines) for lines in inherited.values())
     skip = committed_lines(load_commits(output), into=inherited)
     # No restarts: a restarted writer would have lost its uncommitted buffer while the
-    # stream moved on. A writer crash fails the run; running it again resumes.
-    writer = ray.remote(num_cpus=0, max_restarts=0)(OutputWriter).remote(
+    # stream moved on. A writer crash fails the run; running it again resumes. On the
+    # driver's own node, so that only the loss of that node can take it away: a node
+    # that died but is not yet marked dead would otherwise be as good as any other.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    writer = ray.remote(num_cpus=0, max_restarts=0, scheduling_strategy=here)(OutputWriter).remote(
         config.output,
         cap_bytes=config.output_cap_bytes,
         part_max_rows=config.part_max_rows,

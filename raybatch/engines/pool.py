@@ -191,15 +191,16 @@ class EnginePool:
         if not state.live():
             self._start_replica(state)
 
-    async def end_job(self, job: str) -> int:
-        """Drop every queued row of a job (all its attempts) and abort its rows inside the
-        engines. The job's own engine stage gets nothing back for them; its driver is
-        being stopped. Returns how many rows were dropped or aborted."""
-        runs = {run_id for run_id, known in self._runs.items() if known.ticket.job == job}
+    async def end_job(self, job: str, run_id: Optional[str] = None) -> int:
+        """Drop every queued row of a job (all its attempts, or only `run_id`) and abort
+        its rows inside the engines. The job's own engine stage gets nothing back for
+        them; its driver is being stopped or has ended. Returns how many rows were
+        dropped or aborted."""
+        runs = {run for run, known in self._runs.items() if known.ticket.job == job and run_id in (None, run)}
         dropped = 0
         for state in self._models.values():
-            for run_id in runs:
-                for row in state.queue.remove_job(run_id):
+            for run in runs:
+                for row in state.queue.remove_job(run):
                     row.answer.cancel()
                     dropped += 1
             kept = [row for row in state.suspects if row.run_id not in runs]
@@ -218,8 +219,8 @@ class EnginePool:
                         ray.cancel(entry.ref)  # aborts the request inside the engine
                         dropped += 1
             self._dispatch(state)
-        for run_id in runs:
-            del self._runs[run_id]
+        for run in runs:
+            del self._runs[run]
         self._ended_runs |= runs
         return dropped
 

@@ -14,6 +14,7 @@ import pytest
 import ray
 
 from raybatch.config import RunConfig
+from raybatch.engines.pool import pool_name
 from raybatch.runner import run_job
 from tests.helpers import ENGINE, InputBuilder, MAX_LINE_BYTES, chat, check_run, mixed_input, read_jsonl
 
@@ -74,7 +75,7 @@ def test_cli_rejects_bad_settings(tmp_path):
     assert done.returncode == 2 and "precision" in done.stderr
 
 
-def test_output_cap_stops_the_run_and_a_rerun_finishes_it(ray_cluster, tiny_model, tmp_path):
+def test_output_cap_stops_the_run_and_a_rerun_finishes_it(ray_cluster, service, tiny_model, tmp_path):
     builder = InputBuilder()
     for i in range(40):
         builder.ok("in.jsonl", f"row-{i:02d}", chat(f"row {i}", max_tokens=8, ignore_eos=True))
@@ -84,6 +85,7 @@ def test_output_cap_stops_the_run_and_a_rerun_finishes_it(ray_cluster, tiny_mode
     config = RunConfig(
         input=str(tmp_path / "in"), output=str(tmp_path / "out"), model=tiny_model,
         output_cap_bytes=cap, part_max_rows=3, engine=ENGINE,
+        engine_pool=pool_name(service.storage),  # the rerun finds the replica warm
     )
     capped = run_job(config)
     assert capped.state == "output_cap_reached"

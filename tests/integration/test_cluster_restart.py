@@ -20,8 +20,8 @@ ACCOUNT = "restart"
 
 @pytest.mark.parametrize(
     "stop,model",
-    [("raybatch down", "scripted-counted"), ("ray stop --force", "scripted-counted"),
-     pytest.param("ray stop --force", "tiny", marks=pytest.mark.engine)],
+    # The soak's cluster-restart rounds stop the scripted engines both ways too.
+    [("raybatch down", "scripted-counted"), pytest.param("ray stop --force", "tiny", marks=pytest.mark.engine)],
 )
 def test_job_resumes_after_the_cluster_restarts(service, tmp_path, stop, model):
     job_id = f"across-{stop.split()[0]}-{model.split('-')[0]}"
@@ -30,7 +30,7 @@ def test_job_resumes_after_the_cluster_restarts(service, tmp_path, stop, model):
     client = sdk_client(service.base_url, key, ACCOUNT)
     built = InputBuilder()
     for i in range(lines):
-        built.ok("in.jsonl", f"{job_id}-{i}", chat(f"line {i}", max_tokens=64, temperature=0))  # unique: one calls folder for all
+        built.ok("in.jsonl", f"{job_id}-{i}", chat(f"line {i}", max_tokens=16, temperature=0))  # unique: one calls folder for all
     built.write(str(tmp_path))
     dataset_id = f"in-{job_id}"
     client.datasets.create(dataset_id=dataset_id, dataset={"user_uploaded": {}})

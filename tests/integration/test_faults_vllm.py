@@ -15,8 +15,9 @@ import psutil
 import pytest
 
 from raybatch.config import RunConfig
+from raybatch.engines.pool import pool_name
 from raybatch.runner import run_job
-from tests.helpers import InputBuilder, chat, check_run
+from tests.helpers import MAX_MODEL_LEN, InputBuilder, chat, check_run
 
 pytestmark = pytest.mark.engine
 
@@ -35,19 +36,25 @@ def _engine_pids() -> list[int]:
     return [p.pid for p in sorted(with_engines, key=lambda p: p.create_time(), reverse=True)]
 
 
-def _setup(tmp_path, tiny_model):
+def _setup(tmp_path, tiny_model, service):
+    """The run joins the service's engine pool, so that a replica warm from the test
+    before spares it an engine start; `raybatch run`'s own pool is tested elsewhere
+    (test_run_engine.py, the CLI tests)."""
     built = InputBuilder()
     for i in range(LINES):
-        built.ok("in.jsonl", f"v-{i}", chat(f"count to {i}", max_tokens=48, temperature=0))
+        built.ok("in.jsonl", f"v-{i}", chat(f"count to {i}", max_tokens=16, temperature=0))
     built.write(str(tmp_path / "in"))
     config = RunConfig(
         input=str(tmp_path / "in"),
         output=str(tmp_path / "out"),
         model=tiny_model,
+        engine_pool=pool_name(service.storage),
         part_max_rows=16,
         part_max_seconds=0.5,
+        # max_model_len as in tests.helpers.ENGINE: replicas of its own (the cap test's
+        # too), apart from the service's warm `tiny`, which other tests expect warm.
         engine={"batch_size": 4, "concurrent_batches": 2, "request_timeout_seconds": 20,
-                "engine_args": {"enforce_eager": True}},
+                "max_model_len": MAX_MODEL_LEN, "engine_args": {"enforce_eager": True}},
     )
     return built, config
 
@@ -81,8 +88,8 @@ def _core_process(actor_pid: int) -> psutil.Process:
     return (cores or children)[0]
 
 
-def test_engine_actor_sigkilled(ray_cluster, tiny_model, tmp_path):
-    built, config = _setup(tmp_path, tiny_model)
+def test_engine_actor_sigkilled(ray_cluster, service, tiny_model, tmp_path):
+    built, config = _setup(tmp_path, tiny_model, service)
     engine_processes: list[psutil.Process] = []
 
     def kill(pid: int) -> None:
@@ -99,15 +106,15 @@ def test_engine_actor_sigkilled(ray_cluster, tiny_model, tmp_path):
     assert not alive, f"engine processes outlived their replica: {alive}"
 
 
-def test_engine_core_dies_while_its_actor_lives(ray_cluster, tiny_model, tmp_path):
-    built, config = _setup(tmp_path, tiny_model)
+def test_engine_core_dies_while_its_actor_lives(ray_cluster, service, tiny_model, tmp_path):
+    built, config = _setup(tmp_path, tiny_model, service)
     summary = _run_with(tmp_path, config, lambda pid: _core_process(pid).kill())
     assert summary.state == "completed"
     check_run(str(tmp_path / "out"), built.expected)  # no row blamed: no engine_error rows
 
 
-def test_engine_hangs_and_the_watchdog_replaces_it(ray_cluster, tiny_model, tmp_path):
-    built, config = _setup(tmp_path, tiny_model)
+def test_engine_hangs_and_the_watchdog_replaces_it(ray_cluster, service, tiny_model, tmp_path):
+    built, config = _setup(tmp_path, tiny_model, service)
     frozen: list[psutil.Process] = []
 
     def freeze(pid: int) -> None:
@@ -129,8 +136,8 @@ def test_engine_hangs_and_the_watchdog_replaces_it(ray_cluster, tiny_model, tmp_
     assert time.monotonic() - started < 300
 
 
-def test_writer_killed_between_part_and_commit(ray_cluster, faults, tiny_model, tmp_path):
-    built, config = _setup(tmp_path, tiny_model)
+def test_writer_killed_between_part_and_commit(ray_cluster, service, faults, tiny_model, tmp_path):
+    built, config = _setup(tmp_path, tiny_model, service)
     faults.arm("writer.crash", after=2)
     with pytest.raises(Exception):
         run_job(config)

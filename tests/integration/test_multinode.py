@@ -59,6 +59,12 @@ class Worker:
                     except psutil.NoSuchProcess:
                         pass
 
+    def wait_gone(self) -> None:
+        """Until the head has marked the node dead (missed heartbeats: tens of seconds
+        after a SIGKILL). Before that Ray may still place work there: a later test's
+        writer actor was once sent to a node killed here, and died with it."""
+        wait_until(lambda: self.node_id is None, timeout=180, interval=1, message="a killed worker node still counts as alive")
+
 
 def _replica_nodes(seen: dict, stop: threading.Event) -> None:
     """Poll the service's pool: every node where a replica had rows in flight."""
@@ -138,3 +144,5 @@ def test_replicas_follow_lost_and_new_worker_nodes(ray_cluster, service, tmp_pat
         stop.set()
         for worker in workers:
             worker.kill()
+        for worker in workers:
+            worker.wait_gone()

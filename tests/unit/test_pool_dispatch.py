@@ -168,3 +168,25 @@ def test_ending_a_job_drops_its_rows_and_releases_a_replica_held_for_its_suspect
         return await other
 
     assert len(asyncio.run(scenario())) == 1
+
+
+def test_ending_one_run_leaves_the_other_attempts_of_its_job(pool, tmp_path):
+    """`raybatch run` on a shared pool ends its own run when it stops (a failed run's
+    rows would otherwise still take a replica's time); another attempt of the same
+    job keeps its rows."""
+    engines, (one, two) = pool
+
+    async def scenario():
+        failed = ticket(tmp_path, "acme", "job").model_copy(update={"run_id": "attempt-1"})
+        resumed = failed.model_copy(update={"run_id": "attempt-2"})
+        stale = asyncio.ensure_future(engines.submit(failed, MODEL, rows("f", 3)))
+        fresh = asyncio.ensure_future(engines.submit(resumed, MODEL, rows("r", 1)))
+        await until(lambda: len(one.open() + two.open()) == 2)
+        assert await engines.end_job(failed.job, failed.run_id) == 3  # two queued or in flight, all of its three
+        await until(lambda: (one.open() + two.open()) == ["r0"])
+        (one if one.open() else two).answer()
+        with pytest.raises(asyncio.CancelledError):
+            await stale
+        return await fresh
+
+    assert [json.loads(answer[1])["answer"] for answer in asyncio.run(scenario())] == ["r0"]
