@@ -185,6 +185,10 @@ class ServiceConfig(BaseModel):
                                    "at :validateUpload and again by each job's reader. Compressed "
                                    "bytes would let a few MB of gzip stand for gigabytes.")
     max_upload_bytes: int = Field(150 * MIB, ge=1, description="Largest `:upload` request body.")
+    max_upload_files: int = Field(100, ge=1, description="Most files one :getUploadEndpoint "
+                                  "request may register (one signed URL each). Each URL is "
+                                  "an open write into storage until it expires; more files "
+                                  "than this are refused (400).")
     max_json_body_bytes: int = Field(MIB, ge=1024, description="Largest body of any other request.")
     max_running_jobs: int = Field(8, ge=1, description="Jobs running at once; the rest wait "
                                   "PENDING. Running jobs share the engine pool's replicas "
@@ -204,7 +208,10 @@ class ServiceConfig(BaseModel):
                                             "longer EXPIRES, keeping partial results.")
     progress_interval_seconds: float = Field(2.0, gt=0, description="How often the scheduler "
                                              "publishes jobProgress and checks drivers.")
-    signed_url_seconds: int = Field(3600, ge=1, description="Lifetime of upload/download URLs.")
+    signed_url_seconds: int = Field(3600, ge=1, description="Lifetime of upload/download URLs. "
+                                    "Upload URLs also end when their dataset is READY, when "
+                                    "a new :getUploadEndpoint replaces their registration, "
+                                    "or when the key that asked for them is revoked.")
     models: dict[str, ModelEntry] = Field(default_factory=dict, description="The model "
                                           "catalog: the names a job's `model` may use. A job "
                                           "naming any other model is refused at create (400) "

@@ -108,6 +108,9 @@ def up(
 ) -> str:
     address = address or os.environ.get("RAY_ADDRESS")
     started_ray = address is None
+    # What the cluster's processes create (records, data, logs) is the service user's
+    # only; storage.py also sets its modes itself, whatever the umask.
+    os.umask(0o077)
     if started_ray:
         # Set before Ray is used here, inherited by `ray start` and so by every raylet,
         # worker, Serve replica, scheduler and job driver of the cluster.

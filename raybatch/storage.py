@@ -200,6 +200,43 @@ def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
     return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
 
 
+# Local files and folders are the owner's only: the store holds every tenant's data, the
+# API key records and the URL signing key, and any user of the host could read them at
+# the usual 0644/0755.
+FILE_MODE, FOLDER_MODE = 0o600, 0o700
+# The marker of a file being written beside its final name (renamed when complete).
+TEMPORARY_MARKER = ".tmp-"
+
+
+def is_temporary(name: str) -> bool:
+    """Whether a name is one of the service's own unfinished writes. Every listing skips
+    them (`Location.list`, `list_shards`), and uploads may not use such names, so what a
+    job reads is what the size checks measured."""
+    return TEMPORARY_MARKER in name
+
+
+def make_private_folders(path: str) -> None:
+    """`os.makedirs` with every folder it creates at FOLDER_MODE (os.makedirs gives the
+    mode to the last folder only)."""
+    missing = []
+    while path and not os.path.isdir(path):
+        missing.append(path)
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    for folder in reversed(missing):
+        try:
+            os.mkdir(folder, FOLDER_MODE)
+        except FileExistsError:
+            pass  # made meanwhile by another writer
+
+
+def open_private(path: str) -> IO[bytes]:
+    """A new local file for writing, created at FILE_MODE (never wider, whatever the umask)."""
+    return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE), "wb")
+
+
 @dataclass(frozen=True)
 class Shard:
     """One input file. `name` is its path relative to the input location, as error rows
@@ -264,10 +301,10 @@ class Location:
         if not _is_local(self.fs):
             self.fs.pipe_file(target, data)
             return
-        self.fs.makedirs(posixpath.dirname(target), exist_ok=True)
-        temporary = f"{target}.tmp-{uuid.uuid4().hex}"
+        make_private_folders(posixpath.dirname(target))
+        temporary = f"{target}{TEMPORARY_MARKER}{uuid.uuid4().hex}"
         try:
-            with open(temporary, "wb") as handle:
+            with open_private(temporary) as handle:
                 handle.write(data)
                 handle.flush()
                 os.fsync(handle.fileno())
@@ -290,7 +327,24 @@ class Location:
             return [posixpath.basename(p.rstrip("/")) for p in self.fs.ls(folder, detail=False)]
 
         names = retrying("list", self.where(relative), list_once)
-        return sorted(n for n in names if ".tmp-" not in n)
+        return sorted(n for n in names if not is_temporary(n))
+
+    def move(self, source: str, target: str) -> None:
+        """Rename `source` to `target` (S3: copy, then delete). Repeats safely: once the
+        source is gone and the target there, an earlier attempt already did it."""
+        source_path, target_path = self.path(source), self.path(target)
+
+        def move_once() -> None:
+            if not self.fs.exists(source_path) and self.fs.exists(target_path):
+                return
+            if _is_local(self.fs):
+                make_private_folders(posixpath.dirname(target_path))
+                os.replace(source_path, target_path)
+            else:
+                self.fs.copy(source_path, target_path)
+                self.fs.rm(source_path)
+
+        retrying("move", self.where(source), move_once)
 
     def delete(self, relative: str) -> None:
         target = self.path(relative)
@@ -329,13 +383,14 @@ class AtomicWriter:
         self._target = location.path(relative)
         self._local = _is_local(location.fs)
         if self._local:
-            self._written = f"{self._target}.tmp-{uuid.uuid4().hex}"
+            self._written = f"{self._target}{TEMPORARY_MARKER}{uuid.uuid4().hex}"
         else:
             self._written = self._target
 
         def open_once() -> IO[bytes]:
             if self._local:
-                location.fs.makedirs(posixpath.dirname(self._target), exist_ok=True)
+                make_private_folders(posixpath.dirname(self._target))
+                return open_private(self._written)
             return location.fs.open(self._written, "wb")
 
         self._handle: IO[bytes] = retrying("open for writing", location.where(relative), open_once)
@@ -385,7 +440,9 @@ class AtomicWriter:
 
 def list_shards(input_url: str) -> list[Shard]:
     """The input's `.jsonl` shards in a stable order: one file, or every `.jsonl` file
-    under a folder/prefix (recursively), sorted by relative name."""
+    under a folder/prefix (recursively), sorted by relative name. Hidden names (`.`,
+    `_`) and the service's unfinished writes (`is_temporary`) are not shards. A
+    dataset's size checks use this same listing, so a job reads only what they measured."""
     fs, root = filesystem_for(input_url)
     # Metadata reads only, so the whole listing repeats safely. A missing input is a
     # ConfigError, permanent, so it is raised at once.
@@ -400,7 +457,7 @@ def _list_shards_once(fs: fsspec.AbstractFileSystem, root: str, input_url: str) 
     shards = []
     for path, info in sorted(fs.find(root, detail=True).items()):
         name = posixpath.relpath(path, root)
-        hidden = any(part.startswith((".", "_")) for part in name.split("/"))
+        hidden = any(part.startswith((".", "_")) for part in name.split("/")) or is_temporary(name)
         if name.endswith(".jsonl") and not hidden and info.get("type") == "file":
             shards.append(Shard(fs.unstrip_protocol(path), name, int(info.get("size") or 0)))
     if not shards:

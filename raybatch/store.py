@@ -3,9 +3,15 @@
     {root}/accounts/{account}/datasets/{id}/dataset.json      the Dataset resource
     {root}/accounts/{account}/datasets/{id}/files/...         its files (a job's output
                                                               folder for an output dataset)
+    {root}/accounts/{account}/datasets/{id}/upload.json       files registered for signed PUTs
+    {root}/accounts/{account}/datasets/{id}/uploads/{nonce}/  where those PUTs land; moved
+                                                              to files/ by :validateUpload
     {root}/accounts/{account}/batchInferenceJobs/{id}/job.json  JobRecord
     {root}/keys/{key_id}.json                                 ApiKeyRecord (hash only)
     {root}/service/signing-key                                signs local upload/download URLs
+                                                              (local storage only)
+
+Local storage is the service user's only: folders 0700, files 0600 (`storage`).
 
 Every ID reaching this module was checked by `resources.check_id`; the checks here are
 a second line of defence.
@@ -13,6 +19,7 @@ a second line of defence.
 
 from __future__ import annotations
 
+import os
 import secrets
 from typing import Optional
 
@@ -25,7 +32,7 @@ from raybatch.resources import (
     check_id,
     resource_name,
 )
-from raybatch.storage import Location
+from raybatch.storage import FOLDER_MODE, Location, _is_local, make_private_folders
 
 SIGNING_KEY = "service/signing-key"
 
@@ -34,6 +41,12 @@ class Store:
     def __init__(self, root_url: str):
         self.root_url = root_url.rstrip("/")
         self.location = Location(self.root_url)
+        self.local = _is_local(self.location.fs)
+        if self.local:
+            # The root closed to others also closes what an older version created 0755.
+            make_private_folders(self.location.root)
+            if os.stat(self.location.root).st_uid == os.getuid():
+                os.chmod(self.location.root, FOLDER_MODE)
 
     def __reduce__(self):
         return (Store, (self.root_url,))
@@ -48,6 +61,11 @@ class Store:
 
     def dataset_files(self, account: str, dataset_id: str) -> Location:
         return Location(self.dataset_files_url(account, dataset_id))
+
+    def dataset_uploads(self, account: str, dataset_id: str) -> str:
+        """Store-relative folder where signed PUTs land, one subfolder per registration.
+        Nothing reads it but :validateUpload, which moves registered files to `files/`."""
+        return f"{self._dataset_dir(account, dataset_id)}/uploads"
 
     def get_dataset(self, account: str, dataset_id: str) -> Optional[Dataset]:
         path = f"{self._dataset_dir(account, dataset_id)}/dataset.json"
@@ -118,7 +136,10 @@ class Store:
         return [self.get_key(name[: -len(".json")]) for name in self.location.list("keys") if name.endswith(".json")]
 
     def signing_key(self) -> bytes:
-        """A random secret made on first use and shared by every API replica."""
+        """A random secret made on first use and shared by every API replica. Local
+        storage only: on S3 the URLs are S3's own, and no key is kept in the bucket."""
+        if not self.local:
+            raise ValueError("the URL signing key exists on local storage only")
         if not self.location.exists(SIGNING_KEY):
             self.location.write_atomic(SIGNING_KEY, secrets.token_bytes(32))
         return self.location.read_bytes(SIGNING_KEY)

@@ -27,7 +27,7 @@ from raybatch.api.auth import authenticate
 from raybatch.api.datasets import DatasetService
 from raybatch.api.signing import SIGNED_PREFIX, UrlSigner
 from raybatch.config import ServiceConfig
-from raybatch.exceptions import ApiError, InvalidArgument, NotFound, PayloadTooLarge, PermissionDenied
+from raybatch.exceptions import ApiError, FailedPrecondition, InvalidArgument, NotFound, PayloadTooLarge, PermissionDenied
 from raybatch.resources import (
     CreateDatasetRequest,
     CreateJobRequest,
@@ -43,7 +43,9 @@ from raybatch.store import Store
 logger = logging.getLogger("raybatch.api")
 
 MAX_PAGE_SIZE, DEFAULT_PAGE_SIZE = 200, 50
-api = FastAPI(title="raybatch", docs_url=None, redoc_url=None)
+# No unauthenticated schema or docs pages: `/openapi.json` is a route below that asks
+# for a valid key like every other; the interactive docs pages are off.
+api = FastAPI(title="raybatch", docs_url=None, redoc_url=None, openapi_url=None)
 
 
 def _error(error: ApiError) -> JSONResponse:
@@ -208,6 +210,14 @@ class RaybatchApi:
     def healthz(self) -> dict:
         return {"ok": True}
 
+    @api.get("/openapi.json", include_in_schema=False)
+    def openapi(self, request: Request) -> dict:
+        """The API's schema, for any valid key (it lists routes, not data)."""
+        authenticate(self.store, request.headers.get("authorization"))
+        from fastapi.openapi.utils import get_openapi
+
+        return get_openapi(title=api.title, version=api.version, routes=api.routes)
+
     # ----------------------------------------------------------------- datasets
 
     @api.post("/v1/accounts/{account}/datasets")
@@ -226,11 +236,11 @@ class RaybatchApi:
     @api.get("/v1/accounts/{account}/datasets/{reference}")
     def get_dataset(self, account: str, reference: str, request: Request, downloadLineage: bool = False):
         dataset_id, _, verb = reference.partition(":")
-        self._caller(request, account, dataset_id)
+        key = self._caller(request, account, dataset_id)
         if verb == "getDownloadEndpoint":
             files = self.datasets.download_files(account, dataset_id, downloadLineage)
             base = str(request.base_url)
-            urls = {name: self.signer.url(base, "get", path) for name, path in files.items()}
+            urls = {name: self.signer.download_url(base, key.key_id, path) for name, path in files.items()}
             return _json(FileUrls(filename_to_signed_urls=urls))
         if verb:
             raise NotFound(f"no method {verb!r} on datasets")
@@ -251,7 +261,7 @@ class RaybatchApi:
     @api.post("/v1/accounts/{account}/datasets/{reference}")
     async def dataset_method(self, account: str, reference: str, request: Request):
         dataset_id, _, verb = reference.partition(":")
-        self._caller(request, account, dataset_id)
+        key = self._caller(request, account, dataset_id)
         if verb == "upload":
             form = await request.form(max_files=1, max_fields=4)
             upload = form.get("file")
@@ -265,11 +275,10 @@ class RaybatchApi:
                 await form.close()
         if verb == "getUploadEndpoint":
             body: FileUrls = await _body(request, FileUrls)
-            plan = self.datasets.upload_plan(account, dataset_id, body.filename_to_size or {})
-            folder = self.store.dataset_files(account, dataset_id)
-            relative = folder.root[len(self.store.location.root) + 1 :]
+            nonce, plan = self.datasets.upload_plan(account, dataset_id, body.filename_to_size or {}, key.key_id)
             base = str(request.base_url)
-            urls = {name: self.signer.url(base, "put", f"{relative}/{name}", size) for name, size in plan.items()}
+            urls = {name: self.signer.upload_url(base, key.key_id, account, dataset_id, nonce, name, size)
+                    for name, size in plan.items()}
             return _json(FileUrls(filename_to_signed_urls=urls))
         if verb == "validateUpload":
             return _json(self.datasets.validate(account, dataset_id))
@@ -279,15 +288,27 @@ class RaybatchApi:
 
     @api.put(SIGNED_PREFIX + "{token}")
     async def signed_put(self, token: str, request: Request):
+        """Local storage only (on S3 the signer serves no URL: 404). The URL's key must
+        not be revoked, its dataset UPLOADING and its registration the current one; the
+        body is exactly the registered size. It lands in the registration's upload
+        area, which :validateUpload alone reads."""
         note = self.signer.open(token, "put")
+        dataset = self.datasets.get(note["account"], note["dataset"])
+        registration = self.datasets.registration(note["account"], note["dataset"])
+        if (dataset.state.value != "UPLOADING" or dataset.source_job_name or registration is None
+                or registration["nonce"] != note["nonce"] or registration["files"].get(note["file"]) != note["size"]):
+            raise FailedPrecondition("this upload URL no longer applies: its dataset is not UPLOADING "
+                                     "or its registration was replaced")
         written = 0
-        # Streamed, at most the registered size, and published only when complete.
+        # Streamed, exactly the registered size, and published only when complete.
         with self.store.location.open_atomic_writer(note["path"]) as writer:
             async for chunk in request.stream():
                 written += len(chunk)
                 if written > note["size"]:
                     raise PayloadTooLarge(f"more bytes than the {note['size']} registered for this file")
                 writer.write(chunk)
+            if written != note["size"]:
+                raise InvalidArgument(f"{written} bytes sent, {note['size']} registered for this file")
         return {"bytes": written}
 
     @api.get(SIGNED_PREFIX + "{token}")

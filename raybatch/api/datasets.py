@@ -4,16 +4,24 @@ then `:validateUpload`), download URLs (with lineage), update, delete.
 A dataset is UPLOADING until its upload is validated (line count and total size
 checked, the size being what gzip files expand to), then READY and unchangeable. A
 job's output dataset becomes READY when the job ends.
+
+Signed PUTs land in the dataset's upload area, under the nonce of the registration
+that issued their URLs (`signing.upload_path`); `:validateUpload` measures the
+registered files there itself and only then moves them into `files/`, which is all a
+job reads. So a URL used after READY, or one of an earlier registration, writes where
+nothing reads, and a registration whose key was revoked is refused.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from typing import IO
+import secrets
+from typing import IO, Optional
 
 from raybatch.config import ServiceConfig
 from raybatch.exceptions import FailedPrecondition, InvalidArgument, NotFound, PayloadTooLarge
+from raybatch.exceptions import ConfigError
 from raybatch.pipeline.read import expanded_size, shard_lines
 from raybatch.resources import (
     DATASETS,
@@ -26,6 +34,7 @@ from raybatch.resources import (
     parse_reference,
     resource_name,
 )
+from raybatch.storage import TEMPORARY_MARKER, Location, is_temporary, list_shards
 from raybatch.store import Store
 
 # Plain file names only: no folders, nothing hidden, nothing the pipeline would skip.
@@ -39,6 +48,8 @@ def check_filename(name: str) -> str:
         raise InvalidArgument(
             f"invalid file name {name!r}: use letters, digits, '.', '_', '-' and end in .jsonl"
         )
+    if is_temporary(name):
+        raise InvalidArgument(f"invalid file name {name!r}: {TEMPORARY_MARKER!r} marks the service's own unfinished files")
     return name
 
 
@@ -91,9 +102,14 @@ class DatasetService:
         return dataset
 
     def _file_sizes(self, account: str, dataset_id: str) -> dict[str, int]:
-        """The dataset's files (only names an upload may have) and their sizes."""
+        """The dataset's files and their sizes, listed as a job lists its shards (the
+        same function), so the checks measure exactly what a job will read."""
         files = self.store.dataset_files(account, dataset_id)
-        return {name: files.size(name) for name in files.list() if FILENAME.fullmatch(name)}
+        try:
+            shards = list_shards(files.url)
+        except ConfigError:  # no files yet
+            return {}
+        return {shard.name: files.size(shard.name) for shard in shards}
 
     def upload(self, account: str, dataset_id: str, filename: str, source: IO[bytes]) -> dict:
         """`:upload`: store one file, then validate the dataset (it becomes READY)."""
@@ -110,7 +126,11 @@ class DatasetService:
                     # Raising inside the writer discards the partial object.
                     raise PayloadTooLarge(f"dataset would exceed its size limit of {self.config.max_dataset_bytes} bytes")
                 writer.write(chunk)
-        dataset = self.validate(account, dataset_id)
+        try:
+            dataset = self.validate(account, dataset_id)
+        except BaseException:
+            files.delete(filename)  # a failed upload leaves nothing behind
+            raise
         return {
             "id": dataset_id,
             "object": "file",
@@ -120,12 +140,17 @@ class DatasetService:
             "purpose": "batch",
         }
 
-    def upload_plan(self, account: str, dataset_id: str, filename_to_size: dict) -> dict[str, int]:
+    def upload_plan(self, account: str, dataset_id: str, filename_to_size: dict, key_id: str) -> tuple[str, dict[str, int]]:
         """`:getUploadEndpoint`: register the files about to be PUT (replacing any
-        earlier registration, as Fireworks does); return them checked."""
+        earlier registration, as Fireworks does, and discarding what was PUT for it);
+        return (the registration's nonce, the files checked)."""
         self._uploading(account, dataset_id)
         if not filename_to_size:
             raise InvalidArgument("filenameToSize is empty")
+        if len(filename_to_size) > self.config.max_upload_files:
+            raise InvalidArgument(
+                f"filenameToSize names {len(filename_to_size)} files, over the limit of {self.config.max_upload_files}"
+            )
         plan = {}
         for name, size in filename_to_size.items():
             try:
@@ -136,35 +161,64 @@ class DatasetService:
                 raise InvalidArgument(f"file {name!r} is empty")
         if sum(plan.values()) > self.config.max_dataset_bytes:
             raise PayloadTooLarge(f"files total {sum(plan.values())} bytes, over the dataset limit of {self.config.max_dataset_bytes}")
-        self.store.location.write_atomic(self._plan_path(account, dataset_id), json.dumps(plan).encode())
-        return plan
+        nonce = secrets.token_hex(16)
+        record = {"nonce": nonce, "key": key_id, "files": plan}
+        self.store.location.write_atomic(self._plan_path(account, dataset_id), json.dumps(record).encode())
+        self.store.location.delete(self.store.dataset_uploads(account, dataset_id))
+        return nonce, plan
+
+    def registration(self, account: str, dataset_id: str) -> Optional[dict]:
+        """The current `:getUploadEndpoint` registration: nonce, key ID and files."""
+        path = self._plan_path(account, dataset_id)
+        if not self.store.location.exists(path):
+            return None
+        record = json.loads(self.store.location.read_bytes(path))
+        if "files" not in record:  # written before registrations had a nonce: its URLs are void
+            return {"nonce": None, "key": None, "files": record}
+        return record
 
     def _plan_path(self, account: str, dataset_id: str) -> str:
         return f"{resource_name(account, DATASETS, dataset_id)}/{UPLOAD_PLAN}"
 
     def validate(self, account: str, dataset_id: str) -> Dataset:
-        """`:validateUpload`: every registered file is there with its size, the total is
-        within the limit, and the examples (non-blank lines) are counted → READY."""
+        """`:validateUpload`: every registered file was PUT with its size, the total is
+        within the limit, and the examples (non-blank lines) are counted → READY. Every
+        size here is measured here: a registered size is only what the file must match."""
         dataset = self._uploading(account, dataset_id)
         files = self.store.dataset_files(account, dataset_id)
-        sizes = self._file_sizes(account, dataset_id)
-        plan_path = self._plan_path(account, dataset_id)
-        if self.store.location.exists(plan_path):
-            for name, size in json.loads(self.store.location.read_bytes(plan_path)).items():
-                if name not in sizes:
+        sources: dict[str, tuple[Location, str]] = {name: (files, name) for name in self._file_sizes(account, dataset_id)}
+        staged: dict[str, str] = {}  # name → its path in the upload area
+        registration = self.registration(account, dataset_id)
+        if registration is not None:
+            key = self.store.get_key(registration["key"]) if registration["key"] else None
+            if registration["key"] and (key is None or key.revoked):
+                raise FailedPrecondition(
+                    f"the key that asked for dataset {dataset_id}'s upload URLs was revoked; "
+                    "ask for new URLs with :getUploadEndpoint and upload again"
+                )
+            for name, size in registration["files"].items():
+                path = (f"{self.store.dataset_uploads(account, dataset_id)}/{registration['nonce']}/{name}"
+                        if registration["nonce"] else None)
+                if path and self.store.location.exists(path):
+                    staged[name] = path
+                    sources[name] = (self.store.location, path)
+                elif name not in sources:  # a file an earlier :validateUpload moved stays valid
                     raise FailedPrecondition(f"file {name} was registered but not uploaded")
-                if sizes[name] != size:
-                    raise FailedPrecondition(f"file {name} has {sizes[name]} bytes, {size} were registered")
-        if not sizes:
+                where, relative = sources[name]
+                measured = where.size(relative)
+                if measured != size:
+                    raise FailedPrecondition(f"file {name} has {measured} bytes, {size} were registered")
+        if not sources:
             raise FailedPrecondition(f"dataset {dataset_id} has no files; upload one first")
         limit = self.config.max_dataset_bytes
-        if sum(sizes.values()) > limit:
-            raise PayloadTooLarge(f"dataset has {sum(sizes.values())} bytes, over its limit of {limit}")
+        stored = sum(where.size(relative) for where, relative in sources.values())
+        if stored > limit:
+            raise PayloadTooLarge(f"dataset has {stored} bytes, over its limit of {limit}")
         # The size that counts is what the files expand to: 50 KB of gzip can stand for
         # gigabytes. Each file is expanded only until the total passes the limit.
         total = 0
-        for name in sizes:
-            with files.open_read(name) as handle:
+        for name, (where, relative) in sources.items():
+            with where.open_read(relative) as handle:
                 total += expanded_size(handle, limit - total)
             if total > limit:
                 raise PayloadTooLarge(
@@ -172,16 +226,22 @@ class DatasetService:
                     f"(gzip files count decompressed; {name} passed it)"
                 )
         examples = 0
-        for name in sizes:
-            with files.open_read(name) as handle:
+        for name, (where, relative) in sources.items():
+            with where.open_read(relative) as handle:
                 # Lines as a job reads them (gzip decompressed). A line too long to read
                 # (None) is still an example: the job reports it.
                 lines = shard_lines(handle, max_line_bytes=CHUNK, max_total_bytes=limit, name=name)
                 examples += sum(1 for _, raw in lines if raw is None or raw.strip())
+        # Into files/ only now, measured; then the record. A crash between leaves the
+        # dataset UPLOADING with its files in place, and a repeated call finishes it.
+        files_folder = f"{self.store._dataset_dir(account, dataset_id)}/files"
+        for name, path in staged.items():
+            self.store.location.move(path, f"{files_folder}/{name}")
         dataset = dataset.model_copy(
             update={"state": DatasetState.READY, "example_count": str(examples), "size_bytes": str(total), "update_time": now()}
         )
         self.store.put_dataset(account, dataset_id, dataset)
+        self.store.location.delete(self.store.dataset_uploads(account, dataset_id))
         return dataset
 
     def download_files(self, account: str, dataset_id: str, lineage: bool) -> dict[str, str]:

@@ -80,7 +80,8 @@ class JobScheduler:
     def __init__(self, config: ServiceConfig):
         self._config = config
         self._store = Store(config.storage)
-        self._store.signing_key()  # made once here, before any API replica needs it
+        if self._store.local:
+            self._store.signing_key()  # made once here, before any API replica needs it
         self._lock = threading.RLock()
         self._drivers = DriverControl()
         # The engines every job shares; created here so that it exists before any driver.

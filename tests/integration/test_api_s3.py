@@ -82,7 +82,8 @@ def test_size_limits_answer_413_and_keep_nothing(s3_service):
     assert reply.status_code == 413
     assert client.datasets.get("too-big").state == "UPLOADING"
     assert not client.datasets.get_download_endpoint("too-big").filename_to_signed_urls
-    # A presigned PUT cannot cap the size S3 takes; validateUpload checks it instead.
+    # The URL signs Content-Length, so S3 refuses another size; moto does not check
+    # signatures, and validateUpload measures what arrived anyway.
     urls = client.datasets.get_upload_endpoint("too-big", filename_to_size={"input.jsonl": str(MIB)})
     httpx.put(urls.filename_to_signed_urls["input.jsonl"], content=line * 2200).raise_for_status()
     reply = httpx.post(f"{s3_service.base_url}/v1/accounts/{ACCOUNT}/datasets/too-big:validateUpload", json={}, headers=headers)
