@@ -34,6 +34,7 @@ from raybatch.output_layout import (
     OutputStatus,
     committed_lines,
     load_commits,
+    progress_of,
     publish_files,
     succeeded_lines,
 )
@@ -270,17 +271,11 @@ def _stream(
     """Scan, stream the pipeline into the writer, publish: the part of a run after the
     engines were asked for."""
     output = Location(config.output)
-    scan = scan_input(shards, config)
-    inherited: dict = {}
-    for earlier in config.skip_succeeded_in:
-        succeeded_lines(load_commits(Location(earlier)), into=inherited)
-    # A continuation owns only the lines its parent chain did not answer successfully.
-    total = scan.lines - sum(len(lines) for lines in inherited.values())
-    skip = committed_lines(load_commits(output), into=inherited)
     # No restarts: a restarted writer would have lost its uncommitted buffer while the
     # stream moved on. A writer crash fails the run; running it again resumes. On the
     # driver's own node, so that only the loss of that node can take it away: a node
     # that died but is not yet marked dead would otherwise be as good as any other.
+    # Created first: its process starts while the input is scanned and Ray Data starts.
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     writer = ray.remote(num_cpus=0, max_restarts=0, scheduling_strategy=here)(OutputWriter).remote(
         config.output,
@@ -288,17 +283,27 @@ def _stream(
         part_max_rows=config.part_max_rows,
         part_max_bytes=config.part_max_bytes,
         part_max_seconds=config.part_max_seconds,
-        total_input_requests=total,
     )
-    status: OutputStatus = ray.get(writer.status.remote())
-    if on_progress:
-        on_progress(status)
-    remaining = total - status.progress.total_processed_requests
-    if remaining > 0 and not status.cap_reached:
+    scan = scan_input(shards, config)
+    inherited: dict = {}
+    for earlier in config.skip_succeeded_in:
+        succeeded_lines(load_commits(Location(earlier)), into=inherited)
+    # A continuation owns only the lines its parent chain did not answer successfully.
+    total = scan.lines - sum(len(lines) for lines in inherited.values())
+    commits = load_commits(output)
+    skip = committed_lines(commits, into=inherited)
+    begun = writer.begin.remote(total)  # not waited for: Ray Data starts meanwhile
+    status = None
+    # What the writer will find committed (it has read the same parts); a new writer has
+    # never reached the cap.
+    remaining = total - progress_of(commits, total).total_processed_requests
+    if remaining > 0:
         try:
             for batch in build_pipeline(shards, config, access, scan, skip).iter_batches(
                 batch_format="pyarrow", batch_size=None
             ):
+                if status is None and on_progress:
+                    on_progress(ray.get(begun))
                 status = ray.get(writer.append.remote(batch))
                 if on_progress:
                     on_progress(status)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import time
 import uuid
+from typing import Optional
 
 import pyarrow as pa
 
@@ -48,8 +49,10 @@ class OutputWriter:
         part_max_rows: int,
         part_max_bytes: int,
         part_max_seconds: float,
-        total_input_requests: int,
+        total_input_requests: Optional[int] = None,
     ):
+        """`total_input_requests` may come later, through `begin`: a run creates its
+        writer before it scans the input, so that the actor's process starts meanwhile."""
         self._out = Location(output_url)
         self._cap_bytes = cap_bytes
         self._part_max_rows = part_max_rows
@@ -67,7 +70,13 @@ class OutputWriter:
         self._buffer_bytes = 0
         self._last_commit = time.monotonic()
         self._cap_reached = False
+        if total_input_requests is not None:
+            self._write_progress()
+
+    def begin(self, total_input_requests: int) -> OutputStatus:
+        self._total = total_input_requests
         self._write_progress()
+        return self.status()
 
     def append(self, table: pa.Table) -> OutputStatus:
         rows = zip(

@@ -61,3 +61,16 @@ def test_cap_keeps_whole_lines_that_fit(tmp_path):
     assert output_lines(tmp_path)[0] == [1, 2, 3, 4, 5, 6]
     progress = json.loads((tmp_path / "_raybatch" / "progress.json").read_text())
     assert progress["capReached"] and progress["progress"]["totalProcessedRequests"] == 6
+
+
+def test_a_writer_made_before_the_scan_publishes_progress_once_it_knows_the_total(tmp_path):
+    """A run creates its writer before it has counted the input lines (the actor's
+    process starts meanwhile): no progress with a made-up total is ever visible."""
+    from raybatch.output_layout import read_progress
+
+    w = OutputWriter(str(tmp_path), cap_bytes=10**9, part_max_rows=4, part_max_bytes=10**9, part_max_seconds=3600)
+    assert read_progress(Location(str(tmp_path))) is None
+    assert w.begin(10).progress.total_input_requests == 10
+    assert read_progress(Location(str(tmp_path))).progress.total_input_requests == 10
+    w.append(batch(range(1, 5)))
+    assert read_progress(Location(str(tmp_path))).progress.total_processed_requests == 4
