@@ -242,7 +242,7 @@ def mixed_input() -> InputBuilder:
     b.add(a, {"custom_id": "too-many-tokens", "body": chat("hi", max_tokens=MAX_MODEL_LEN)}, "too-many-tokens", "context_length_exceeded")
     b.add(a, {"custom_id": "negative-max", "body": chat("hi", max_tokens=-1)}, "negative-max", "invalid_request")
     b.add(a, b'{"custom_id": "nan-temperature", "body": {"messages": [{"role": "user", "content": "hi"}], "temperature": NaN}}', "nan-temperature", "invalid_request")
-    b.add(a, {"custom_id": "n-too-big", "body": chat("hi", n=17)}, "n-too-big", "invalid_request")
+    b.add(a, {"custom_id": "n-too-big", "body": chat("hi", n=17)}, "n-too-big", "n_too_large")
     b.add(a, {"custom_id": "string-max", "body": chat("hi", max_tokens="5")}, "string-max", "invalid_request")
     # A second shard: a duplicate across shards (the first shard's line wins), a last
     # line with no newline, and a whitespace-only line.
