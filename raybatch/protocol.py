@@ -31,7 +31,7 @@ DEFAULT_MAX_CUSTOM_ID_BYTES = 512
 # for 16 choices of the whole context, 20 alternatives per token, or a grammar compiled
 # from a large schema.
 DEFAULT_MAX_OUTPUT_TOKENS = 4096
-DEFAULT_MAX_N = 8
+DEFAULT_MAX_N = 16
 DEFAULT_MAX_TOP_LOGPROBS = 5
 DEFAULT_MAX_JSON_SCHEMA_BYTES = 32 << 10
 

@@ -57,7 +57,7 @@ def test_rows_over_the_jobs_bounds_are_error_rows_with_their_own_codes(service):
         "tokens": (chat("a", max_tokens=MAX_TOKENS * 100), "max_tokens_too_large"),
         "completion-tokens": (chat("a", max_completion_tokens=MAX_TOKENS + 1), "max_tokens_too_large"),
         "min-tokens": (chat("a", min_tokens=MAX_TOKENS + 1, ignore_eos=True), "max_tokens_too_large"),
-        "n": (chat("a", n=16), "n_too_large"),
+        "n": (chat("a", n=MAX_N + 1), "n_too_large"),
         "logprobs": (chat("a", logprobs=True, top_logprobs=20), "logprobs_too_large"),
         "schema": (chat("a", response_format={"type": "json_schema", "json_schema": {"name": "s", "schema": huge_schema}}),
                    "json_schema_too_large"),
@@ -71,7 +71,7 @@ def test_rows_over_the_jobs_bounds_are_error_rows_with_their_own_codes(service):
     output = dataset_files_url(service.storage, ACCOUNT, job["outputDatasetId"])
     check_run(output, built.expected, progress=job["jobProgress"])
     errors = {row["custom_id"]: row["error"] for row in read_jsonl(f"{output}/errors.jsonl")}
-    assert errors["n"]["message"] == f"n must be at most {MAX_N}; this request asks for 16"
+    assert errors["n"]["message"] == f"n must be at most {MAX_N}; this request asks for {MAX_N + 1}"
     assert errors["tokens"]["message"] == (
         f"max_tokens must be at most {MAX_TOKENS}, this job's limit; this request asks for {MAX_TOKENS * 100}")
     assert errors["schema"]["message"].startswith("json_schema is ") and f"over this job's limit of {MAX_SCHEMA}" in errors["schema"]["message"]

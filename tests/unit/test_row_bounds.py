@@ -107,5 +107,5 @@ def test_defaults_are_the_documented_ones():
     config = RunConfig(input="i", output="o", model="m")
     assert (config.max_n, config.max_output_tokens, config.max_top_logprobs, config.max_json_schema_bytes) == (
         DEFAULT_MAX_N, DEFAULT_MAX_OUTPUT_TOKENS, DEFAULT_MAX_TOP_LOGPROBS, DEFAULT_MAX_JSON_SCHEMA_BYTES
-    ) == (8, 4096, 5, 32768)
+    ) == (16, 4096, 5, 32768)
     assert config.engine.request_timeout_seconds == 600 and config.engine.max_engine_failures_per_job == 5
