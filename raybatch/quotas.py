@@ -62,7 +62,7 @@ class AccountQuotas:
 
     def check_new_dataset(self, account: str, datasets: Optional[list[Dataset]] = None) -> None:
         quota = self._config.quota(account).max_datasets
-        held = len(self._store.list_datasets(account) if datasets is None else datasets)
+        held = self._store.count_datasets(account) if datasets is None else len(datasets)
         if held >= quota:
             raise QuotaExceeded(
                 f"account {account} has {held} datasets, its quota of {quota} "

@@ -67,6 +67,10 @@ class Store:
                 found.append(dataset)
         return found
 
+    def count_datasets(self, account: str) -> int:
+        """How many datasets the account holds: one listing, no record read."""
+        return len(self.location.list(f"accounts/{check_id(account)}/{DATASETS}"))
+
     def delete_dataset(self, account: str, dataset_id: str) -> None:
         # The record first: a half-deleted dataset is then simply gone, not corrupt.
         self.location.delete(f"{self._dataset_dir(account, dataset_id)}/dataset.json")
