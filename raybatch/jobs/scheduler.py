@@ -149,7 +149,7 @@ class JobScheduler:
                 created_by=created_by,
                 state=S.VALIDATING,
             )
-            self._store.put_job(JobRecord(job=job, runtime=runtime))
+            self._store.put_job(JobRecord(job=job, runtime=runtime), new=True)
         self._wake()
         return job.model_dump(mode="json", by_alias=True, exclude_none=True)
 
@@ -200,10 +200,8 @@ class JobScheduler:
                 time.sleep(0.1)
 
     def tick(self) -> None:
-        records = sorted(
-            (r for r in self._store.all_jobs() if not r.job.state.terminal),
-            key=lambda r: (r.job.create_time, r.job.name),
-        )
+        # Through the index of jobs that have not ended: ended jobs cost nothing here.
+        records = sorted(self._store.active_jobs(), key=lambda r: (r.job.create_time, r.job.name))
         for record in records:
             try:
                 self._advance(record)
@@ -219,7 +217,7 @@ class JobScheduler:
     def _admit(self, records: list[JobRecord]) -> None:
         """Start PENDING jobs up to the limits, taking accounts in turn (each in order of
         creation), so that one account's queue of jobs cannot keep another's waiting."""
-        active = [r for r in self._store.all_jobs() if r.job.state in ACTIVE]
+        active = [r for r in self._store.active_jobs() if r.job.state in ACTIVE]
         running = len(active)
         per_account: dict[str, int] = {}
         for record in active:
