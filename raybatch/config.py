@@ -7,7 +7,15 @@ from typing import Any, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from raybatch.protocol import DEFAULT_MAX_CUSTOM_ID_BYTES, InferenceParameters, Precision
+from raybatch.protocol import (
+    DEFAULT_MAX_CUSTOM_ID_BYTES,
+    DEFAULT_MAX_JSON_SCHEMA_BYTES,
+    DEFAULT_MAX_N,
+    DEFAULT_MAX_OUTPUT_TOKENS,
+    DEFAULT_MAX_TOP_LOGPROBS,
+    InferenceParameters,
+    Precision,
+)
 
 GIB = 1 << 30
 MIB = 1 << 20
@@ -91,16 +99,25 @@ class EngineConfig(BaseModel):
         default_factory=dict, description="Further vLLM engine arguments, passed as given."
     )
     request_timeout_seconds: float = Field(
-        1800, gt=0, description="A request inside an engine this long means a hung engine: "
+        600, gt=0, description="A request inside an engine this long means a hung engine: "
         "the replica is replaced and every row it had in flight, of every job, is retried. "
         "Counts time inside the engine only, not time queued behind other jobs; must exceed "
-        "the slowest honest request."
+        "the slowest honest request: max_output_tokens at the engine's slowest decoding "
+        "(the default allows 4096 tokens at ~7 tokens/s). Lower frees a hung engine's "
+        "rows sooner."
     )
     max_failures_per_row: int = Field(
         2, ge=1, description="A row that was alone on an engine when it died or hung this "
         "many times becomes an engine_error row and is not sent again, so that one such "
         "row cannot restart engines forever. Rows in flight at a failure are retried "
         "alone first; rows that only shared a failing engine are never blamed."
+    )
+    max_engine_failures_per_job: int = Field(
+        5, ge=1, description="Engine failures (deaths or hangs) one job's rows may cause, "
+        "counting those where its rows were all the engine had in flight. At the limit, "
+        "each of its rows not yet answered becomes an engine_error row and is not sent: "
+        "many poison rows cannot restart engines row after row. Failures shared with other "
+        "jobs' rows are not counted (the job may not be to blame)."
     )
     kind: str = Field("vllm", description="'vllm', or 'scripted': the deterministic test "
                       "engine (engines/scripted.py), for fault injection only.")
@@ -122,7 +139,29 @@ class RunConfig(BaseModel):
     precision: Precision = Precision.PRECISION_UNSPECIFIED
     output_cap_bytes: int = Field(8 * GIB, ge=1, description="Committed output never passes this.")
     max_line_bytes: int = Field(MIB, ge=64, description="Longer input lines are error rows.")
-    max_n: int = Field(16, ge=1, description="Largest `n` a row may ask for.")
+    # Bounds on expensive rows. A row over one is an error row with its own code (its
+    # custom_id echoed, the rest of the job unaffected); the check runs on the row's body
+    # merged with the job's inferenceParameters.
+    max_n: int = Field(DEFAULT_MAX_N, ge=1, description="Largest `n` (choices) a row may ask "
+                       "for; more is an n_too_large row. Each choice is a sequence of its own "
+                       "in the engine: n multiplies a row's cost.")
+    max_output_tokens: int = Field(
+        DEFAULT_MAX_OUTPUT_TOKENS, ge=1, description="Largest max_tokens / max_completion_tokens "
+        "(and min_tokens) a row may ask for; more is a max_tokens_too_large row. A row that "
+        "sets none gets at most this many (not the whole context). Higher serves long "
+        "generations; each token of each choice is engine time."
+    )
+    max_top_logprobs: int = Field(
+        DEFAULT_MAX_TOP_LOGPROBS, ge=0, le=20, description="Most alternatives per token a row "
+        "may ask for (chat `top_logprobs`, completions `logprobs`); more is a "
+        "logprobs_too_large row. Each costs a sort over the vocabulary and bytes in every "
+        "output line, per token."
+    )
+    max_json_schema_bytes: int = Field(
+        DEFAULT_MAX_JSON_SCHEMA_BYTES, ge=2, description="Largest `response_format.json_schema."
+        "schema` (compact JSON, UTF-8 bytes); larger is a json_schema_too_large row. The "
+        "engine compiles a grammar from each schema, in its own loop, before any token."
+    )
     max_custom_id_bytes: int = Field(
         DEFAULT_MAX_CUSTOM_ID_BYTES, ge=1, description="Longest `custom_id` (UTF-8 bytes); a longer one is a "
         "custom_id_too_long error row and is never echoed. The input scan keeps a fixed-size "
@@ -173,6 +212,31 @@ class ModelEntry(BaseModel):
                                    "`engine_args` are merged key by key.")
 
 
+class AccountQuota(BaseModel):
+    """One account's quotas where they differ from the service-wide ones: each field
+    left out (None) takes the ServiceConfig setting of the same meaning."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_datasets: Optional[int] = Field(None, ge=0)
+    max_stored_bytes: Optional[int] = Field(None, ge=0)
+    max_queued_jobs: Optional[int] = Field(None, ge=0)
+    max_running_jobs: Optional[int] = Field(None, ge=1)
+    requests_per_second: Optional[float] = Field(None, gt=0)
+    request_burst: Optional[int] = Field(None, ge=1)
+
+
+class Quota(BaseModel):
+    """An account's quotas, every one resolved (`ServiceConfig.quota`)."""
+
+    max_datasets: int
+    max_stored_bytes: int
+    max_queued_jobs: int
+    max_running_jobs: int
+    requests_per_second: float
+    request_burst: int
+
+
 class ServiceConfig(BaseModel):
     """The control plane's settings (`raybatch up`, the Serve config's `args`)."""
 
@@ -197,6 +261,33 @@ class ServiceConfig(BaseModel):
     max_running_jobs_per_account: int = Field(4, ge=1, description="Jobs of one account "
                                               "running at once; its others wait PENDING "
                                               "while other accounts' jobs start.")
+    # Per-account quotas. Over one, a request that would add to it gets 429
+    # RESOURCE_EXHAUSTED saying which quota and how to free it; `account_quotas` sets
+    # other values for named accounts.
+    max_datasets_per_account: int = Field(1000, ge=0, description="Datasets one account "
+                                          "may hold, its jobs' output datasets included "
+                                          "(a job that cannot make one is refused).")
+    max_stored_bytes_per_account: int = Field(50 * GIB, ge=0, description="Bytes one "
+                                              "account may store: READY datasets at their "
+                                              "sizeBytes (expanded size; a job's output at "
+                                              "its committed bytes), UPLOADING ones at the "
+                                              "bytes received. Uploads past it are refused; "
+                                              "so are new jobs while it is full (their output "
+                                              "would add to it).")
+    max_queued_jobs_per_account: int = Field(100, ge=0, description="Jobs of one account "
+                                             "waiting to run (VALIDATING, PENDING, "
+                                             "RE_QUEUEING); a new job past it is refused. "
+                                             "With max_job_duration_seconds it bounds how "
+                                             "much engine time one account can line up.")
+    requests_per_second_per_key: float = Field(20, gt=0, description="Rate limit of each "
+                                               "API key (token bucket), per API replica: "
+                                               "past it a request gets 429 with Retry-After. "
+                                               "Signed file URLs are not counted.")
+    request_burst_per_key: int = Field(100, ge=1, description="Requests a key may send at "
+                                       "once after being idle (the bucket's size).")
+    account_quotas: dict[str, AccountQuota] = Field(default_factory=dict, description="Quotas "
+                                                    "of named accounts where they differ "
+                                                    "from the settings above.")
     account_weights: dict[str, float] = Field(default_factory=dict, description="Share of "
                                               "the engines per account (default 1): an "
                                               "account of weight 2 gets twice the rows of "
@@ -234,6 +325,19 @@ class ServiceConfig(BaseModel):
                                          "turn on trust_remote_code: that belongs to the catalog "
                                          "entries whose models need it, so it never reaches "
                                          "another model.")
+
+    def quota(self, account: str) -> Quota:
+        """The account's quotas: its `account_quotas` entry over the service-wide ones."""
+        own = self.account_quotas.get(account) or AccountQuota()
+        defaults = Quota(
+            max_datasets=self.max_datasets_per_account,
+            max_stored_bytes=self.max_stored_bytes_per_account,
+            max_queued_jobs=self.max_queued_jobs_per_account,
+            max_running_jobs=self.max_running_jobs_per_account,
+            requests_per_second=self.requests_per_second_per_key,
+            request_burst=self.request_burst_per_key,
+        )
+        return defaults.model_copy(update=own.model_dump(exclude_none=True))
 
     @model_validator(mode="after")
     def _model_access_is_consistent(self) -> "ServiceConfig":

@@ -23,7 +23,9 @@
         ├── NotFound              404 (also: another account's resource)
         ├── AlreadyExists         409
         ├── Conflict              409 ABORTED (a concurrent change won)
-        └── PayloadTooLarge       413 RESOURCE_EXHAUSTED
+        ├── PayloadTooLarge       413 RESOURCE_EXHAUSTED
+        └── QuotaExceeded         429 RESOURCE_EXHAUSTED (an account quota is full)
+            └── RateLimited       429 RESOURCE_EXHAUSTED with Retry-After (too many requests)
 
 Per-line problems never escape a pipeline stage: a `RowError` is caught where it is
 raised and turned into an error row, because one bad line must never fail a job.
@@ -153,6 +155,22 @@ class Conflict(ApiError):
 
 class PayloadTooLarge(ApiError):
     http_status, status = 413, "RESOURCE_EXHAUSTED"
+
+
+class QuotaExceeded(ApiError):
+    """One of the account's quotas (datasets, stored bytes, queued jobs) is full.
+    Recoverable: delete datasets or let jobs end, then ask again."""
+
+    http_status, status = 429, "RESOURCE_EXHAUSTED"
+
+
+class RateLimited(QuotaExceeded):
+    """The key sent requests faster than its rate limit. Recoverable: wait
+    `retry_after` seconds (the `Retry-After` header) and send again."""
+
+    def __init__(self, message: str, retry_after: int = 1):
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class ApiRequestError(RaybatchError):

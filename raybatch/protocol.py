@@ -17,7 +17,6 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -26,6 +25,15 @@ from pydantic.alias_generators import to_camel
 # Longest custom_id a line may carry (UTF-8 bytes) unless RunConfig says otherwise. An id
 # is echoed into both output files; OpenAI's batch API takes ids of this order.
 DEFAULT_MAX_CUSTOM_ID_BYTES = 512
+
+# Per-job bounds on what one row may ask the engine for, unless RunConfig says otherwise.
+# Each costs engine time or memory a line's byte size does not show: a 1 KB line can ask
+# for 16 choices of the whole context, 20 alternatives per token, or a grammar compiled
+# from a large schema.
+DEFAULT_MAX_OUTPUT_TOKENS = 4096
+DEFAULT_MAX_N = 16
+DEFAULT_MAX_TOP_LOGPROBS = 5
+DEFAULT_MAX_JSON_SCHEMA_BYTES = 32 << 10
 
 CHAT_URL = "/v1/chat/completions"
 COMPLETIONS_URL = "/v1/completions"
@@ -41,6 +49,11 @@ class ErrorCode(str, enum.Enum):
     DUPLICATE_CUSTOM_ID = "duplicate_custom_id"
     LINE_TOO_LARGE = "line_too_large"
     CUSTOM_ID_TOO_LONG = "custom_id_too_long"
+    # Over one of the job's bounds on expensive rows (RunConfig.max_output_tokens, ...).
+    MAX_TOKENS_TOO_LARGE = "max_tokens_too_large"
+    N_TOO_LARGE = "n_too_large"
+    LOGPROBS_TOO_LARGE = "logprobs_too_large"
+    JSON_SCHEMA_TOO_LARGE = "json_schema_too_large"
     CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"
     ENGINE_ERROR = "engine_error"
 
@@ -155,14 +168,6 @@ class _Body(BaseModel):
     min_tokens: Optional[int] = Field(None, ge=0)
     ignore_eos: Optional[bool] = None
     response_format: Optional["ResponseFormat"] = None
-
-    @field_validator("n")
-    @classmethod
-    def _n_within_limit(cls, value: Optional[int], info: ValidationInfo) -> Optional[int]:
-        max_n = (info.context or {}).get("max_n")
-        if value is not None and max_n is not None and value > max_n:
-            raise ValueError(f"n must be at most {max_n}")
-        return value
 
     @property
     def output_limit(self) -> Optional[int]:

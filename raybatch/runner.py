@@ -97,13 +97,22 @@ def job_pool_model(config: RunConfig, plan: EnginePlan, fixed: bool) -> PoolMode
     )
 
 
+def row_bounds(config: RunConfig) -> dict[str, int]:
+    """The job's bounds on expensive rows other than max_n, as `validate_body` takes them."""
+    return {
+        "max_output_tokens": config.max_output_tokens,
+        "max_top_logprobs": config.max_top_logprobs,
+        "max_json_schema_bytes": config.max_json_schema_bytes,
+    }
+
+
 def _check_job_defaults(config: RunConfig) -> dict:
     """The job's parameters must be valid on their own, or every row would fail."""
     defaults = config.inference_parameters.row_defaults()
     probes = ((CHAT_URL, {"messages": [{"role": "user", "content": "x"}]}), (COMPLETIONS_URL, {"prompt": "x"}))
     for url, probe in probes:
         try:
-            validate_body(url, {**defaults, **probe}, max_n=config.max_n)
+            validate_body(url, {**defaults, **probe}, max_n=config.max_n, **row_bounds(config))
         except RowError as error:
             raise ConfigError(f"invalid inference parameters: {error.message}") from None
     return defaults
@@ -200,6 +209,7 @@ def build_pipeline(shards: list[Shard], config: RunConfig, access: PoolAccess, s
             "job_defaults": config.inference_parameters.row_defaults(),
             "duplicates": frozenset(scan.duplicates),
             "max_custom_id_bytes": config.max_custom_id_bytes,
+            **row_bounds(config),
         },
     )
     engine = config.engine

@@ -10,6 +10,8 @@
     {root}/keys/{key_id}.json                                 ApiKeyRecord (hash only)
     {root}/service/signing-key                                signs local upload/download URLs
                                                               (local storage only)
+    {root}/service/active-jobs/{account}.{job_id}             empty: the job has not ended
+                                                              (the scheduler's index)
 
 Local storage is the service user's only: folders 0700, files 0600 (`storage`).
 
@@ -35,6 +37,13 @@ from raybatch.resources import (
 from raybatch.storage import FOLDER_MODE, Location, _is_local, make_private_folders
 
 SIGNING_KEY = "service/signing-key"
+# The index of jobs that have not ended, so that the scheduler's pass reads those
+# records only, not every record of every account. A marker is written before a new
+# job's record and removed after its terminal one (terminal is final), so a job that
+# has not ended is never missing; a crash can only leave a marker of an ended job, which
+# `active_jobs` removes. Stores from before the index get it built once.
+ACTIVE_JOBS = "service/active-jobs"
+ACTIVE_JOBS_BUILT = "service/active-jobs.built"
 
 
 class Store:
@@ -85,6 +94,10 @@ class Store:
                 found.append(dataset)
         return found
 
+    def count_datasets(self, account: str) -> int:
+        """How many datasets the account holds: one listing, no record read."""
+        return len(self.location.list(f"accounts/{check_id(account)}/{DATASETS}"))
+
     def delete_dataset(self, account: str, dataset_id: str) -> None:
         # The record first: a half-deleted dataset is then simply gone, not corrupt.
         self.location.delete(f"{self._dataset_dir(account, dataset_id)}/dataset.json")
@@ -101,10 +114,39 @@ class Store:
             return None
         return JobRecord.model_validate_json(self.location.read_bytes(path))
 
-    def put_job(self, record: JobRecord) -> None:
+    def put_job(self, record: JobRecord, new: bool = False) -> None:
+        """Store a job record; `new`: the job's first, which enters the active index."""
         job_id = record.job.name.rsplit("/", 1)[-1]
         path = self._job_path(record.runtime.account, job_id)
+        marker = self._active_marker(record.runtime.account, job_id)
+        if new:
+            self.location.write_atomic(marker, b"")
         self.location.write_atomic(path, record.model_dump_json(by_alias=True).encode())
+        if record.job.state.terminal:
+            self.location.delete(marker)
+
+    def _active_marker(self, account: str, job_id: str) -> str:
+        return f"{ACTIVE_JOBS}/{check_id(account)}.{check_id(job_id)}"
+
+    def active_jobs(self) -> list[JobRecord]:
+        """Every job that has not ended, of every account: one listing and a read per
+        such job, whatever the number of ended ones."""
+        if not self.location.exists(ACTIVE_JOBS_BUILT):
+            for record in self.all_jobs():
+                if not record.job.state.terminal:
+                    self.location.write_atomic(self._active_marker(record.runtime.account, record.job.name.rsplit("/", 1)[-1]), b"")
+            self.location.write_atomic(ACTIVE_JOBS_BUILT, b"")
+        found = []
+        for name in self.location.list(ACTIVE_JOBS):
+            account, _, job_id = name.partition(".")
+            record = self.get_job(account, job_id)
+            if record is None:
+                continue  # being created: its marker is written before its record
+            if record.job.state.terminal:
+                self.location.delete(f"{ACTIVE_JOBS}/{name}")  # left by a crash after its end
+                continue
+            found.append(record)
+        return found
 
     def list_jobs(self, account: str) -> list[JobRecord]:
         found = []
@@ -118,6 +160,7 @@ class Store:
         return [record for account in self.location.list("accounts") for record in self.list_jobs(account)]
 
     def delete_job(self, account: str, job_id: str) -> None:
+        self.location.delete(self._active_marker(account, job_id))
         self.location.delete(self._job_path(account, job_id))
         self.location.delete(resource_name(check_id(account), JOBS, check_id(job_id)))
 

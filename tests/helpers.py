@@ -242,7 +242,7 @@ def mixed_input() -> InputBuilder:
     b.add(a, {"custom_id": "too-many-tokens", "body": chat("hi", max_tokens=MAX_MODEL_LEN)}, "too-many-tokens", "context_length_exceeded")
     b.add(a, {"custom_id": "negative-max", "body": chat("hi", max_tokens=-1)}, "negative-max", "invalid_request")
     b.add(a, b'{"custom_id": "nan-temperature", "body": {"messages": [{"role": "user", "content": "hi"}], "temperature": NaN}}', "nan-temperature", "invalid_request")
-    b.add(a, {"custom_id": "n-too-big", "body": chat("hi", n=17)}, "n-too-big", "invalid_request")
+    b.add(a, {"custom_id": "n-too-big", "body": chat("hi", n=17)}, "n-too-big", "n_too_large")
     b.add(a, {"custom_id": "string-max", "body": chat("hi", max_tokens="5")}, "string-max", "invalid_request")
     # A second shard: a duplicate across shards (the first shard's line wins), a last
     # line with no newline, and a whitespace-only line.
@@ -392,6 +392,14 @@ def service_config(storage: str, tiny_model: str) -> dict:
         "progress_interval_seconds": 1,
         # tests/security: an account that may use only part of the catalog.
         "account_models": {"catalog-restricted": ["scripted"]},
+        # tests/security/test_quotas.py: accounts with small quotas, so that an attack
+        # meets them in a few requests; every other account has the defaults.
+        "account_quotas": {
+            "quota-datasets": {"max_datasets": 3},
+            "quota-bytes": {"max_stored_bytes": 20_000},
+            "quota-jobs": {"max_queued_jobs": 2, "max_running_jobs": 1},
+            "rate-limited": {"requests_per_second": 1, "request_burst": 5},
+        },
         # Scripted replicas need no CPU of their own; idle ones go after 20 s, so the
         # session's many scripted models do not pile up.
         "run_defaults": {"part_max_seconds": 1, "engine": {"idle_seconds": 20}},

@@ -1,8 +1,8 @@
 """The Serve app: Fireworks' datasets and batchInferenceJobs REST API.
 
 Every request: path IDs checked (400 before any storage call) → API key checked (401)
-→ the key's account must be the path's account (else 404: another account's resources
-do not exist for you) → the operation. Bodies over the limit get 413 before they are
+→ the key's request rate (429 with Retry-After) → the key's account must be the path's
+account (else 404: another account's resources do not exist for you) → the operation. Bodies over the limit get 413 before they are
 read. Errors are `{"error": {"code", "message", "status"}}`.
 
 `build_app(args)` is the application builder for `serve run`/`serve deploy`/KubeRay:
@@ -25,6 +25,7 @@ from ray import serve
 
 from raybatch.api.auth import authenticate
 from raybatch.api.datasets import DatasetService
+from raybatch.api.rate_limit import RateLimiter
 from raybatch.api.signing import SIGNED_PREFIX, UrlSigner
 from raybatch.config import ServiceConfig
 from raybatch.exceptions import ApiError, FailedPrecondition, InvalidArgument, NotFound, PayloadTooLarge, PermissionDenied
@@ -50,7 +51,9 @@ api = FastAPI(title="raybatch", docs_url=None, redoc_url=None, openapi_url=None)
 
 def _error(error: ApiError) -> JSONResponse:
     body = {"error": {"code": error.http_status, "message": error.message, "status": error.status}}
-    return JSONResponse(body, status_code=error.http_status)
+    retry_after = getattr(error, "retry_after", None)  # RateLimited
+    headers = {"Retry-After": str(retry_after)} if retry_after else None
+    return JSONResponse(body, status_code=error.http_status, headers=headers)
 
 
 @api.exception_handler(ApiError)
@@ -195,13 +198,20 @@ class RaybatchApi:
         ray.get(self.scheduler.ready.remote())  # it makes the signing key first
         self.datasets = DatasetService(self.store, config)
         self.signer = UrlSigner(self.store, config.signed_url_seconds)
+        self.rate_limiter = RateLimiter(config)
+
+    def _authenticate(self, request: Request):
+        """The request's key (401 without a valid one), counted against its rate (429)."""
+        key = authenticate(self.store, request.headers.get("authorization"))
+        self.rate_limiter.check(key.key_id, key.account)
+        return key
 
     def _caller(self, request: Request, account: str, *ids: str):
         """IDs first (no storage call for a bad one), then the key, then the account."""
         check_id(account, "account ID")
         for resource_id in ids:
             check_id(resource_id)
-        key = authenticate(self.store, request.headers.get("authorization"))
+        key = self._authenticate(request)
         if key.account != account:
             raise NotFound(f"account {account} not found")
         return key
@@ -379,7 +389,7 @@ class RaybatchApi:
     @api.get("/v1/admin/engines")
     async def list_engines(self, request: Request):
         """The engine pool's replicas, for the accounts in `admin_accounts` only."""
-        key = authenticate(self.store, request.headers.get("authorization"))
+        key = self._authenticate(request)
         if key.account not in self.config.admin_accounts:
             raise PermissionDenied("this route is for the service's admin accounts")
         return {"replicas": await self.engine_pool.replicas.remote()}

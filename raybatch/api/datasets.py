@@ -23,6 +23,7 @@ from raybatch.config import ServiceConfig
 from raybatch.exceptions import FailedPrecondition, InvalidArgument, NotFound, PayloadTooLarge
 from raybatch.exceptions import ConfigError
 from raybatch.pipeline.read import expanded_size, shard_lines
+from raybatch.quotas import AccountQuotas
 from raybatch.resources import (
     DATASETS,
     JOBS,
@@ -57,6 +58,7 @@ class DatasetService:
     def __init__(self, store: Store, config: ServiceConfig):
         self.store = store
         self.config = config
+        self.quotas = AccountQuotas(store, config)
 
     def get(self, account: str, dataset_id: str) -> Dataset:
         dataset = self.store.get_dataset(account, check_id(dataset_id))
@@ -70,6 +72,7 @@ class DatasetService:
             from raybatch.exceptions import AlreadyExists
 
             raise AlreadyExists(f"dataset {dataset_id} already exists")
+        self.quotas.check_new_dataset(account)
         time_now = now()
         dataset = Dataset(
             name=resource_name(account, DATASETS, dataset_id),
@@ -117,14 +120,17 @@ class DatasetService:
         check_filename(filename)
         others = {n: size for n, size in self._file_sizes(account, dataset_id).items() if n != filename}
         room = self.config.max_dataset_bytes - sum(others.values())
+        account_room = self.quotas.room_for_bytes(account, dataset_id) - sum(others.values())
         files = self.store.dataset_files(account, dataset_id)
         written = 0
         with files.open_atomic_writer(filename) as writer:
             while chunk := source.read(CHUNK):
                 written += len(chunk)
+                # Raising inside the writer discards the partial object.
                 if written > room:
-                    # Raising inside the writer discards the partial object.
                     raise PayloadTooLarge(f"dataset would exceed its size limit of {self.config.max_dataset_bytes} bytes")
+                if written > account_room:
+                    raise self.quotas.bytes_refusal(account, sum(others.values()) + written, max(0, account_room))
                 writer.write(chunk)
         try:
             dataset = self.validate(account, dataset_id)
@@ -161,6 +167,9 @@ class DatasetService:
                 raise InvalidArgument(f"file {name!r} is empty")
         if sum(plan.values()) > self.config.max_dataset_bytes:
             raise PayloadTooLarge(f"files total {sum(plan.values())} bytes, over the dataset limit of {self.config.max_dataset_bytes}")
+        account_room = self.quotas.room_for_bytes(account, dataset_id)
+        if sum(plan.values()) > account_room:
+            raise self.quotas.bytes_refusal(account, sum(plan.values()), account_room)
         nonce = secrets.token_hex(16)
         record = {"nonce": nonce, "key": key_id, "files": plan}
         self.store.location.write_atomic(self._plan_path(account, dataset_id), json.dumps(record).encode())
@@ -215,16 +224,21 @@ class DatasetService:
         if stored > limit:
             raise PayloadTooLarge(f"dataset has {stored} bytes, over its limit of {limit}")
         # The size that counts is what the files expand to: 50 KB of gzip can stand for
-        # gigabytes. Each file is expanded only until the total passes the limit.
+        # gigabytes. Each file is expanded only until the total passes the limit, or the
+        # account's room if that is less (a READY dataset counts its expanded size).
+        account_room = self.quotas.room_for_bytes(account, dataset_id)
+        cap = min(limit, account_room)
         total = 0
         for name, (where, relative) in sources.items():
             with where.open_read(relative) as handle:
-                total += expanded_size(handle, limit - total)
+                total += expanded_size(handle, cap - total)
             if total > limit:
                 raise PayloadTooLarge(
                     f"dataset expands to more than its limit of {limit} bytes "
                     f"(gzip files count decompressed; {name} passed it)"
                 )
+            if total > account_room:
+                raise self.quotas.bytes_refusal(account, total, account_room)
         examples = 0
         for name, (where, relative) in sources.items():
             with where.open_read(relative) as handle:

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any, Optional
 import ray
 from pydantic import BaseModel, ConfigDict
 
-from raybatch.engines.failures import FailureLog, RowKey, poison_message
+from raybatch.engines.failures import FailureLog, RowKey, budget_message, poison_message
 from raybatch.engines.fair_queue import FairQueue
 from raybatch.engines.replica import Answer, EngineReplica, ReplicaInfo, ReplicaSpec, placement
 from raybatch.exceptions import EngineFailure, EngineStartError
@@ -64,8 +64,9 @@ class PoolPolicy(BaseModel):
     max_replicas: int = 1
     idle_seconds: float = 300
     slots_per_replica: int = 320  # admission_factor x max_num_seqs
-    request_timeout_seconds: float = 1800
+    request_timeout_seconds: float = 600
     max_failures_per_row: int = 2
+    max_engine_failures_per_job: int = 5
     max_start_failures: int = 3
 
 
@@ -276,6 +277,10 @@ class EnginePool:
 
     def _enqueue(self, state: _Model, job: _Job, row: _Row, front: bool = False) -> None:
         failures = job.failures
+        spent = budget_message(failures, state.policy.max_engine_failures_per_job)
+        if spent:
+            row.answer.set_result((row.kind(), None, ErrorCode.ENGINE_ERROR.value, spent))
+            return
         if failures.is_suspect(row.key):
             poisoned = poison_message(failures.failures_alone(row.key), state.policy.max_failures_per_row)
             if poisoned:
@@ -363,17 +368,32 @@ class EnginePool:
         by_run: dict[str, list[_Row]] = {}
         for entry in entries:
             by_run.setdefault(entry.row.run_id, []).append(entry.row)
+        exclusive = len(by_run) == 1
         for run_id, rows in by_run.items():
             job = self._runs.get(run_id)
             if job is None:
                 continue  # its job ended
-            record = job.failures.remember(reason, [row.key for row in rows], alone)
+            record = job.failures.remember(reason, [row.key for row in rows], alone, exclusive)
             asyncio.ensure_future(self._write_failure(job, record))
             for row in rows:
                 if not row.answer.done():
                     self._enqueue(state, job, row, front=True)
+            self._answer_if_spent(state, job)
         self._scale(None, state)
         self._dispatch(state)
+
+    def _answer_if_spent(self, state: _Model, job: _Job) -> None:
+        """A job that has caused its limit of engine failures sends nothing more: its
+        queued rows are answered engine_error now (rows in flight elsewhere finish)."""
+        spent = budget_message(job.failures, state.policy.max_engine_failures_per_job)
+        if not spent:
+            return
+        run_id = job.ticket.run_id
+        rows = state.queue.remove_job(run_id) + [row for row in state.suspects if row.run_id == run_id]
+        state.suspects = [row for row in state.suspects if row.run_id != run_id]
+        for row in rows:
+            if not row.answer.done():
+                row.answer.set_result((row.kind(), None, ErrorCode.ENGINE_ERROR.value, spent))
 
     @staticmethod
     async def _write_failure(job: _Job, record) -> None:
@@ -590,6 +610,7 @@ def pool_model_for(engine: "EngineConfig", plan: "EnginePlan", model: str, serve
         slots_per_replica=math.ceil(engine.admission_factor * max_num_seqs),
         request_timeout_seconds=engine.request_timeout_seconds,
         max_failures_per_row=engine.max_failures_per_row,
+        max_engine_failures_per_job=engine.max_engine_failures_per_job,
         max_start_failures=engine.max_start_failures,
     )
     return PoolModel(spec=spec, policy=policy, served_name=served_name)

@@ -13,7 +13,8 @@ per character, after `seconds_per_request`. Settings come as `engine_args`:
 
 Faults are armed through `raybatch.faults`: engine.kill, engine.die and engine.hang,
 counted in calls to one engine process, fire once, so the replaced engine works;
-engine.poison names a row that kills or hangs every engine that answers it; while
+engine.poison names a row (`custom_id`, or every row whose id starts with
+`custom_id_prefix`) that kills or hangs every engine that answers it; while
 engine.gate is armed no request starts (a test lines jobs up, then opens it).
 """
 
@@ -54,7 +55,8 @@ class ScriptedEngine:
             with open(os.path.join(self._invocations, name), "w") as record:
                 record.write(repr(time.time()))
         poison = faults.spec("engine.poison") or {}
-        poisoned = poison.get("custom_id") == request.custom_id
+        prefix = poison.get("custom_id_prefix")
+        poisoned = poison.get("custom_id") == request.custom_id or bool(prefix and request.custom_id.startswith(prefix))
         if faults.fires("engine.die", self._calls) or poisoned and poison.get("fault") == "die":
             raise EngineFailure("scripted engine death")
         if faults.fires("engine.hang", self._calls) or poisoned and poison.get("fault") == "hang":

@@ -66,7 +66,8 @@ class VllmEngine:
                 f"However, you requested {prompt_tokens + (wanted or 0)} tokens "
                 f"({prompt_tokens} in the prompt, {wanted or 0} for the completion).",
             )
-        return wanted or room
+        # A row that set no max_tokens gets what the context leaves, within the job's bound.
+        return wanted or min(room, request.max_tokens_cap or room)
 
     def _describe(self, token_id: int, logprob: float) -> TopLogprob:
         text = self._tokenizer.decode([token_id])

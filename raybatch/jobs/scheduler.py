@@ -46,6 +46,7 @@ from raybatch.jobs.model_access import model_refusal
 from raybatch.jobs.run_config import RunConfigBuilder, check_model_source
 from raybatch.jobs.states import transition
 from raybatch.output_layout import load_commits, progress_of, publish_files, read_progress
+from raybatch.quotas import AccountQuotas
 from raybatch.resources import (
     DATASETS,
     JOBS,
@@ -88,6 +89,7 @@ class JobScheduler:
         self._pool_name = pool_name(config.storage)
         self._pool = pool_handle(self._pool_name, config.account_weights)
         self._configs = RunConfigBuilder(config, self._store, self._pool_name)
+        self._quotas = AccountQuotas(self._store, config)
         self._warmed_catalog = False
         self._stop = threading.Event()
         self._loop = threading.Thread(target=self._run_loop, name="scheduler-loop", daemon=True)
@@ -135,6 +137,8 @@ class JobScheduler:
                 raise AlreadyExists(f"batch inference job {job_id} already exists")
             if request.continued_from_job_name:
                 self._refuse_second_continuation(account, fields["continued_from_job_name"])
+            # Under the lock: creates of one account cannot slip past a quota together.
+            self._quotas.check_new_job(account)
             output_id = self._claim_output_dataset(account, job_id, fields.get("output_dataset_id"))
             fields["output_dataset_id"] = resource_name(account, DATASETS, output_id)
             time_now = now()
@@ -146,7 +150,7 @@ class JobScheduler:
                 created_by=created_by,
                 state=S.VALIDATING,
             )
-            self._store.put_job(JobRecord(job=job, runtime=runtime))
+            self._store.put_job(JobRecord(job=job, runtime=runtime), new=True)
         self._wake()
         return job.model_dump(mode="json", by_alias=True, exclude_none=True)
 
@@ -197,10 +201,8 @@ class JobScheduler:
                 time.sleep(0.1)
 
     def tick(self) -> None:
-        records = sorted(
-            (r for r in self._store.all_jobs() if not r.job.state.terminal),
-            key=lambda r: (r.job.create_time, r.job.name),
-        )
+        # Through the index of jobs that have not ended: ended jobs cost nothing here.
+        records = sorted(self._store.active_jobs(), key=lambda r: (r.job.create_time, r.job.name))
         for record in records:
             try:
                 self._advance(record)
@@ -216,7 +218,7 @@ class JobScheduler:
     def _admit(self, records: list[JobRecord]) -> None:
         """Start PENDING jobs up to the limits, taking accounts in turn (each in order of
         creation), so that one account's queue of jobs cannot keep another's waiting."""
-        active = [r for r in self._store.all_jobs() if r.job.state in ACTIVE]
+        active = [r for r in self._store.active_jobs() if r.job.state in ACTIVE]
         running = len(active)
         per_account: dict[str, int] = {}
         for record in active:
@@ -233,15 +235,18 @@ class JobScheduler:
                 started = False
                 while queue and not started:
                     fresh = self._reload(queue.pop(0))
-                    if fresh.job.state == S.PENDING and per_account.get(account, 0) < self._config.max_running_jobs_per_account:
+                    if fresh.job.state == S.PENDING and per_account.get(account, 0) < self._running_quota(account):
                         self._start_driver(fresh)
                         per_account[account] = per_account.get(account, 0) + 1
                         running += 1
                         started = True
-                if not started or not queue or per_account.get(account, 0) >= self._config.max_running_jobs_per_account:
+                if not started or not queue or per_account.get(account, 0) >= self._running_quota(account):
                     turns.remove(account)
                 if running >= self._config.max_running_jobs:
                     break
+
+    def _running_quota(self, account: str) -> int:
+        return self._config.quota(account).max_running_jobs
 
     def _warm_catalog(self) -> None:
         """Start the catalog's `min_replicas` at service start, not at the first job."""

@@ -15,7 +15,7 @@ import pyarrow as pa
 from raybatch.exceptions import RowError
 from raybatch.pipeline.rows import REQUEST_SCHEMA, EngineRequest, column
 from raybatch.pipeline.validate import Body, ValidatedRequest, is_blank, validate_line
-from raybatch.protocol import DEFAULT_MAX_CUSTOM_ID_BYTES, ChatCompletionBody
+from raybatch.protocol import DEFAULT_MAX_CUSTOM_ID_BYTES, DEFAULT_MAX_OUTPUT_TOKENS, ChatCompletionBody
 
 
 def _sampling(body: Body) -> dict[str, Any]:
@@ -52,7 +52,8 @@ def _structured_output(body: Body) -> Optional[dict[str, Any]]:
     return {"json": response_format.json_schema.schema_, "disable_any_whitespace": True}
 
 
-def to_engine_request(request: ValidatedRequest) -> EngineRequest:
+def to_engine_request(request: ValidatedRequest, max_output_tokens: Optional[int] = None) -> EngineRequest:
+    """`max_output_tokens`: the job's bound, the most a row that sets no max_tokens gets."""
     body = request.body
     chat = isinstance(body, ChatCompletionBody)
     return EngineRequest(
@@ -62,6 +63,7 @@ def to_engine_request(request: ValidatedRequest) -> EngineRequest:
         prompt=None if chat else body.prompt,
         sampling=_sampling(body),
         max_tokens=body.output_limit,
+        max_tokens_cap=None if body.output_limit else max_output_tokens,
         structured_output=_structured_output(body),
         echo=bool(getattr(body, "echo", False)),
     )
@@ -75,8 +77,10 @@ def prepare_requests(
     job_defaults: dict[str, Any],
     duplicates: frozenset[tuple[str, int]],
     max_custom_id_bytes: int = DEFAULT_MAX_CUSTOM_ID_BYTES,
+    **bounds: int,
 ) -> pa.Table:
     """Ray Data UDF for stages 2 and 3: raw lines in, engine requests or errors out.
+    `bounds`: the job's limits on expensive rows other than max_n (`check_row_bounds`).
 
     Blank lines are dropped here (the input scan counts them)."""
     out: dict[str, list] = {name: [] for name in REQUEST_SCHEMA.names}
@@ -92,9 +96,11 @@ def prepare_requests(
                 job_defaults=job_defaults,
                 is_duplicate=(shard, line) in duplicates,
                 max_custom_id_bytes=max_custom_id_bytes,
+                **bounds,
             )
             custom_id = validated.custom_id
-            request_json = to_engine_request(validated).model_dump_json(exclude_none=True)
+            cap = bounds.get("max_output_tokens", DEFAULT_MAX_OUTPUT_TOKENS)
+            request_json = to_engine_request(validated, cap).model_dump_json(exclude_none=True)
         except RowError as error:
             custom_id, code, message = error.custom_id, error.code, error.message
         for name, value in zip(

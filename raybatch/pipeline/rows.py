@@ -82,7 +82,8 @@ class EngineRequest(BaseModel):
     messages: Optional[list[dict[str, str]]] = None
     prompt: Optional[Union[str, list[int]]] = None
     sampling: dict[str, Any]
-    max_tokens: Optional[int] = None  # None: whatever the context leaves
+    max_tokens: Optional[int] = None  # None: whatever the context leaves, up to the cap
+    max_tokens_cap: Optional[int] = None  # the job's bound, for a row that set no max_tokens
     structured_output: Optional[dict[str, Any]] = None
     echo: bool = False
 

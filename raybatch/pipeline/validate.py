@@ -2,7 +2,8 @@
 
 Every check here is per line and pure, so a bad line costs one error row and nothing
 else. The order of the checks decides which code a line with several faults gets:
-size, encoding, JSON, shape, custom_id, duplicate, url, body.
+size, encoding, JSON, shape, custom_id, duplicate, url, body, bounds (the job's limits
+on expensive rows: max_tokens, n, logprobs, json_schema size, each with its own code).
 
 Parsing also refuses JSON that Python reads but later stages could not carry (deep
 nesting, lone surrogates): such a line must fail here, as a row, rather than fail a
@@ -29,6 +30,9 @@ from raybatch.protocol import (
     CHAT_URL,
     COMPLETIONS_URL,
     DEFAULT_MAX_CUSTOM_ID_BYTES,
+    DEFAULT_MAX_JSON_SCHEMA_BYTES,
+    DEFAULT_MAX_OUTPUT_TOKENS,
+    DEFAULT_MAX_TOP_LOGPROBS,
     SUPPORTED_URLS,
     BatchInputLine,
     ChatCompletionBody,
@@ -152,13 +156,56 @@ def _describe(error: ValidationError) -> str:
     return "; ".join(problems)
 
 
-def validate_body(url: str, body: dict[str, Any], *, max_n: int) -> Body:
-    """Validate a (merged) request body for its endpoint. Raises RowError."""
+def check_row_bounds(
+    body: Body,
+    *,
+    max_n: int,
+    max_output_tokens: int = DEFAULT_MAX_OUTPUT_TOKENS,
+    max_top_logprobs: int = DEFAULT_MAX_TOP_LOGPROBS,
+    max_json_schema_bytes: int = DEFAULT_MAX_JSON_SCHEMA_BYTES,
+) -> None:
+    """Refuse a valid body that asks for more than the job allows (RunConfig's bounds on
+    expensive rows). Raises RowError with the bound's own code."""
+    if body.n is not None and body.n > max_n:
+        raise RowError(ErrorCode.N_TOO_LARGE, f"n must be at most {max_n}; this request asks for {body.n}")
+    for name in ("max_tokens", "max_completion_tokens", "min_tokens"):
+        value = getattr(body, name)
+        if value is not None and value > max_output_tokens:
+            raise RowError(
+                ErrorCode.MAX_TOKENS_TOO_LARGE,
+                f"{name} must be at most {max_output_tokens}, this job's limit; this request asks for {value}",
+            )
+    if isinstance(body, ChatCompletionBody):
+        name, alternatives = "top_logprobs", body.top_logprobs if body.logprobs else None
+    else:
+        name, alternatives = "logprobs", body.logprobs
+    if alternatives is not None and alternatives > max_top_logprobs:
+        raise RowError(
+            ErrorCode.LOGPROBS_TOO_LARGE,
+            f"{name} must be at most {max_top_logprobs}, this job's limit; this request asks for {alternatives}",
+        )
+    response_format = body.response_format
+    if response_format is not None and response_format.json_schema is not None:
+        # Compact, as the engine receives it: spacing in the line costs nothing.
+        size = len(json.dumps(response_format.json_schema.schema_, separators=(",", ":"), ensure_ascii=False).encode())
+        if size > max_json_schema_bytes:
+            raise RowError(
+                ErrorCode.JSON_SCHEMA_TOO_LARGE,
+                f"json_schema is {size} bytes, over this job's limit of {max_json_schema_bytes}",
+            )
+
+
+def validate_body(url: str, body: dict[str, Any], *, max_n: int, **bounds: int) -> Body:
+    """Validate a (merged) request body for its endpoint, then the job's bounds on
+    expensive rows (`check_row_bounds`; `bounds` are its limits other than max_n).
+    Raises RowError."""
     model = ChatCompletionBody if url == CHAT_URL else CompletionBody
     try:
-        return model.model_validate(body, context={"max_n": max_n})
+        validated = model.model_validate(body)
     except ValidationError as exc:
         raise RowError(ErrorCode.INVALID_REQUEST, f"invalid body: {_describe(exc)}") from None
+    check_row_bounds(validated, max_n=max_n, **bounds)
+    return validated
 
 
 def validate_line(
@@ -169,9 +216,11 @@ def validate_line(
     job_defaults: dict[str, Any],
     is_duplicate: bool = False,
     max_custom_id_bytes: int = DEFAULT_MAX_CUSTOM_ID_BYTES,
+    **bounds: int,
 ) -> ValidatedRequest:
     """Check one line. Raises RowError (with the custom_id attached when readable and
-    within its length limit)."""
+    within its length limit). `bounds`: the job's limits on expensive rows other than
+    max_n (`check_row_bounds`)."""
     parsed = parse_json_line(raw, max_line_bytes)
     if not isinstance(parsed, dict):
         raise RowError(ErrorCode.INVALID_REQUEST, "line must be a JSON object")
@@ -197,7 +246,7 @@ def validate_line(
                 f"unsupported url {line.url!r}; use {CHAT_URL} or {COMPLETIONS_URL}",
             )
         merged = {**job_defaults, **line.body}
-        return ValidatedRequest(custom_id, line.url, validate_body(line.url, merged, max_n=max_n))
+        return ValidatedRequest(custom_id, line.url, validate_body(line.url, merged, max_n=max_n, **bounds))
     except RowError as error:
         error.custom_id = custom_id
         raise

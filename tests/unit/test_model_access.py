@@ -80,5 +80,5 @@ def test_a_job_cannot_pass_engine_arguments_through_extra_body_or_a_row():
                             max_line_bytes=1 << 20, max_n=4, job_defaults=defaults, duplicates=frozenset()).to_pylist()
     request = json.loads(rows[0]["request"])
     assert rows[0]["error_code"] is None
-    assert set(request) <= {"custom_id", "kind", "messages", "prompt", "sampling", "max_tokens", "structured_output", "echo"}
+    assert set(request) <= {"custom_id", "kind", "messages", "prompt", "sampling", "max_tokens", "max_tokens_cap", "structured_output", "echo"}
     assert "trust_remote_code" not in rows[0]["request"] and "evil" not in rows[0]["request"]

@@ -53,7 +53,7 @@ def chat(**body):
         (b'{"custom_id": "a", "body": {"messages": [{"role": "user", "content": "x"}], "temperature": NaN}}', "invalid_request", "a"),
         ({"custom_id": "a", "body": chat(temperature=-0.5)}, "invalid_request", "a"),
         ({"custom_id": "a", "body": chat(top_p=0)}, "invalid_request", "a"),
-        ({"custom_id": "a", "body": chat(n=5)}, "invalid_request", "a"),
+        ({"custom_id": "a", "body": chat(n=5)}, "n_too_large", "a"),
         ({"custom_id": "a", "body": chat(seed=1 << 63)}, "invalid_request", "a"),
         ({"custom_id": "a", "body": chat(seed=-(1 << 63) - 1)}, "invalid_request", "a"),
         ({"custom_id": "a", "body": chat(top_k=1 << 31)}, "invalid_request", "a"),
@@ -83,7 +83,7 @@ def test_job_defaults_fill_in_and_row_values_win():
 
 
 def test_job_default_n_is_checked_against_the_limit():
-    assert error_of({"custom_id": "a", "body": chat()}, job_defaults={"n": 9})[0] == "invalid_request"
+    assert error_of({"custom_id": "a", "body": chat()}, job_defaults={"n": 9})[0] == "n_too_large"
 
 
 def test_body_model_is_ignored_and_extras_pass():
