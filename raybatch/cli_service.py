@@ -21,7 +21,8 @@ def _service_config(args: argparse.Namespace):
 def _cmd_up(args: argparse.Namespace) -> int:
     from raybatch.service import up
 
-    base_url = up(_service_config(args), port=args.port, address=args.address, host=args.host, num_cpus=args.num_cpus)
+    base_url = up(_service_config(args), port=args.port, address=args.address, host=args.host, num_cpus=args.num_cpus,
+                  tls_cert=args.tls_cert, tls_key=args.tls_key)
     print(base_url)
     return EXIT_OK
 
@@ -62,6 +63,9 @@ def add_service_commands(sub) -> None:
     up.add_argument("--storage", help=storage_help)
     up.add_argument("--port", type=int, default=8000)
     up.add_argument("--host", default="127.0.0.1", help="address the API listens on (0.0.0.0: every interface)")
+    up.add_argument("--tls-cert", help="PEM certificate (chain included) to serve the API over HTTPS; with --tls-key. "
+                    "Without them the API is plain HTTP and API keys cross the network in clear text")
+    up.add_argument("--tls-key", help="PEM private key of --tls-cert")
     up.add_argument("--address", help="join this Ray cluster instead of starting one (also RAY_ADDRESS)")
     up.add_argument("--num-cpus", type=int, help="logical CPUs of a local Ray (default: max(4, cores))")
     up.add_argument("--config", help="JSON file of further ServiceConfig fields (models, limits, ...)")

@@ -12,6 +12,10 @@ every process `up` starts inherits `RAY_AUTH_TOKEN_PATH` pointing at it, and any
 process that joins the cluster needs the same two variables (`ray_auth_env`). Without
 them Ray 2.60 turns auth on at `ray start` only if some token file already exists, so a
 fresh host would run a cluster that takes anyone's code.
+
+With `tls_cert` and `tls_key` the API is served over HTTPS (Serve's proxy runs uvicorn
+with them) and the base URL is https://. Without them it is plain HTTP, and API keys
+cross the network in clear text: fine on loopback, not past it.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import json
 import os
 import secrets
 import shutil
+import ssl
 import subprocess
 import sys
 import time
@@ -76,9 +81,12 @@ def _ray_command() -> str:
 
 def wait_until_answering(base_url: str, timeout: float) -> None:
     deadline = time.monotonic() + timeout
+    # Only whether our own server answers, on this host: its certificate need not name
+    # the address asked here (127.0.0.1 for 0.0.0.0), so it is not checked.
+    context = ssl._create_unverified_context() if base_url.startswith("https:") else None
     while True:
         try:
-            with urllib.request.urlopen(f"{base_url}/healthz", timeout=5) as reply:
+            with urllib.request.urlopen(f"{base_url}/healthz", timeout=5, context=context) as reply:
                 if reply.status == 200:
                     return
         except OSError:
@@ -88,13 +96,30 @@ def wait_until_answering(base_url: str, timeout: float) -> None:
         time.sleep(0.5)
 
 
-def deploy(config: ServiceConfig, host: str, port: int) -> None:
-    """Deploy (or redeploy) the Serve app on the connected cluster."""
+def http_options(host: str, port: int, tls_cert: Optional[str] = None, tls_key: Optional[str] = None) -> dict:
+    """Serve's HTTPOptions: HTTPS when given a certificate (PEM, chain included) and its
+    key, both or neither. The paths are made absolute and checked here, because Serve's
+    proxy opens them in its own process and reports a bad one only in its log."""
+    if bool(tls_cert) != bool(tls_key):
+        raise ConfigError("give both --tls-cert and --tls-key, or neither")
+    options: dict = {"host": host, "port": port}
+    if tls_cert and tls_key:
+        for flag, path in (("--tls-cert", tls_cert), ("--tls-key", tls_key)):
+            if not os.access(path, os.R_OK):
+                raise ConfigError(f"{flag} {path}: not a readable file")
+        options.update(ssl_certfile=os.path.abspath(tls_cert), ssl_keyfile=os.path.abspath(tls_key))
+    return options
+
+
+def deploy(config: ServiceConfig, host: str, port: int, tls_cert: Optional[str] = None,
+           tls_key: Optional[str] = None) -> None:
+    """Deploy (or redeploy) the Serve app on the connected cluster. The HTTP options
+    take effect only where this starts Serve: a running Serve keeps its own."""
     from ray import serve
 
     from raybatch.api.app import build_app
 
-    serve.start(http_options={"host": host, "port": port})
+    serve.start(http_options=http_options(host, port, tls_cert, tls_key))
     serve.run(build_app(config.model_dump()), name=APP_NAME, route_prefix="/", blocking=False)
 
 
@@ -105,7 +130,10 @@ def up(
     host: str = "127.0.0.1",
     num_cpus: Optional[int] = None,
     timeout: float = 300.0,
+    tls_cert: Optional[str] = None,
+    tls_key: Optional[str] = None,
 ) -> str:
+    http_options(host, port, tls_cert, tls_key)  # a bad TLS flag fails before Ray starts
     address = address or os.environ.get("RAY_ADDRESS")
     started_ray = address is None
     # What the cluster's processes create (records, data, logs) is the service user's
@@ -128,8 +156,9 @@ def up(
 
     ray.init(address=address, log_to_driver=False)
     try:
-        deploy(config, host, port)
-        base_url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+        deploy(config, host, port, tls_cert, tls_key)
+        scheme = "https" if tls_cert else "http"
+        base_url = f"{scheme}://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
         wait_until_answering(base_url, timeout)
         # A Ray we started is this machine's own: "auto" finds it (its recorded GCS
         # address can refuse connections made by address on some hosts).

@@ -1,5 +1,10 @@
 """The Serve app: Fireworks' datasets and batchInferenceJobs REST API.
 
+Storage is never touched on the event loop: sync routes run in Starlette's thread
+pool, and async routes (those that read a body themselves or await the scheduler) hand
+each storage call to it (`run_in_threadpool`), so a long `:validateUpload` or an S3
+retry's sleep holds one pool thread, not every other request of the replica.
+
 Every request: path IDs checked (400 before any storage call) → API key checked (401)
 → the key's request rate (429 with Retry-After) → the key's account must be the path's
 account (else 404: another account's resources do not exist for you) → the operation. Bodies over the limit get 413 before they are
@@ -13,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import logging
+from contextlib import asynccontextmanager
 from typing import Any, Optional
 
 from fastapi import FastAPI, Request
@@ -165,6 +171,29 @@ def _parse_order(text: Optional[str]) -> bool:
     return direction.strip() == "desc"
 
 
+@asynccontextmanager
+async def _writer_off_loop(location, relative: str):
+    """`location.open_atomic_writer(relative)`, opened, written and published (or
+    abandoned) in the thread pool; bytes are handed over a MiB at a time."""
+    writer = await run_in_threadpool(location.open_atomic_writer, relative)
+    pending = bytearray()
+
+    async def write(chunk: bytes) -> None:
+        pending.extend(chunk)
+        if len(pending) >= 1 << 20:
+            await run_in_threadpool(writer.write, bytes(pending))
+            pending.clear()
+
+    try:
+        yield write
+        if pending:
+            await run_in_threadpool(writer.write, bytes(pending))
+    except BaseException as error:
+        await run_in_threadpool(writer.__exit__, type(error), error, error.__traceback__)  # discards it
+        raise
+    await run_in_threadpool(writer.__exit__, None, None, None)
+
+
 def _json(model: BaseModel) -> dict:
     return model.model_dump(mode="json", by_alias=True, exclude_none=True)
 
@@ -233,8 +262,8 @@ class RaybatchApi:
     @api.post("/v1/accounts/{account}/datasets")
     async def create_dataset(self, account: str, request: Request):
         body: CreateDatasetRequest = await _body(request, CreateDatasetRequest)
-        key = self._caller(request, account, body.dataset_id)
-        return _json(self.datasets.create(account, body.dataset_id, body.dataset, key.key_id))
+        key = await run_in_threadpool(self._caller, request, account, body.dataset_id)
+        return _json(await run_in_threadpool(self.datasets.create, account, body.dataset_id, body.dataset, key.key_id))
 
     @api.get("/v1/accounts/{account}/datasets")
     def list_datasets(self, account: str, request: Request, pageSize: Optional[int] = None, pageToken: Optional[str] = None):
@@ -259,8 +288,8 @@ class RaybatchApi:
     @api.patch("/v1/accounts/{account}/datasets/{dataset_id}")
     async def update_dataset(self, account: str, dataset_id: str, request: Request):
         fields = await _body(request, DatasetFields)
-        self._caller(request, account, dataset_id)
-        return _json(self.datasets.update(account, dataset_id, fields))
+        await run_in_threadpool(self._caller, request, account, dataset_id)
+        return _json(await run_in_threadpool(self.datasets.update, account, dataset_id, fields))
 
     @api.delete("/v1/accounts/{account}/datasets/{dataset_id}")
     def delete_dataset(self, account: str, dataset_id: str, request: Request):
@@ -271,8 +300,9 @@ class RaybatchApi:
     @api.post("/v1/accounts/{account}/datasets/{reference}")
     async def dataset_method(self, account: str, reference: str, request: Request):
         dataset_id, _, verb = reference.partition(":")
-        key = self._caller(request, account, dataset_id)
+        key = await run_in_threadpool(self._caller, request, account, dataset_id)
         if verb == "upload":
+            # The multipart parser spools the file to disk in the thread pool itself.
             form = await request.form(max_files=1, max_fields=4)
             upload = form.get("file")
             if upload is None or isinstance(upload, str):
@@ -285,13 +315,17 @@ class RaybatchApi:
                 await form.close()
         if verb == "getUploadEndpoint":
             body: FileUrls = await _body(request, FileUrls)
-            nonce, plan = self.datasets.upload_plan(account, dataset_id, body.filename_to_size or {}, key.key_id)
-            base = str(request.base_url)
-            urls = {name: self.signer.upload_url(base, key.key_id, account, dataset_id, nonce, name, size)
-                    for name, size in plan.items()}
-            return _json(FileUrls(filename_to_signed_urls=urls))
+
+            def register() -> dict[str, str]:
+                nonce, plan = self.datasets.upload_plan(account, dataset_id, body.filename_to_size or {}, key.key_id)
+                base = str(request.base_url)
+                return {name: self.signer.upload_url(base, key.key_id, account, dataset_id, nonce, name, size)
+                        for name, size in plan.items()}
+
+            return _json(FileUrls(filename_to_signed_urls=await run_in_threadpool(register)))
         if verb == "validateUpload":
-            return _json(self.datasets.validate(account, dataset_id))
+            # Seconds for a large dataset (every file expanded and its lines counted).
+            return _json(await run_in_threadpool(self.datasets.validate, account, dataset_id))
         raise NotFound(f"no method {verb!r} on datasets")
 
     # ---------------------------------------------- local signed upload/download
@@ -302,6 +336,20 @@ class RaybatchApi:
         not be revoked, its dataset UPLOADING and its registration the current one; the
         body is exactly the registered size. It lands in the registration's upload
         area, which :validateUpload alone reads."""
+        note = await run_in_threadpool(self._open_upload_url, token)
+        written = 0
+        # Streamed, exactly the registered size, and published only when complete.
+        async with _writer_off_loop(self.store.location, note["path"]) as write:
+            async for chunk in request.stream():
+                written += len(chunk)
+                if written > note["size"]:
+                    raise PayloadTooLarge(f"more bytes than the {note['size']} registered for this file")
+                await write(chunk)
+            if written != note["size"]:
+                raise InvalidArgument(f"{written} bytes sent, {note['size']} registered for this file")
+        return {"bytes": written}
+
+    def _open_upload_url(self, token: str) -> dict:
         note = self.signer.open(token, "put")
         dataset = self.datasets.get(note["account"], note["dataset"])
         registration = self.datasets.registration(note["account"], note["dataset"])
@@ -309,17 +357,7 @@ class RaybatchApi:
                 or registration["nonce"] != note["nonce"] or registration["files"].get(note["file"]) != note["size"]):
             raise FailedPrecondition("this upload URL no longer applies: its dataset is not UPLOADING "
                                      "or its registration was replaced")
-        written = 0
-        # Streamed, exactly the registered size, and published only when complete.
-        with self.store.location.open_atomic_writer(note["path"]) as writer:
-            async for chunk in request.stream():
-                written += len(chunk)
-                if written > note["size"]:
-                    raise PayloadTooLarge(f"more bytes than the {note['size']} registered for this file")
-                writer.write(chunk)
-            if written != note["size"]:
-                raise InvalidArgument(f"{written} bytes sent, {note['size']} registered for this file")
-        return {"bytes": written}
+        return note
 
     @api.get(SIGNED_PREFIX + "{token}")
     def signed_get(self, token: str):
@@ -341,7 +379,7 @@ class RaybatchApi:
     @api.post("/v1/accounts/{account}/batchInferenceJobs")
     async def create_job(self, account: str, request: Request, batchInferenceJobId: Optional[str] = None):
         body: CreateJobRequest = await _body(request, CreateJobRequest)
-        key = self._caller(request, account, *([batchInferenceJobId] if batchInferenceJobId else []))
+        key = await run_in_threadpool(self._caller, request, account, *([batchInferenceJobId] if batchInferenceJobId else []))
         return await self.scheduler.create_job.remote(account, batchInferenceJobId, body, key.key_id)
 
     @api.get("/v1/accounts/{account}/batchInferenceJobs")
@@ -372,14 +410,14 @@ class RaybatchApi:
     @api.post("/v1/accounts/{account}/batchInferenceJobs/{reference}")
     async def job_method(self, account: str, reference: str, request: Request):
         job_id, _, verb = reference.partition(":")
-        self._caller(request, account, job_id)
+        await run_in_threadpool(self._caller, request, account, job_id)
         if verb != "cancel":
             raise NotFound(f"no method {verb!r} on batchInferenceJobs")
         return await self.scheduler.cancel_job.remote(account, job_id)
 
     @api.delete("/v1/accounts/{account}/batchInferenceJobs/{job_id}")
     async def delete_job(self, account: str, job_id: str, request: Request):
-        self._caller(request, account, job_id)
+        await run_in_threadpool(self._caller, request, account, job_id)
         await self.scheduler.delete_job.remote(account, job_id)
         return Response(content=b"{}", media_type="application/json")
 
@@ -389,7 +427,7 @@ class RaybatchApi:
     @api.get("/v1/admin/engines")
     async def list_engines(self, request: Request):
         """The engine pool's replicas, for the accounts in `admin_accounts` only."""
-        key = self._authenticate(request)
+        key = await run_in_threadpool(self._authenticate, request)
         if key.account not in self.config.admin_accounts:
             raise PermissionDenied("this route is for the service's admin accounts")
         return {"replicas": await self.engine_pool.replicas.remote()}

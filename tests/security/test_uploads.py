@@ -224,5 +224,6 @@ def test_s3_urls_sign_the_size_and_end_with_the_upload(s3_service, s3_endpoint):
     # No signed-write route, and no signing key in the bucket.
     assert httpx.put(f"{s3_service.base_url}/v1/signed/anything", content=b"x", timeout=60).status_code == 404
     bucket = boto3.client("s3", endpoint_url=s3_endpoint)
-    # No signing key in the bucket (service/ holds the scheduler's index of jobs, nothing secret).
-    assert "Contents" not in bucket.list_objects_v2(Bucket="raybatch-sec", Prefix="root/service/signing-key")
+    # (service/ holds the scheduler's job index markers, never a signing key.)
+    listed = bucket.list_objects_v2(Bucket="raybatch-sec", Prefix="root/service/").get("Contents", [])
+    assert "root/service/signing-key" not in {item["Key"] for item in listed}
