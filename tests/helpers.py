@@ -9,8 +9,9 @@ import os
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, NamedTuple, Optional, TypeVar
+from typing import Callable, Iterator, NamedTuple, Optional, TypeVar
 
 import fsspec
 import pyarrow as pa
@@ -365,6 +366,32 @@ class Service:
     def start(self) -> None:
         """`raybatch up` again, on the same port with the same config."""
         service_up(self.home, int(self.base_url.rsplit(":", 1)[1]))
+
+
+@contextmanager
+def second_app(service: Service, config: dict, name: str) -> Iterator[Service]:
+    """Another Serve app of the service (its own storage and limits) on the same cluster,
+    under /{name}. On leaving, its detached scheduler and engine pool are killed too:
+    left alone, its warm tiny replica would hold a CPU for the rest of the session."""
+    import httpx
+    import ray
+    from ray import serve
+
+    from raybatch.api.app import build_app
+    from raybatch.engines.pool import NAMESPACE, pool_name
+    from raybatch.jobs.scheduler import scheduler_name
+    from raybatch.runner import ensure_ray
+
+    ensure_ray()
+    serve.run(build_app(config), name=f"raybatch-{name}", route_prefix=f"/{name}", blocking=False)
+    base_url = f"{service.base_url}/{name}"
+    wait_until(lambda: httpx.get(f"{base_url}/healthz").status_code == 200, timeout=120, interval=0.5)
+    try:
+        yield Service(base_url, config["storage"], service.home, service.address)
+    finally:
+        serve.delete(f"raybatch-{name}")
+        for actor in (scheduler_name(config["storage"]), pool_name(config["storage"])):
+            ray.kill(ray.get_actor(actor, namespace=NAMESPACE), no_restart=True)
 
 
 def raybatch_cli(home: str, *args: str, check: bool = True) -> str:

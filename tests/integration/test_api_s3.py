@@ -9,7 +9,7 @@ import boto3
 import httpx
 import pytest
 
-from tests.helpers import InputBuilder, chat, check_run, sdk_client, wait_job, wait_until
+from tests.helpers import InputBuilder, chat, check_run, sdk_client, second_app, service_config, wait_job
 
 ACCOUNT = "s3user"
 MIB = 1 << 20
@@ -17,30 +17,10 @@ MIB = 1 << 20
 
 @pytest.fixture(scope="module")
 def s3_service(service, s3_endpoint, tiny_model):
-    from ray import serve
-
-    from raybatch.api.app import build_app
-    from raybatch.runner import ensure_ray
-    from tests.helpers import Service, service_config
-
     boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket="raybatch-service")
-    storage = "s3://raybatch-service/root"
-    config = {**service_config(storage, tiny_model), "max_upload_bytes": MIB, "max_dataset_bytes": 2 * MIB}
-    ensure_ray()
-    serve.run(build_app(config), name="raybatch-s3", route_prefix="/s3", blocking=False)
-    base_url = f"{service.base_url}/s3"
-    wait_until(lambda: httpx.get(f"{base_url}/healthz").status_code == 200, timeout=120, interval=0.5)
-    yield Service(base_url, storage, service.home, service.address)
-    serve.delete("raybatch-s3")
-    # Its scheduler and engine pool are detached: without this its warm tiny replica
-    # would hold a CPU for the rest of the session.
-    import ray
-
-    from raybatch.engines.pool import NAMESPACE, pool_name
-    from raybatch.jobs.scheduler import scheduler_name
-
-    for name in (scheduler_name(storage), pool_name(storage)):
-        ray.kill(ray.get_actor(name, namespace=NAMESPACE), no_restart=True)
+    config = {**service_config("s3://raybatch-service/root", tiny_model), "max_upload_bytes": MIB, "max_dataset_bytes": 2 * MIB}
+    with second_app(service, config, "s3") as app:
+        yield app
 
 
 def test_presigned_upload_job_and_download_on_s3(s3_service, s3_endpoint, tmp_path):

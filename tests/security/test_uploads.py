@@ -15,7 +15,7 @@ from itsdangerous import URLSafeTimedSerializer
 
 from raybatch.api.auth import revoke_key
 from raybatch.store import Store
-from tests.helpers import Service, service_config, wait_until
+from tests.helpers import second_app, service_config
 
 ACCOUNT = "uploader"
 LINE = b'{"custom_id": "a", "body": {"messages": [{"role": "user", "content": "hi"}]}}\n'
@@ -186,26 +186,9 @@ def test_local_storage_is_the_service_users_only(service, key):
 
 @pytest.fixture(scope="module")
 def s3_service(service, s3_endpoint, tiny_model):
-    from ray import serve
-
-    from raybatch.api.app import build_app
-    from raybatch.runner import ensure_ray
-
     boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket="raybatch-sec")
-    storage = "s3://raybatch-sec/root"
-    ensure_ray()
-    serve.run(build_app(service_config(storage, tiny_model)), name="raybatch-s3-sec", route_prefix="/s3sec", blocking=False)
-    base_url = f"{service.base_url}/s3sec"
-    wait_until(lambda: httpx.get(f"{base_url}/healthz").status_code == 200, timeout=120, interval=0.5)
-    yield Service(base_url, storage, service.home, service.address)
-    serve.delete("raybatch-s3-sec")
-    import ray
-
-    from raybatch.engines.pool import NAMESPACE, pool_name
-    from raybatch.jobs.scheduler import scheduler_name
-
-    for name in (scheduler_name(storage), pool_name(storage)):
-        ray.kill(ray.get_actor(name, namespace=NAMESPACE), no_restart=True)
+    with second_app(service, service_config("s3://raybatch-sec/root", tiny_model), "s3sec") as app:
+        yield app
 
 
 def test_s3_urls_sign_the_size_and_end_with_the_upload(s3_service, s3_endpoint):
