@@ -17,6 +17,7 @@ import ray
 
 log = logging.getLogger(__name__)
 
+
 class DriverStatus(str, Enum):
     """Ray's JobStatus, plus GONE."""
 
@@ -68,14 +69,12 @@ class DriverControl:
             return DriverStatus.GONE
         try:
             return DriverStatus(str(self._submission_client().get_job_status(driver_id).value))
-        except RuntimeError as error:  # the SDK's error for any non-200 answer
-            if "status code 404" in str(error):
+        # RuntimeError is the SDK's error for any non-200 answer; connection errors, or
+        # a status this Ray version has and this module does not (ValueError), are
+        # unknown too.
+        except Exception as error:
+            if isinstance(error, RuntimeError) and "status code 404" in str(error):
                 return DriverStatus.GONE
-            log.warning("driver %s: status unknown (%s); asking again on the next tick", driver_id, error)
-            return DriverStatus.UNKNOWN
-        except ValueError:  # a status this Ray version has and this module does not
-            return DriverStatus.UNKNOWN
-        except Exception as error:  # connection refused or reset: the dashboard restarts
             log.warning("driver %s: status unknown (%s); asking again on the next tick", driver_id, error)
             return DriverStatus.UNKNOWN
 
