@@ -100,7 +100,10 @@ class OutputWriter:
             self._buffer_bytes += len(encoded)
             if len(self._buffer) >= self._part_max_rows or self._buffer_bytes >= self._part_max_bytes:
                 self._commit()
-        if time.monotonic() - self._last_commit >= self._part_max_seconds:
+        # The first rows commit at once: a new job (or attempt) shows progress with its
+        # first answers, not `part_max_seconds` later. One small part more per attempt.
+        first = self._seq == self._first_seq and self._buffer
+        if first or time.monotonic() - self._last_commit >= self._part_max_seconds:
             self._commit()
         return self.status()
 

@@ -74,3 +74,17 @@ def test_a_writer_made_before_the_scan_publishes_progress_once_it_knows_the_tota
     assert read_progress(Location(str(tmp_path))).progress.total_input_requests == 10
     w.append(batch(range(1, 5)))
     assert read_progress(Location(str(tmp_path))).progress.total_processed_requests == 4
+
+
+def test_the_first_rows_commit_at_once_later_ones_by_the_part_rules(tmp_path):
+    """Issue 9, item 4: a new job shows progress with its first answers, not after a
+    whole part (1000 rows) or `part_max_seconds`; a resumed attempt does the same."""
+    from raybatch.output_layout import read_progress
+
+    w = writer(tmp_path, rows=1000, total=20)
+    assert w.append(batch([1, 2])).progress.total_processed_requests == 2
+    assert w.append(batch([3, 4])).progress.total_processed_requests == 2  # buffered: a part holds 1000
+    w.flush()
+    resumed = writer(tmp_path, rows=1000, total=20)
+    assert resumed.append(batch([5])).progress.total_processed_requests == 5
+    assert read_progress(Location(str(tmp_path))).progress.total_processed_requests == 5
