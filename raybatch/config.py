@@ -297,6 +297,14 @@ class ServiceConfig(BaseModel):
                                       "pool's replicas).")
     max_job_duration_seconds: float = Field(24 * 3600, gt=0, description="A job running "
                                             "longer EXPIRES, keeping partial results.")
+    spare_drivers: int = Field(1, ge=0, description="Job drivers started ahead of the jobs "
+                               "that will need them. A job given a spare skips its driver's "
+                               "process start and imports (seconds on a small machine); each "
+                               "spare holds an idle process of a few hundred MB.")
+    spare_driver_idle_seconds: float = Field(900, gt=0, description="A spare that gets no job "
+                                             "in this time exits (the scheduler starts a new "
+                                             "one), so a spare outlives a stopped scheduler "
+                                             "by this much at most.")
     progress_interval_seconds: float = Field(2.0, gt=0, description="How often the scheduler "
                                              "publishes jobProgress and checks drivers.")
     signed_url_seconds: int = Field(3600, ge=1, description="Lifetime of upload/download URLs. "

@@ -1,6 +1,11 @@
 """The pipeline driver of one job attempt, run by the scheduler as a Ray Job:
 
     python -m raybatch.jobs.driver --storage URL --account A --job ID --attempt N
+    python -m raybatch.jobs.driver --storage URL --spare DRIVER_ID [--idle-seconds S]
+
+The second form is a spare: started before any job needs it, it imports the data plane
+and joins the cluster, then waits for the scheduler's assignment (`jobs/handoff.py`) and
+runs that attempt like the first form would. It exits after `--idle-seconds` without one.
 
 It runs the data plane (`runner.run_job`) with the RunConfig the scheduler wrote, and
 leaves a `DriverOutcome` for the scheduler (`jobs/handoff.py`): completed,
@@ -16,27 +21,70 @@ import argparse
 import logging
 import signal
 import sys
+import time
+from typing import Optional
 
 from raybatch.exceptions import ConfigError, OutputConflictError
-from raybatch.jobs.handoff import DriverOutcome, OutcomeState, read_run_config, write_outcome
+from raybatch.jobs.handoff import (
+    DriverAssignment,
+    DriverOutcome,
+    OutcomeState,
+    read_assignment,
+    read_run_config,
+    write_outcome,
+)
 from raybatch.store import Store
+
+ASSIGNMENT_POLL_SECONDS = 0.1
+# How long a spare waits for the job's record to name it once its assignment is there
+# (the scheduler writes the record right after the assignment).
+RECORD_WAIT_SECONDS = 15.0
+
+
+def wait_for_assignment(store: Store, driver_id: str, idle_seconds: float) -> Optional[DriverAssignment]:
+    """The attempt this spare is to run, or None: no assignment came within
+    `idle_seconds`, or its job's record never named this driver (the scheduler stopped
+    between writing the two, or took the job back)."""
+    deadline = time.monotonic() + idle_seconds
+    while (assignment := read_assignment(store.location, driver_id)) is None:
+        if time.monotonic() > deadline:
+            return None
+        time.sleep(ASSIGNMENT_POLL_SECONDS)
+    deadline = time.monotonic() + RECORD_WAIT_SECONDS
+    while time.monotonic() < deadline:
+        record = store.get_job(assignment.account, assignment.job_id)
+        if record and record.runtime.driver_id == driver_id and record.runtime.attempts == assignment.attempt:
+            return assignment
+        time.sleep(ASSIGNMENT_POLL_SECONDS)
+    return None
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="raybatch.jobs.driver")
     parser.add_argument("--storage", required=True)
-    parser.add_argument("--account", required=True)
-    parser.add_argument("--job", required=True)
-    parser.add_argument("--attempt", type=int, required=True)
+    parser.add_argument("--account")
+    parser.add_argument("--job")
+    parser.add_argument("--attempt", type=int)
+    parser.add_argument("--spare", metavar="DRIVER_ID", help="wait for the scheduler's assignment")
+    parser.add_argument("--idle-seconds", type=float, default=900.0)
     args = parser.parse_args(argv)
+    if not args.spare and None in (args.account, args.job, args.attempt):
+        parser.error("--account, --job and --attempt are required without --spare")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # Ray Jobs stops a driver with SIGTERM: exit at once; committed parts are safe and
     # anything uncommitted is simply not done yet.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
-    from raybatch.runner import run_job
+    from raybatch.runner import ensure_ray, run_job
 
     store = Store(args.storage)
+    if args.spare:
+        ensure_ray()  # joining the cluster is part of what a spare does ahead of its job
+        assignment = wait_for_assignment(store, args.spare, args.idle_seconds)
+        if assignment is None:
+            return 0
+        args.account, args.job, args.attempt = assignment.account, assignment.job_id, assignment.attempt
+        logging.getLogger(__name__).info("spare %s runs %s/%s attempt %d", args.spare, args.account, args.job, args.attempt)
     config = read_run_config(store.location, args.account, args.job)
 
     try:

@@ -61,6 +61,26 @@ class DriverControl:
         )
         self._submission_client().submit_job(entrypoint=entrypoint, submission_id=driver_id)
 
+    def submit_spare(self, driver_id: str, *, storage: str, idle_seconds: float) -> None:
+        """Start a spare driver (`jobs/driver.py --spare`), which waits for an assignment."""
+        entrypoint = (
+            f"{sys.executable} -m raybatch.jobs.driver --storage {storage} "
+            f"--spare {driver_id} --idle-seconds {idle_seconds:g}"
+        )
+        self._submission_client().submit_job(entrypoint=entrypoint, submission_id=driver_id)
+
+    def live_drivers(self, prefix: str) -> list[str]:
+        """The live drivers whose id starts with `prefix` (empty when Ray cannot say)."""
+        try:
+            jobs = self._submission_client().list_jobs()
+        except Exception as error:
+            log.warning("cannot list drivers (%s)", error)
+            return []
+        return [
+            job.submission_id for job in jobs
+            if (job.submission_id or "").startswith(prefix) and DriverStatus(str(job.status.value)).alive
+        ]
+
     def status(self, driver_id: Optional[str]) -> DriverStatus:
         """GONE only when Ray says it knows no such driver (HTTP 404). Any other failure
         to ask is UNKNOWN: taking it for GONE would start a second attempt beside a

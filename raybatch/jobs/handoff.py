@@ -62,3 +62,42 @@ def read_outcome(store: Location, account: str, job_id: str, attempt: int) -> Op
     if not store.exists(path):
         return None
     return DriverOutcome.model_validate_json(store.read_bytes(path))
+
+
+# --------------------------------------------------------------- spare drivers
+# A spare driver is a driver process started before any job needs it (its process start
+# and imports, seconds on a small machine, are then behind it). The scheduler gives it a
+# job by writing an assignment, and only then names it in the job's record; the spare
+# runs the job only once the record names it, so a scheduler that stops between the two
+# leaves an idle spare (which exits), never a job run by a driver the record does not name.
+
+
+class DriverAssignment(BaseModel):
+    """The job attempt given to a spare driver."""
+
+    account: str
+    job_id: str
+    attempt: int
+
+
+SPARE_DRIVER_PREFIX = "raybatch-spare-"
+
+
+def assignment_path(driver_id: str) -> str:
+    return f"service/drivers/{driver_id}.json"
+
+
+def write_assignment(store: Location, driver_id: str, assignment: DriverAssignment) -> None:
+    store.write_atomic(assignment_path(driver_id), assignment.model_dump_json().encode())
+
+
+def read_assignment(store: Location, driver_id: str) -> Optional[DriverAssignment]:
+    path = assignment_path(driver_id)
+    if not store.exists(path):
+        return None
+    return DriverAssignment.model_validate_json(store.read_bytes(path))
+
+
+def delete_assignment(store: Location, driver_id: Optional[str]) -> None:
+    if driver_id and driver_id.startswith(SPARE_DRIVER_PREFIX):
+        store.delete(assignment_path(driver_id))

@@ -41,9 +41,10 @@ from raybatch.exceptions import (
 )
 from raybatch.engines.pool import pool_handle, pool_name
 from raybatch.jobs.driver_control import DriverControl
-from raybatch.jobs.handoff import OutcomeState, read_outcome, write_run_config
+from raybatch.jobs.handoff import DriverAssignment, OutcomeState, delete_assignment, read_outcome, write_run_config
 from raybatch.jobs.model_access import model_refusal
 from raybatch.jobs.run_config import RunConfigBuilder, check_model_source
+from raybatch.jobs.spares import SpareDrivers
 from raybatch.jobs.states import transition
 from raybatch.output_layout import load_commits, progress_of, publish_files, read_progress
 from raybatch.quotas import AccountQuotas
@@ -91,6 +92,10 @@ class JobScheduler:
         self._configs = RunConfigBuilder(config, self._store, self._pool_name)
         self._quotas = AccountQuotas(self._store, config)
         self._warmed_catalog = False
+        self._spares = SpareDrivers(
+            self._drivers, self._store.location, self._store.root_url,
+            config.spare_drivers, config.spare_driver_idle_seconds,
+        )
         self._stop = threading.Event()
         self._loop = threading.Thread(target=self._run_loop, name="scheduler-loop", daemon=True)
         self._loop.start()
@@ -214,6 +219,7 @@ class JobScheduler:
         if not self._warmed_catalog:
             self._warm_catalog()
         self._admit(records)
+        self._spares.keep()
 
     def _admit(self, records: list[JobRecord]) -> None:
         """Start PENDING jobs up to the limits, taking accounts in turn (each in order of
@@ -272,6 +278,7 @@ class JobScheduler:
             self._watch(record)
         elif state == S.CANCELLING:
             self._drivers.stop(record.runtime.driver_id)
+            delete_assignment(self._store.location, record.runtime.driver_id)
             self._finish(record, S.CANCELLED, "cancelled; partial results kept")
         elif state == S.WRITING_RESULTS:
             self._finish(record, S.COMPLETED, "")
@@ -315,16 +322,22 @@ class JobScheduler:
         account, job_id = record.runtime.account, record.job.name.rsplit("/", 1)[-1]
         write_run_config(self._store.location, account, job_id, self._configs.for_job(record))
         attempt = record.runtime.attempts + 1
-        driver_id = f"raybatch-{account}-{job_id}-{attempt}-{uuid.uuid4().hex[:6]}"
+        # A spare if one is up (its assignment is written first, then the record that
+        # names it: see spares.py). Otherwise a driver of its own, submitted after the
+        # record names it: one the record does not name never runs.
+        spare = self._spares.take(DriverAssignment(account=account, job_id=job_id, attempt=attempt))
+        driver_id = spare or f"raybatch-{account}-{job_id}-{attempt}-{uuid.uuid4().hex[:6]}"
         with self._lock:
             record = self._reload(record)
             if record.job.state != S.PENDING:
+                delete_assignment(self._store.location, spare)  # that spare exits unused
                 return
             record.runtime.attempts = attempt
             record.runtime.driver_id = driver_id
             record.runtime.running_since = record.runtime.running_since or now()
             self._move(record, S.RUNNING, f"attempt {attempt}")
-        self._drivers.submit(driver_id, storage=self._store.root_url, account=account, job_id=job_id, attempt=attempt)
+        if not spare:
+            self._drivers.submit(driver_id, storage=self._store.root_url, account=account, job_id=job_id, attempt=attempt)
 
     def _watch(self, record: JobRecord) -> None:
         account, job_id = record.runtime.account, record.job.name.rsplit("/", 1)[-1]
@@ -335,11 +348,13 @@ class JobScheduler:
             # Its requests leave the engines now, not once the driver has stopped.
             self._pool.end_job.remote(self._configs.files_url(record.job.output_dataset_id))
             self._drivers.stop(record.runtime.driver_id)
+            delete_assignment(self._store.location, record.runtime.driver_id)
             self._finish(record, S.EXPIRED, f"time limit of {limit.total_seconds():g}s reached; partial results kept")
             return
         status = self._drivers.status(record.runtime.driver_id)
         if status.alive:
             return
+        delete_assignment(self._store.location, record.runtime.driver_id)
         outcome = read_outcome(self._store.location, account, job_id, record.runtime.attempts)
         if outcome is None:
             # It ended without an answer (crashed, killed, its node or cluster lost): the

@@ -1,0 +1,58 @@
+"""Spare drivers: job drivers started before the jobs that will need them.
+
+A driver's process start and imports (Ray, Ray Data, pyarrow, the data plane) take
+seconds on a small machine; a job given a spare has them behind it. A spare
+(`jobs/driver.py --spare ID`) joins the cluster and waits for an assignment in storage
+(`jobs/handoff.py`). The scheduler writes the assignment first and then the job's record
+that names the spare, and the spare runs the job only once the record names it: a
+scheduler that stops between the two leaves an idle spare, never a job run by a driver
+its record does not name. From then on a spare is the job's driver like any other.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from typing import Optional
+
+from raybatch.jobs.driver_control import DriverControl
+from raybatch.jobs.handoff import SPARE_DRIVER_PREFIX, DriverAssignment, read_assignment, write_assignment
+from raybatch.storage import Location
+
+logger = logging.getLogger(__name__)
+
+
+class SpareDrivers:
+    def __init__(self, drivers: DriverControl, store: Location, storage_url: str, count: int, idle_seconds: float):
+        self._drivers = drivers
+        self._store = store
+        self._storage_url = storage_url
+        self._count = count
+        self._idle_seconds = idle_seconds
+        self._ready: Optional[list[str]] = None  # None until the first `keep` has looked
+
+    def keep(self) -> None:
+        """Keep `count` spares started. The first call stops the idle spares an earlier
+        scheduler left (their ids died with it); spares already given a job run on."""
+        try:
+            if self._ready is None:
+                for driver_id in self._drivers.live_drivers(SPARE_DRIVER_PREFIX):
+                    if read_assignment(self._store, driver_id) is None:
+                        self._drivers.stop(driver_id, wait_seconds=0)
+                self._ready = []
+            self._ready = [d for d in self._ready if self._drivers.status(d).alive]
+            while len(self._ready) < self._count:
+                driver_id = f"{SPARE_DRIVER_PREFIX}{uuid.uuid4().hex[:12]}"
+                self._drivers.submit_spare(driver_id, storage=self._storage_url, idle_seconds=self._idle_seconds)
+                self._ready.append(driver_id)
+        except Exception:  # a job without a spare starts a driver of its own
+            logger.exception("cannot start a spare driver")
+
+    def take(self, assignment: DriverAssignment) -> Optional[str]:
+        """Give the attempt to a spare: its driver id, or None when none is up. The
+        caller must then name that id in the job's record, or the spare stays idle."""
+        if not self._ready:
+            return None
+        driver_id = self._ready.pop(0)
+        write_assignment(self._store, driver_id, assignment)
+        return driver_id

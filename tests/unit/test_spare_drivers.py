@@ -1,0 +1,109 @@
+"""Spare drivers (jobs/spares.py): the scheduler's side and the spare's side of the
+handoff, without Ray running. A spare runs a job only once the job's record names it."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from raybatch.jobs import driver
+from raybatch.jobs.driver_control import DriverStatus
+from raybatch.jobs.handoff import SPARE_DRIVER_PREFIX, DriverAssignment, assignment_path, read_assignment
+from raybatch.jobs.spares import SpareDrivers
+from raybatch.resources import BatchInferenceJob, JobRecord, JobRuntime, JobState
+from raybatch.store import Store
+
+
+class FakeRayJobs:
+    """DriverControl's calls, answered from a dict of driver id → status."""
+
+    def __init__(self, live=()):
+        self.statuses = {d: DriverStatus.RUNNING for d in live}
+        self.stopped: list[str] = []
+
+    def live_drivers(self, prefix):
+        return [d for d, s in self.statuses.items() if d.startswith(prefix) and s.alive]
+
+    def status(self, driver_id):
+        return self.statuses.get(driver_id, DriverStatus.GONE)
+
+    def stop(self, driver_id, wait_seconds=30.0):
+        self.stopped.append(driver_id)
+        self.statuses[driver_id] = DriverStatus.STOPPED
+
+    def submit_spare(self, driver_id, *, storage, idle_seconds):
+        self.statuses[driver_id] = DriverStatus.PENDING
+
+
+def named(store: Store, driver_id: str, attempt: int = 1) -> None:
+    """The scheduler's second step: the job's record names the driver."""
+    store.put_job(JobRecord(
+        job=BatchInferenceJob(name="accounts/acme/batchInferenceJobs/j1", state=JobState.RUNNING),
+        runtime=JobRuntime(account="acme", driver_id=driver_id, attempts=attempt),
+    ))
+
+
+def test_spares_are_kept_started_and_replaced_when_gone(tmp_path):
+    store = Store(str(tmp_path))
+    ray_jobs = FakeRayJobs()
+    spares = SpareDrivers(ray_jobs, store.location, str(tmp_path), count=2, idle_seconds=60)
+    spares.keep()
+    first = list(ray_jobs.statuses)
+    assert len(first) == 2 and all(d.startswith(SPARE_DRIVER_PREFIX) for d in first)
+    spares.keep()
+    assert list(ray_jobs.statuses) == first  # none more while both live
+    ray_jobs.statuses[first[0]] = DriverStatus.SUCCEEDED  # it waited its idle time out
+    spares.keep()
+    assert len([s for s in ray_jobs.statuses.values() if s.alive]) == 2
+
+
+def test_take_writes_the_assignment_and_hands_each_spare_out_once(tmp_path):
+    store = Store(str(tmp_path))
+    spares = SpareDrivers(FakeRayJobs(), store.location, str(tmp_path), count=1, idle_seconds=60)
+    assignment = DriverAssignment(account="acme", job_id="j1", attempt=1)
+    assert spares.take(assignment) is None  # none started yet: the job gets its own driver
+    spares.keep()
+    driver_id = spares.take(assignment)
+    assert read_assignment(store.location, driver_id) == assignment
+    assert spares.take(assignment) is None
+
+
+def test_a_new_scheduler_stops_the_idle_spares_of_the_last_but_not_their_jobs(tmp_path):
+    store = Store(str(tmp_path))
+    idle, busy = f"{SPARE_DRIVER_PREFIX}idle", f"{SPARE_DRIVER_PREFIX}busy"
+    ray_jobs = FakeRayJobs(live=[idle, busy, "raybatch-acme-j2-1-abc"])
+    store.location.write_atomic(assignment_path(busy), DriverAssignment(account="acme", job_id="j1", attempt=1).model_dump_json().encode())
+    SpareDrivers(ray_jobs, store.location, str(tmp_path), count=0, idle_seconds=60).keep()
+    assert ray_jobs.stopped == [idle]
+
+
+def test_a_spare_runs_the_job_its_record_names(tmp_path):
+    store = Store(str(tmp_path))
+    assignment = DriverAssignment(account="acme", job_id="j1", attempt=1)
+
+    def scheduler():
+        time.sleep(0.3)
+        store.location.write_atomic(assignment_path("spare-1"), assignment.model_dump_json().encode())
+        time.sleep(0.3)
+        named(store, "spare-1")
+
+    threading.Thread(target=scheduler).start()
+    assert driver.wait_for_assignment(store, "spare-1", idle_seconds=10) == assignment
+
+
+def test_a_spare_whose_record_names_another_driver_runs_nothing(tmp_path, monkeypatch):
+    """The scheduler stopped between assignment and record, and a new one gave the job
+    (same attempt number) to another driver: this spare must not run it too."""
+    monkeypatch.setattr(driver, "RECORD_WAIT_SECONDS", 0.5)
+    store = Store(str(tmp_path))
+    store.location.write_atomic(
+        assignment_path("spare-1"), DriverAssignment(account="acme", job_id="j1", attempt=1).model_dump_json().encode()
+    )
+    named(store, "raybatch-acme-j1-1-abc")
+    assert driver.wait_for_assignment(store, "spare-1", idle_seconds=10) is None
+
+
+def test_a_spare_without_a_job_gives_up_after_its_idle_time(tmp_path):
+    started = time.monotonic()
+    assert driver.wait_for_assignment(Store(str(tmp_path)), "spare-1", idle_seconds=0.3) is None
+    assert 0.3 <= time.monotonic() - started < 2
