@@ -35,7 +35,7 @@ from raybatch.jobs.handoff import (
 )
 from raybatch.store import Store
 
-ASSIGNMENT_POLL_SECONDS = 0.1
+ASSIGNMENT_POLL_SECONDS = 0.2  # half of it on average before a spare starts its job
 # How long a spare waits for the job's record to name it once its assignment is there
 # (the scheduler writes the record right after the assignment).
 RECORD_WAIT_SECONDS = 15.0

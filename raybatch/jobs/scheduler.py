@@ -8,10 +8,11 @@ COMPLETED; or EXPIRED / CANCELLED with the committed part published, or RE_QUEUE
 when its driver died (it resumes from its committed parts).
 
 This module holds the API requests, the loop, admission and the records. What it
-leans on: `run_config` makes a job's RunConfig, `driver_control` submits, watches and
-stops drivers, `handoff` is what a driver and the scheduler leave each other (the run
-config in, a `DriverOutcome` out), and `raybatch.output_layout` reads the output
-folder (progress, commit records, publishing).
+leans on: `creation` checks a new job's fields and claims its output dataset,
+`run_config` makes a job's RunConfig, `driver_control` submits, watches and stops
+drivers, `spares` keeps drivers started ahead of jobs, `handoff` is what a driver and
+the scheduler leave each other (the run config in, a `DriverOutcome` out), and
+`raybatch.output_layout` reads the output folder (progress, commit records, publishing).
 
 All state lives in the store: a restarted scheduler reads the jobs back and carries on
 from whatever state each is in. Being the only writer of job records (one lock around
@@ -36,11 +37,11 @@ from raybatch.exceptions import (
     ConfigError,
     FailedPrecondition,
     IllegalTransition,
-    InvalidArgument,
     NotFound,
 )
 from raybatch.engines.pool import pool_handle, pool_name
 from raybatch.jobs.driver_control import DriverControl
+from raybatch.jobs.creation import claim_output_dataset, job_fields, refuse_second_continuation
 from raybatch.jobs.handoff import DriverAssignment, OutcomeState, delete_assignment, read_outcome, write_run_config
 from raybatch.jobs.model_access import model_refusal
 from raybatch.jobs.run_config import RunConfigBuilder, check_model_source
@@ -53,10 +54,8 @@ from raybatch.resources import (
     JOBS,
     BatchInferenceJob,
     CreateJobRequest,
-    Dataset,
     DatasetState,
     JobRecord,
-    JobRuntime,
     JobState,
     check_id,
     duration_seconds,
@@ -107,44 +106,15 @@ class JobScheduler:
 
     def create_job(self, account: str, job_id: Optional[str], request: CreateJobRequest, created_by: str) -> dict:
         job_id = check_id(job_id) if job_id else f"job-{uuid.uuid4().hex[:12]}"
-        runtime = JobRuntime(account=account)
-        fields = request.model_dump(exclude_none=True)
-        if request.continued_from_job_name:
-            parent = self._continuation_parent(account, request.continued_from_job_name)
-            runtime.skip_succeeded_in = parent.runtime.skip_succeeded_in + [
-                self._configs.files_url(parent.job.output_dataset_id)
-            ]
-            inherited = {
-                "model": parent.job.model,
-                "input_dataset_id": parent.job.input_dataset_id,
-                "inference_parameters": parent.job.inference_parameters,
-                "precision": parent.job.precision,
-            }
-            fields = {**inherited, **fields, "continued_from_job_name": parent.job.name}
-        if not fields.get("model") or not fields.get("input_dataset_id"):
-            raise InvalidArgument("model and inputDatasetId are required unless continuedFromJobName is set")
-        # Before any record is written; a continuation's inherited model is checked too,
-        # against today's catalog and allowlist, not those its parent was created under.
-        refusal = model_refusal(self._config, account, fields["model"])
-        if refusal:
-            raise InvalidArgument(refusal)
-        input_account, input_id = parse_reference(fields["input_dataset_id"], DATASETS, account)
-        if input_account != account or self._store.get_dataset(account, input_id) is None:
-            raise NotFound(f"dataset {fields['input_dataset_id']} not found")
-        fields["input_dataset_id"] = resource_name(account, DATASETS, input_id)
-        if request.continued_from_job_name and fields["input_dataset_id"] != parent.job.input_dataset_id:
-            raise InvalidArgument(
-                "a continuation runs on its parent's input dataset "
-                f"({parent.job.input_dataset_id}); line numbers of another input do not match"
-            )
+        fields, runtime = job_fields(self._store, self._config, self._configs, account, request)
         with self._lock:
             if self._store.get_job(account, job_id) is not None:
                 raise AlreadyExists(f"batch inference job {job_id} already exists")
             if request.continued_from_job_name:
-                self._refuse_second_continuation(account, fields["continued_from_job_name"])
+                refuse_second_continuation(self._store, account, fields["continued_from_job_name"])
             # Under the lock: creates of one account cannot slip past a quota together.
             self._quotas.check_new_job(account)
-            output_id = self._claim_output_dataset(account, job_id, fields.get("output_dataset_id"))
+            output_id = claim_output_dataset(self._store, account, job_id, fields.get("output_dataset_id"))
             fields["output_dataset_id"] = resource_name(account, DATASETS, output_id)
             time_now = now()
             job = BatchInferenceJob(
@@ -444,51 +414,6 @@ class JobScheduler:
             fresh = self._reload(record)
             if not fresh.job.state.terminal:
                 self._move(fresh, S.FAILED, message)
-
-    def _continuation_parent(self, account: str, name: str) -> JobRecord:
-        parent_account, parent_id = parse_reference(name, JOBS, account)
-        parent = self._store.get_job(account, parent_id) if parent_account == account else None
-        if parent is None:
-            raise NotFound(f"batch inference job {name} not found")
-        if not parent.job.state.terminal:
-            raise FailedPrecondition(f"job {name} is {parent.job.state.value}; continue it once it has ended")
-        return parent
-
-    def _refuse_second_continuation(self, account: str, parent_name: str) -> None:
-        """One live continuation per parent (the caller holds the lock): two would each
-        run the parent's unfinished lines, answering them twice. A FAILED one does not
-        count; it ran nothing."""
-        for record in self._store.list_jobs(account):
-            if record.job.continued_from_job_name == parent_name and record.job.state != S.FAILED:
-                raise AlreadyExists(
-                    f"{parent_name} is already continued by {record.job.name}; continue that job instead"
-                )
-
-    def _claim_output_dataset(self, account: str, job_id: str, requested: Optional[str]) -> str:
-        if requested:
-            output_account, output_id = parse_reference(requested, DATASETS, account)
-            if output_account != account:
-                raise NotFound(f"dataset {requested} not found")
-            if self._store.get_dataset(account, output_id) is not None:
-                raise AlreadyExists(f"output dataset {output_id} already exists; name a new one")
-        else:
-            output_id = f"{job_id}-output"[:63]
-            if self._store.get_dataset(account, output_id) is not None:
-                output_id = f"output-{uuid.uuid4().hex[:12]}"
-        time_now = now()
-        self._store.put_dataset(
-            account,
-            output_id,
-            Dataset(
-                name=resource_name(account, DATASETS, output_id),
-                display_name=f"Output of {job_id}",
-                create_time=time_now,
-                update_time=time_now,
-                state=DatasetState.UPLOADING,
-                source_job_name=resource_name(account, JOBS, job_id),
-            ),
-        )
-        return output_id
 
 
 def scheduler_name(storage: str) -> str:
