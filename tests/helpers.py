@@ -474,6 +474,11 @@ class Faults:
         """When the fault fired (epoch seconds)."""
         return os.path.getmtime(os.path.join(self.folder, f"{point}.fired"))
 
+    def fired_in(self, point: str) -> int:
+        """The process ID that fired the fault."""
+        with open(os.path.join(self.folder, f"{point}.fired")) as record:
+            return int(record.read())
+
     def storage_errors(self) -> int:
         """How many storage errors were injected since the last clear."""
         log = os.path.join(self.folder, "storage.error.log")

@@ -188,12 +188,15 @@ class JobScheduler:
                 self._fail(record, f"internal error: {error}")
         if not self._warmed_catalog:
             self._warm_catalog()
-        self._admit(records)
-        self._spares.keep()
+        # A new spare's process start (seconds of CPU) waits for a pass that started no
+        # job, so that it does not slow down the start of the job that took the last one.
+        if not self._admit(records):
+            self._spares.keep()
 
-    def _admit(self, records: list[JobRecord]) -> None:
+    def _admit(self, records: list[JobRecord]) -> int:
         """Start PENDING jobs up to the limits, taking accounts in turn (each in order of
-        creation), so that one account's queue of jobs cannot keep another's waiting."""
+        creation), so that one account's queue of jobs cannot keep another's waiting.
+        Returns how many it started."""
         active = [r for r in self._store.active_jobs() if r.job.state in ACTIVE]
         running = len(active)
         per_account: dict[str, int] = {}
@@ -220,6 +223,7 @@ class JobScheduler:
                     turns.remove(account)
                 if running >= self._config.max_running_jobs:
                     break
+        return running - len(active)
 
     def _running_quota(self, account: str) -> int:
         return self._config.quota(account).max_running_jobs
