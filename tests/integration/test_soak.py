@@ -1,10 +1,12 @@
-"""Soak: 20 rounds through the service, each two jobs of two accounts sharing the same
+"""Soak: rounds through the service (12 in the suite; RAYBATCH_SOAK_ROUNDS=20 for the
+full soak), each two jobs of two accounts sharing the same
 engine replicas, with one fault of the reliability list injected at a random point, each followed by the invariant checker (every line
 exactly once, no torn lines, jobProgress equal to the files, the files equal to the
 committed parts, and, from the scripted engine's call record, nothing committed answered
 again).
 
-The eight fault kinds, each drawn at least twice (the other four rounds at random):
+The eight fault kinds, each drawn at least once (at least twice from 16 rounds on; the
+other rounds at random):
 engine-kill (the engine actor SIGKILLs itself), engine-die (the engine dead while its
 actor lives), engine-hang (caught by a 3 s request timeout), writer-crash (between a part
 and its commit), driver-kill (Ray Jobs stops the driver), cluster-restart (`raybatch
@@ -41,7 +43,9 @@ from tests.helpers import (
 pytestmark = pytest.mark.slow
 
 ACCOUNTS = ("soak", "soak-other")  # two accounts' jobs at once in every round
-ROUNDS = 20
+# 12 in the suite, which must fit CI's hour (20 rounds took 18-23 minutes on two cores);
+# the full 20 on demand.
+ROUNDS = int(os.environ.get("RAYBATCH_SOAK_ROUNDS") or 12)
 FAULTS = (
     "engine-kill", "engine-die", "engine-hang", "writer-crash",
     "driver-kill", "cluster-restart", "storage-errors", "continuations",
@@ -49,7 +53,8 @@ FAULTS = (
 
 
 def _schedule(rng: random.Random) -> list[str]:
-    rounds = [*FAULTS, *FAULTS, *(rng.choice(FAULTS) for _ in range(ROUNDS - 2 * len(FAULTS)))]
+    each = 2 if ROUNDS >= 2 * len(FAULTS) else 1
+    rounds = [*FAULTS * each, *(rng.choice(FAULTS) for _ in range(ROUNDS - each * len(FAULTS)))]
     rng.shuffle(rounds)
     return rounds
 
