@@ -378,7 +378,7 @@ def second_app(service: Service, config: dict, name: str) -> Iterator[Service]:
     from ray import serve
 
     from raybatch.api.app import build_app
-    from raybatch.engines.pool import NAMESPACE, pool_name
+    from raybatch.engines.pool_handle import NAMESPACE, pool_name
     from raybatch.jobs.scheduler import scheduler_name
     from raybatch.runner import ensure_ray
 

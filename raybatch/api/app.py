@@ -211,7 +211,7 @@ async def _body(request: Request, model: type[BaseModel]) -> Any:
 @serve.ingress(api)
 class RaybatchApi:
     def __init__(self, config: ServiceConfig):
-        from raybatch.engines.pool import pool_handle, pool_name
+        from raybatch.engines.pool_handle import pool_handle, pool_name
         from raybatch.jobs.scheduler import scheduler_handle
 
         import ray

@@ -39,7 +39,7 @@ from raybatch.exceptions import (
     InvalidArgument,
     NotFound,
 )
-from raybatch.engines.pool import pool_handle, pool_name
+from raybatch.engines.pool_handle import NAMESPACE, pool_handle, pool_name
 from raybatch.jobs.driver_control import DriverControl
 from raybatch.jobs.handoff import OutcomeState, read_outcome, write_run_config
 from raybatch.jobs.model_access import model_refusal
@@ -68,7 +68,6 @@ from raybatch.store import Store
 
 logger = logging.getLogger(__name__)
 
-NAMESPACE = "raybatch"
 MAX_ATTEMPTS = 3  # drivers that die without an answer before the job FAILS
 S = JobState
 ACTIVE = (S.RUNNING, S.CANCELLING)  # states in which a driver may be running
