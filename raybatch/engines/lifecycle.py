@@ -1,8 +1,9 @@
 """`ReplicaLifecycle`: the pool's replicas from start to stop. It places a new replica
 (a GPU type that can serve it, with room, else an idle replica of another model gives
-its GPUs back), starts it as a Ray actor, notices when it is ready or failed to start,
-scales each model between `min_replicas` and `max_replicas` with its rows, and stops
-replicas that stayed idle. What a replica is given to do is `engines/dispatch.py`'s.
+its GPUs back), starts it as a Ray actor, notices when it is ready, failed to start or
+hung starting (`start_timeout_seconds`), scales each model between `min_replicas` and
+`max_replicas` with its rows, and stops replicas that stayed idle. What a replica is
+given to do is `engines/dispatch.py`'s.
 """
 
 from __future__ import annotations
@@ -116,6 +117,17 @@ class ReplicaLifecycle:
         state.start_failures = 0
         logger.info("engine replica %s ready on node %s", replica.replica_id, replica.node)
         self._on_ready(state)
+
+    def check_starts(self, state: ModelState) -> None:
+        """The start watchdog: a replica still starting after `start_timeout_seconds`
+        hung (a stuck load or compile, a GPU that never frees, resources that never
+        come). Waiting for it longer would hold its model's rows (and its GPUs) for good."""
+        timeout = state.policy.start_timeout_seconds
+        now = time.monotonic()
+        for replica in list(state.replicas):
+            if replica.state == "starting" and now - replica.asked_at > timeout:
+                self._start_failed(state, replica, f"not ready within {timeout:g}s (start_timeout_seconds): "
+                                                   "its start hung")
 
     def _start_failed(self, state: ModelState, replica: ReplicaState, message: str) -> None:
         """Stop it and count it; at `max_start_failures` in a row the rows waiting for

@@ -232,12 +232,13 @@ class EnginePool:
             self._watcher = asyncio.ensure_future(self._watch())
 
     async def _watch(self) -> None:
-        """The hang watchdog and the scaler, twice a second."""
+        """The watchdogs (requests, starts) and the scaler, twice a second."""
         while True:
             await asyncio.sleep(WATCH_INTERVAL_SECONDS)
             for key, state in list(self._models.items()):
                 try:
                     self._check_hangs(state)
+                    self.lifecycle.check_starts(state)
                     self.lifecycle.scale(state)
                     self._dispatch(state)
                 except Exception:  # the watcher must outlive any one bad pass

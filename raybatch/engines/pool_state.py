@@ -38,6 +38,7 @@ class PoolPolicy(BaseModel):
     max_failures_per_row: int = 2
     max_engine_failures_per_job: int = 5
     max_start_failures: int = 3
+    start_timeout_seconds: float = 600
 
 
 class PoolModel(BaseModel):
@@ -92,6 +93,7 @@ class ReplicaState:
     node: Optional[str] = None
     in_flight: dict[int, InFlight] = field(default_factory=dict)
     idle_since: float = field(default_factory=time.time)
+    asked_at: float = field(default_factory=time.monotonic)  # the start timeout counts from here
     running_suspect: bool = False  # a suspect row runs here alone
     held_for_suspect: bool = False  # takes no new rows: a suspect waits for it to drain
 
@@ -152,5 +154,6 @@ def pool_model_for(engine: "EngineConfig", plan: "EnginePlan", model: str, serve
         max_failures_per_row=engine.max_failures_per_row,
         max_engine_failures_per_job=engine.max_engine_failures_per_job,
         max_start_failures=engine.max_start_failures,
+        start_timeout_seconds=engine.start_timeout_seconds,
     )
     return PoolModel(spec=spec, policy=policy, served_name=served_name)

@@ -144,6 +144,20 @@ def test_an_engine_that_cannot_start_fails_its_job_with_the_engines_error(servic
     assert _record(service, account, "broken").runtime.attempts == 1  # not retried: a setting
 
 
+def test_an_engine_whose_start_hangs_fails_its_job_after_the_start_timeout(service, tmp_path):
+    account = "pool-stuck"
+    _job(service, account, "stuck", "scripted-stuck", 5, tmp_path)
+    client = sdk_client(service.base_url, service.key(account), account)
+    job, _ = wait_job(client, "stuck", timeout=180)
+    assert job.state == "JOB_STATE_FAILED"
+    assert job.status.message == (
+        "the engine for scripted failed to start 3 times; last error: "
+        "not ready within 2s (start_timeout_seconds): its start hung"
+    )
+    # Every hung start was killed: none is left holding its slot.
+    assert not [r for r in _engines(service).json()["replicas"] if r["model"] == "scripted-stuck"]
+
+
 def test_engines_are_listed_for_admins_only(service):
     assert _engines(service, "not-an-admin").status_code == 403
     assert _engines(service, "not-an-admin").json()["error"]["status"] == "PERMISSION_DENIED"
