@@ -56,6 +56,16 @@ class EngineConfig(BaseModel):
         3, ge=1, description="Engine starts that may fail in a row before the jobs waiting "
         "for this model fail with the engine's error."
     )
+    start_timeout_seconds: float = Field(
+        600, gt=0, description="A replica not ready this long after the pool asked Ray for "
+        "it is a start that hung: it is killed and counts as a failed start (see "
+        "max_start_failures). Counts all a start takes: waiting for its resources, "
+        "loading (or downloading) the weights, torch.compile, CUDA graph capture. The "
+        "default covers many times over a cold start with torch.compile of the tests' "
+        "tiny model on a 2-core CPU machine (about 70 s), and a small model's on a GPU. "
+        "Raise it for large GPU models (hundreds of GB of weights, or a download from "
+        "the Hub: an hour is not unusual). Lower frees a hung start's rows sooner."
+    )
     replica_cpus: float = Field(
         1, ge=0, description="CPUs reserved for each replica's engine loop (scheduling, "
         "detokenizing), so the pipelines' tasks cannot starve it. The scripted test "

@@ -53,8 +53,9 @@ class PrecisionNotServable(ConfigError):
 
 class EngineStartError(ConfigError):
     """A model's engine failed to start `max_start_failures` times in a row (a model that
-    cannot load, an engine argument vLLM refuses, too little memory). The rows waiting
-    for it fail their job with the engine's last error. Not recoverable by retrying."""
+    cannot load, an engine argument vLLM refuses, too little memory, a start that hung
+    past `start_timeout_seconds`). The rows waiting for it fail their job with the
+    engine's last error. Not recoverable by retrying."""
 
 
 class InputTooLarge(ConfigError):

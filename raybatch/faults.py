@@ -19,6 +19,8 @@ Points, and where they are checked:
                      every request for that row kills or hangs the engine (a poison row)
     engine.gate      ScriptedEngine.generate: while armed, no request starts (a test
                      queues several jobs' rows, then disarms it to release them at once)
+    engine.start_hang  ScriptedEngine.__init__: the engine's start never ends (the
+                     pool's start timeout catches it); N counts starts, one per process
     writer.crash     OutputWriter: exit between writing a part and committing it
                      (N counts the parts this writer wrote)
     storage.error    storage.retrying: a transient ConnectionResetError, raised before the

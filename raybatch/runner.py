@@ -27,7 +27,8 @@ from pydantic import BaseModel
 
 from raybatch.config import RunConfig
 from raybatch.exceptions import InputTooLarge
-from raybatch.engines.pool import NAMESPACE, JobTicket, PoolModel, pool_handle, pool_model_for
+from raybatch.engines.pool_handle import NAMESPACE, pool_handle
+from raybatch.engines.pool_state import JobTicket, PoolModel, pool_model_for
 from raybatch.exceptions import ConfigError, EngineStartError, IncompleteRunError, OutputConflictError, RowError
 from raybatch.output_layout import (
     RUN_FILE,

@@ -301,6 +301,9 @@ SERVICE_MODELS = {
     "no-files": {"source": "/nowhere/model"},
     # An engine that fails every start: the job fails with the engine's error.
     "scripted-broken": {"source": "scripted", "engine": {"kind": "scripted", "engine_args": {"fail_to_start": True}}},
+    # An engine whose start hangs: killed after its start timeout, 3 times, then the job fails.
+    "scripted-stuck": {"source": "scripted", "engine": {"kind": "scripted", "start_timeout_seconds": 2,
+                                                        "engine_args": {"hang_at_start": True}}},
     # Slow, and recording every call under {home}/calls (the cluster-restart test).
     "scripted-counted": {
         "source": "scripted",
@@ -378,7 +381,7 @@ def second_app(service: Service, config: dict, name: str) -> Iterator[Service]:
     from ray import serve
 
     from raybatch.api.app import build_app
-    from raybatch.engines.pool import NAMESPACE, pool_name
+    from raybatch.engines.pool_handle import NAMESPACE, pool_name
     from raybatch.jobs.scheduler import scheduler_name
     from raybatch.runner import ensure_ray
 

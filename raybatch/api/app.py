@@ -7,8 +7,13 @@ retry's sleep holds one pool thread, not every other request of the replica.
 
 Every request: path IDs checked (400 before any storage call) → API key checked (401)
 → the key's request rate (429 with Retry-After) → the key's account must be the path's
-account (else 404: another account's resources do not exist for you) → the operation. Bodies over the limit get 413 before they are
-read. Errors are `{"error": {"code", "message", "status"}}`.
+account (else 404: another account's resources do not exist for you) → the operation.
+Bodies over the limit get 413 before they are read (`body_limit.py`). Errors are
+`{"error": {"code", "message", "status"}}` (`errors.py`).
+
+This module holds the routes; what they share is beside it: `bodies.py` (JSON in and
+out, streamed bodies to storage), `listing.py` (paging, filter, order), `auth.py`,
+`rate_limit.py`, `signing.py`, and `datasets.py` (the dataset operations).
 
 `build_app(args)` is the application builder for `serve run`/`serve deploy`/KubeRay:
 `import_path: raybatch.api.app:build_app`, `args` = ServiceConfig fields.
@@ -16,31 +21,29 @@ read. Errors are `{"error": {"code", "message", "status"}}`.
 
 from __future__ import annotations
 
-import base64
 import logging
-from contextlib import asynccontextmanager
-from typing import Any, Optional
+from typing import Optional
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from starlette.exceptions import HTTPException as StarletteHTTPException
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
-from pydantic import BaseModel, ValidationError
 from ray import serve
 
 from raybatch.api.auth import authenticate
+from raybatch.api.bodies import read_body, to_json, writer_off_loop
+from raybatch.api.body_limit import BodyLimit
 from raybatch.api.datasets import DatasetService
+from raybatch.api.errors import install_error_handlers
+from raybatch.api.listing import page_of, parse_filter, parse_order
 from raybatch.api.rate_limit import RateLimiter
 from raybatch.api.signing import SIGNED_PREFIX, UrlSigner
 from raybatch.config import ServiceConfig
-from raybatch.exceptions import ApiError, FailedPrecondition, InvalidArgument, NotFound, PayloadTooLarge, PermissionDenied
+from raybatch.exceptions import FailedPrecondition, InvalidArgument, NotFound, PayloadTooLarge, PermissionDenied
 from raybatch.resources import (
     CreateDatasetRequest,
     CreateJobRequest,
     DatasetFields,
     FileUrls,
-    JobState,
     ListDatasetsResponse,
     ListJobsResponse,
     check_id,
@@ -49,178 +52,28 @@ from raybatch.store import Store
 
 logger = logging.getLogger("raybatch.api")
 
-MAX_PAGE_SIZE, DEFAULT_PAGE_SIZE = 200, 50
 # No unauthenticated schema or docs pages: `/openapi.json` is a route below that asks
 # for a valid key like every other; the interactive docs pages are off.
 api = FastAPI(title="raybatch", docs_url=None, redoc_url=None, openapi_url=None)
-
-
-def _error(error: ApiError) -> JSONResponse:
-    body = {"error": {"code": error.http_status, "message": error.message, "status": error.status}}
-    retry_after = getattr(error, "retry_after", None)  # RateLimited
-    headers = {"Retry-After": str(retry_after)} if retry_after else None
-    return JSONResponse(body, status_code=error.http_status, headers=headers)
-
-
-@api.exception_handler(ApiError)
-async def _api_error(request: Request, error: ApiError) -> JSONResponse:
-    # An ApiError raised in the scheduler actor arrives wrapped; its cause carries the data.
-    return _error(getattr(error, "cause", None) or error)
-
-
-# The replica's settings, set by its constructor. The middleware is added at import
-# time because Serve imports this module afresh in each replica process.
-_settings: dict[str, ServiceConfig] = {"config": ServiceConfig()}
-
-
-HTTP_STATUS_NAMES = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "NOT_FOUND",
-                     405: "UNIMPLEMENTED", 409: "ALREADY_EXISTS", 413: "RESOURCE_EXHAUSTED", 429: "RESOURCE_EXHAUSTED"}
-
-
-@api.exception_handler(StarletteHTTPException)
-async def _http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
-    """Routing errors (no such path, wrong method) in the same error format."""
-    status = HTTP_STATUS_NAMES.get(error.status_code, "UNKNOWN")
-    body = {"error": {"code": error.status_code, "message": str(error.detail), "status": status}}
-    return JSONResponse(body, status_code=error.status_code)
-
-
-@api.exception_handler(RequestValidationError)
-async def _query_error(request: Request, error: RequestValidationError) -> JSONResponse:
-    problems = "; ".join(f"{'.'.join(map(str, e['loc'][1:]))}: {e['msg']}" for e in error.errors())
-    return _error(InvalidArgument(f"invalid request: {problems}"))
-
-
-class BodyLimit:
-    """ASGI middleware: 413 for a body over its limit, counted as it streams (a
-    Content-Length is not trusted, and chunked bodies have none)."""
-
-    def __init__(self, app):
-        self.app = app
-
-    def _limit(self, path: str) -> int:
-        config = _settings["config"]
-        if path.endswith(":upload"):
-            return config.max_upload_bytes
-        if path.startswith(SIGNED_PREFIX):
-            return config.max_dataset_bytes
-        return config.max_json_body_bytes
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        limit = self._limit(scope["path"])
-        declared = dict(scope.get("headers") or []).get(b"content-length")
-        too_large = PayloadTooLarge(f"request body over the limit of {limit} bytes")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            return await _error(too_large)(scope, receive, send)
-        seen = 0
-
-        async def counted_receive():
-            nonlocal seen
-            message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > limit:
-                raise too_large
-            return message
-
-        return await self.app(scope, counted_receive, send)
-
-
+install_error_handlers(api)
+# Added at import time because Serve imports this module afresh in each replica process.
 api.add_middleware(BodyLimit)
-
-
-def _page(items: list, page_size: Optional[int], page_token: Optional[str]) -> tuple[list, str]:
-    size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
-    if size < 1:
-        raise InvalidArgument("pageSize must be positive")
-    start = 0
-    if page_token:
-        try:
-            start = int(base64.urlsafe_b64decode(page_token.encode()).decode())
-        except ValueError:
-            raise InvalidArgument("invalid pageToken") from None
-        if start < 0 or start > len(items):
-            raise InvalidArgument("invalid pageToken")
-    end = start + size
-    token = base64.urlsafe_b64encode(str(end).encode()).decode() if end < len(items) else ""
-    return items[start:end], token
-
-
-def _parse_filter(text: Optional[str]) -> Optional[set[str]]:
-    """The part of AIP-160 that jobs need: `state = X` or-ed together (`state=X OR state=Y`)."""
-    if not text or not text.strip():
-        return None
-    states = set()
-    for term in text.split(" OR "):
-        field, _, value = term.partition("=")
-        value = value.strip().strip('"')
-        if field.strip() != "state" or value not in {s.value for s in JobState}:
-            raise InvalidArgument(f"unsupported filter {text!r}: use state=JOB_STATE_... (OR state=...)")
-        states.add(value)
-    return states
-
-
-def _parse_order(text: Optional[str]) -> bool:
-    """orderBy on createTime: True for descending."""
-    if not text or not text.strip():
-        return False
-    field, _, direction = text.strip().partition(" ")
-    if field not in ("createTime", "create_time", "created_time") or direction.strip() not in ("", "asc", "desc"):
-        raise InvalidArgument(f"unsupported orderBy {text!r}: use 'createTime' or 'createTime desc'")
-    return direction.strip() == "desc"
-
-
-@asynccontextmanager
-async def _writer_off_loop(location, relative: str):
-    """`location.open_atomic_writer(relative)`, opened, written and published (or
-    abandoned) in the thread pool; bytes are handed over a MiB at a time."""
-    writer = await run_in_threadpool(location.open_atomic_writer, relative)
-    pending = bytearray()
-
-    async def write(chunk: bytes) -> None:
-        pending.extend(chunk)
-        if len(pending) >= 1 << 20:
-            await run_in_threadpool(writer.write, bytes(pending))
-            pending.clear()
-
-    try:
-        yield write
-        if pending:
-            await run_in_threadpool(writer.write, bytes(pending))
-    except BaseException as error:
-        await run_in_threadpool(writer.__exit__, type(error), error, error.__traceback__)  # discards it
-        raise
-    await run_in_threadpool(writer.__exit__, None, None, None)
-
-
-def _json(model: BaseModel) -> dict:
-    return model.model_dump(mode="json", by_alias=True, exclude_none=True)
-
-
-async def _body(request: Request, model: type[BaseModel]) -> Any:
-    raw = await request.body()
-    try:
-        return model.model_validate_json(raw or b"{}")
-    except ValidationError as error:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in error.errors())
-        raise InvalidArgument(f"invalid request body: {problems}") from None
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0})
 @serve.ingress(api)
 class RaybatchApi:
     def __init__(self, config: ServiceConfig):
-        from raybatch.engines.pool import pool_handle, pool_name
+        from raybatch.engines.pool_handle import pool_handle, pool_name
         from raybatch.jobs.scheduler import scheduler_handle
 
         import ray
 
         # Through the module: Serve ships this class by value, globals and all, while
-        # BodyLimit reads the module's own `_settings`.
-        from raybatch.api import app as this_module
+        # BodyLimit reads the module's own `SETTINGS`.
+        from raybatch.api import body_limit
 
-        self.config = this_module._settings["config"] = config
+        self.config = body_limit.SETTINGS["config"] = config
         self.store = Store(config.storage)
         self.scheduler = scheduler_handle(config)
         self.engine_pool = pool_handle(pool_name(config.storage), config.account_weights)
@@ -261,16 +114,16 @@ class RaybatchApi:
 
     @api.post("/v1/accounts/{account}/datasets")
     async def create_dataset(self, account: str, request: Request):
-        body: CreateDatasetRequest = await _body(request, CreateDatasetRequest)
+        body: CreateDatasetRequest = await read_body(request, CreateDatasetRequest)
         key = await run_in_threadpool(self._caller, request, account, body.dataset_id)
-        return _json(await run_in_threadpool(self.datasets.create, account, body.dataset_id, body.dataset, key.key_id))
+        return to_json(await run_in_threadpool(self.datasets.create, account, body.dataset_id, body.dataset, key.key_id))
 
     @api.get("/v1/accounts/{account}/datasets")
     def list_datasets(self, account: str, request: Request, pageSize: Optional[int] = None, pageToken: Optional[str] = None):
         self._caller(request, account)
         found = sorted(self.store.list_datasets(account), key=lambda d: (d.create_time, d.name))
-        page, token = _page(found, pageSize, pageToken)
-        return _json(ListDatasetsResponse(datasets=page, next_page_token=token, total_size=len(found)))
+        page, token = page_of(found, pageSize, pageToken)
+        return to_json(ListDatasetsResponse(datasets=page, next_page_token=token, total_size=len(found)))
 
     @api.get("/v1/accounts/{account}/datasets/{reference}")
     def get_dataset(self, account: str, reference: str, request: Request, downloadLineage: bool = False):
@@ -280,16 +133,16 @@ class RaybatchApi:
             files = self.datasets.download_files(account, dataset_id, downloadLineage)
             base = str(request.base_url)
             urls = {name: self.signer.download_url(base, key.key_id, path) for name, path in files.items()}
-            return _json(FileUrls(filename_to_signed_urls=urls))
+            return to_json(FileUrls(filename_to_signed_urls=urls))
         if verb:
             raise NotFound(f"no method {verb!r} on datasets")
-        return _json(self.datasets.get(account, dataset_id))
+        return to_json(self.datasets.get(account, dataset_id))
 
     @api.patch("/v1/accounts/{account}/datasets/{dataset_id}")
     async def update_dataset(self, account: str, dataset_id: str, request: Request):
-        fields = await _body(request, DatasetFields)
+        fields = await read_body(request, DatasetFields)
         await run_in_threadpool(self._caller, request, account, dataset_id)
-        return _json(await run_in_threadpool(self.datasets.update, account, dataset_id, fields))
+        return to_json(await run_in_threadpool(self.datasets.update, account, dataset_id, fields))
 
     @api.delete("/v1/accounts/{account}/datasets/{dataset_id}")
     def delete_dataset(self, account: str, dataset_id: str, request: Request):
@@ -314,7 +167,7 @@ class RaybatchApi:
             finally:
                 await form.close()
         if verb == "getUploadEndpoint":
-            body: FileUrls = await _body(request, FileUrls)
+            body: FileUrls = await read_body(request, FileUrls)
 
             def register() -> dict[str, str]:
                 nonce, plan = self.datasets.upload_plan(account, dataset_id, body.filename_to_size or {}, key.key_id)
@@ -322,10 +175,10 @@ class RaybatchApi:
                 return {name: self.signer.upload_url(base, key.key_id, account, dataset_id, nonce, name, size)
                         for name, size in plan.items()}
 
-            return _json(FileUrls(filename_to_signed_urls=await run_in_threadpool(register)))
+            return to_json(FileUrls(filename_to_signed_urls=await run_in_threadpool(register)))
         if verb == "validateUpload":
             # Seconds for a large dataset (every file expanded and its lines counted).
-            return _json(await run_in_threadpool(self.datasets.validate, account, dataset_id))
+            return to_json(await run_in_threadpool(self.datasets.validate, account, dataset_id))
         raise NotFound(f"no method {verb!r} on datasets")
 
     # ---------------------------------------------- local signed upload/download
@@ -339,7 +192,7 @@ class RaybatchApi:
         note = await run_in_threadpool(self._open_upload_url, token)
         written = 0
         # Streamed, exactly the registered size, and published only when complete.
-        async with _writer_off_loop(self.store.location, note["path"]) as write:
+        async with writer_off_loop(self.store.location, note["path"]) as write:
             async for chunk in request.stream():
                 written += len(chunk)
                 if written > note["size"]:
@@ -378,7 +231,7 @@ class RaybatchApi:
 
     @api.post("/v1/accounts/{account}/batchInferenceJobs")
     async def create_job(self, account: str, request: Request, batchInferenceJobId: Optional[str] = None):
-        body: CreateJobRequest = await _body(request, CreateJobRequest)
+        body: CreateJobRequest = await read_body(request, CreateJobRequest)
         key = await run_in_threadpool(self._caller, request, account, *([batchInferenceJobId] if batchInferenceJobId else []))
         return await self.scheduler.create_job.remote(account, batchInferenceJobId, body, key.key_id)
 
@@ -393,11 +246,11 @@ class RaybatchApi:
         filter: Optional[str] = None,
     ):
         self._caller(request, account)
-        states, descending = _parse_filter(filter), _parse_order(orderBy)
+        states, descending = parse_filter(filter), parse_order(orderBy)
         jobs = [r.job for r in self.store.list_jobs(account) if states is None or r.job.state.value in states]
         jobs.sort(key=lambda j: (j.create_time, j.name), reverse=descending)
-        page, token = _page(jobs, pageSize, pageToken)
-        return _json(ListJobsResponse(batch_inference_jobs=page, next_page_token=token, total_size=len(jobs)))
+        page, token = page_of(jobs, pageSize, pageToken)
+        return to_json(ListJobsResponse(batch_inference_jobs=page, next_page_token=token, total_size=len(jobs)))
 
     @api.get("/v1/accounts/{account}/batchInferenceJobs/{job_id}")
     def get_job(self, account: str, job_id: str, request: Request):
@@ -405,7 +258,7 @@ class RaybatchApi:
         record = self.store.get_job(account, job_id)
         if record is None:
             raise NotFound(f"batch inference job {job_id} not found")
-        return _json(record.job)
+        return to_json(record.job)
 
     @api.post("/v1/accounts/{account}/batchInferenceJobs/{reference}")
     async def job_method(self, account: str, reference: str, request: Request):
@@ -420,7 +273,6 @@ class RaybatchApi:
         await run_in_threadpool(self._caller, request, account, job_id)
         await self.scheduler.delete_job.remote(account, job_id)
         return Response(content=b"{}", media_type="application/json")
-
 
     # ------------------------------------------------------------------- admin
 

@@ -7,12 +7,14 @@ per character, after `seconds_per_request`. Settings come as `engine_args`:
 
     seconds_per_request  float, default 0   (how long each request takes)
     fail_to_start        bool, default false (the engine raises while starting, every time)
+    hang_at_start        bool, default false (the engine never finishes starting, every time)
     invocations_dir      path, optional     (one file per call, `<custom_id hex>.<pid>.<n>`,
                                              holding the time of the call: proves what
                                              ran, in which process, and when)
 
 Faults are armed through `raybatch.faults`: engine.kill, engine.die and engine.hang,
-counted in calls to one engine process, fire once, so the replaced engine works;
+counted in calls to one engine process, fire once, so the replaced engine works
+(engine.start_hang likewise hangs one start);
 engine.poison names a row (`custom_id`, or every row whose id starts with
 `custom_id_prefix`) that kills or hangs every engine that answers it; while
 engine.gate is armed no request starts (a test lines jobs up, then opens it).
@@ -23,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import threading
 import time
 import uuid
 from typing import Any
@@ -38,6 +41,8 @@ class ScriptedEngine:
     def __init__(self, engine_args: dict[str, Any]):
         if engine_args.get("fail_to_start"):  # an engine that cannot load its model
             raise RuntimeError("scripted engine refuses to start (fail_to_start)")
+        if engine_args.get("hang_at_start") or faults.fires("engine.start_hang", 1):  # one start per process
+            threading.Event().wait()  # never set: only the pool's start timeout ends it
         self._seconds = float(engine_args.get("seconds_per_request", 0))
         self._invocations = engine_args.get("invocations_dir")
         if self._invocations:

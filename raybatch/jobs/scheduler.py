@@ -39,7 +39,7 @@ from raybatch.exceptions import (
     IllegalTransition,
     NotFound,
 )
-from raybatch.engines.pool import pool_handle, pool_name
+from raybatch.engines.pool_handle import NAMESPACE, pool_handle, pool_name
 from raybatch.jobs.driver_control import DriverControl
 from raybatch.jobs.creation import claim_output_dataset, job_fields, refuse_second_continuation
 from raybatch.jobs.handoff import DriverAssignment, OutcomeState, delete_assignment, read_outcome, write_run_config
@@ -68,7 +68,6 @@ from raybatch.store import Store
 
 logger = logging.getLogger(__name__)
 
-NAMESPACE = "raybatch"
 MAX_ATTEMPTS = 3  # drivers that die without an answer before the job FAILS
 S = JobState
 ACTIVE = (S.RUNNING, S.CANCELLING)  # states in which a driver may be running

@@ -17,7 +17,8 @@ import pyarrow as pa
 import ray
 from pydantic import BaseModel
 
-from raybatch.engines.pool import NAMESPACE, JobTicket, PoolModel
+from raybatch.engines.pool_handle import NAMESPACE
+from raybatch.engines.pool_state import JobTicket, PoolModel
 from raybatch.exceptions import EngineStartError
 from raybatch.pipeline.rows import ENGINE_SCHEMA, column
 

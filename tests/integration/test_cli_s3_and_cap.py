@@ -14,7 +14,7 @@ import pytest
 import ray
 
 from raybatch.config import RunConfig
-from raybatch.engines.pool import pool_name
+from raybatch.engines.pool_handle import pool_name
 from raybatch.runner import run_job
 from tests.helpers import ENGINE, InputBuilder, MAX_LINE_BYTES, chat, check_run, mixed_input, read_jsonl
 

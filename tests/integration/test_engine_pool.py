@@ -131,17 +131,21 @@ def test_a_poison_row_in_one_job_does_not_stall_another(service, faults, tmp_pat
     assert row["error"]["message"].startswith("the engine failed 2 times while answering this request alone")
 
 
-def test_an_engine_that_cannot_start_fails_its_job_with_the_engines_error(service, tmp_path):
-    account = "pool-broken"
-    _job(service, account, "broken", "scripted-broken", 5, tmp_path)
+@pytest.mark.parametrize("model, last_error", [
+    ("scripted-broken", "RuntimeError: scripted engine refuses to start (fail_to_start)"),
+    # Its start hangs: the start watchdog kills it after start_timeout_seconds (2 s).
+    ("scripted-stuck", "not ready within 2s (start_timeout_seconds): its start hung"),
+], ids=["fails", "hangs"])
+def test_an_engine_that_cannot_start_fails_its_job_with_the_engines_error(service, tmp_path, model, last_error):
+    account = f"pool-{model}"
+    _job(service, account, "broken", model, 5, tmp_path)
     client = sdk_client(service.base_url, service.key(account), account)
     job, _ = wait_job(client, "broken", timeout=180)
     assert job.state == "JOB_STATE_FAILED"
-    assert job.status.message == (
-        "the engine for scripted failed to start 3 times; last error: "
-        "RuntimeError: scripted engine refuses to start (fail_to_start)"
-    )
+    assert job.status.message == f"the engine for scripted failed to start 3 times; last error: {last_error}"
     assert _record(service, account, "broken").runtime.attempts == 1  # not retried: a setting
+    # Every failed start was stopped: none is left holding its slot.
+    assert not [r for r in _engines(service).json()["replicas"] if r["model"] == model]
 
 
 def test_engines_are_listed_for_admins_only(service):

@@ -15,7 +15,7 @@ import psutil
 import pytest
 
 from raybatch.config import RunConfig
-from raybatch.engines.pool import pool_name
+from raybatch.engines.pool_handle import pool_name
 from raybatch.runner import run_job
 from tests.helpers import MAX_MODEL_LEN, InputBuilder, chat, check_run
 

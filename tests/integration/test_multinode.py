@@ -18,7 +18,7 @@ import pytest
 import ray
 
 from raybatch.config import RunConfig
-from raybatch.engines.pool import NAMESPACE, pool_name
+from raybatch.engines.pool_handle import NAMESPACE, pool_name
 from raybatch.runner import run_job
 from tests.helpers import InputBuilder, chat, check_run, invocations, wait_until
 

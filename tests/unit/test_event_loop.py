@@ -13,6 +13,7 @@ import httpx
 import pytest
 
 from raybatch.api import app as app_module
+from raybatch.api import body_limit
 from raybatch.api.auth import create_key
 from raybatch.api.datasets import DatasetService
 from raybatch.api.rate_limit import RateLimiter
@@ -42,7 +43,7 @@ def world(tmp_path):
     # The class as written (Serve's wrapper subclass adds an ASGI server we do not start).
     written = next(c for c in app_module.RaybatchApi.func_or_class.__mro__ if "_caller" in vars(c))
     replica = object.__new__(written)
-    replica.config = app_module._settings["config"] = config
+    replica.config = body_limit.SETTINGS["config"] = config
     replica.store = store
     replica.datasets = DatasetService(store, config)
     replica.signer = UrlSigner(store, 60)

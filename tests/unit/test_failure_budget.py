@@ -1,20 +1,18 @@
 """Issue 10, item 11: a job's rows may cause at most `max_engine_failures_per_job`
 engine failures; past it, its unanswered rows are engine_error rows and nothing more of
 it reaches an engine. Failures shared with another job's rows count for neither.
-Fake replicas as in test_pool_dispatch.py, so the pool's decisions are exact."""
+Fake replicas (tests/pool_fakes.py), so the pool's decisions are exact."""
 
 from __future__ import annotations
 
 import asyncio
-import json
 
 import pytest
 
-from raybatch.engines import pool as pool_module
 from raybatch.engines.failures import FailureLog, budget_message
-from raybatch.engines.pool import EnginePool, PoolModel, PoolPolicy, _Model, _Replica
+from raybatch.engines.pool_state import PoolModel, PoolPolicy
 from raybatch.engines.replica import ReplicaSpec
-from tests.unit.test_pool_dispatch import FakeReplica, rows, settle, ticket, until
+from tests.pool_fakes import fake_pool, rows, settle, ticket, until
 
 
 def model(slots: int, budget: int) -> PoolModel:
@@ -22,21 +20,9 @@ def model(slots: int, budget: int) -> PoolModel:
     return PoolModel(spec=ReplicaSpec(kind="scripted", model="m", engine_args={}), policy=policy, served_name="m")
 
 
-def pool_of(monkeypatch, pool_model: PoolModel, replicas: int = 2):
-    monkeypatch.setattr(pool_module.ray, "kill", lambda actor, no_restart=True: None)
-    monkeypatch.setattr(pool_module.ray, "cancel", lambda ref: ref.cancel())
-    engines = EnginePool()
-    engines._start_replica = lambda state: False  # replicas are the test's fakes
-    state = _Model(pool_model)
-    fakes = [FakeReplica() for _ in range(replicas)]
-    state.replicas = [_Replica(f"r{i}", fake, None, state="ready") for i, fake in enumerate(fakes)]
-    engines._models[pool_model.spec.key] = state
-    return engines, fakes
-
-
 def test_at_its_limit_a_jobs_unanswered_rows_become_engine_error_rows(monkeypatch, tmp_path):
     pool_model = model(slots=1, budget=2)
-    engines, (one, two) = pool_of(monkeypatch, pool_model)
+    engines, (one, two) = fake_pool(monkeypatch, pool_model)
 
     async def scenario():
         job = asyncio.ensure_future(engines.submit(ticket(tmp_path, "acme", "a"), pool_model, rows("a", 6)))
@@ -66,7 +52,7 @@ def test_at_its_limit_a_jobs_unanswered_rows_become_engine_error_rows(monkeypatc
 
 def test_failures_shared_with_another_jobs_rows_count_for_neither(monkeypatch, tmp_path):
     pool_model = model(slots=2, budget=1)
-    engines, (only,) = pool_of(monkeypatch, pool_model, replicas=1)
+    engines, (only,) = fake_pool(monkeypatch, pool_model, replicas=1)
 
     async def scenario():
         a = asyncio.ensure_future(engines.submit(ticket(tmp_path, "acme", "a"), pool_model, rows("a", 1)))

@@ -1,4 +1,4 @@
-"""The engine pool's dispatch, without Ray (raybatch/engines/pool.py): fake replicas
+"""The engine pool's dispatch, without Ray (raybatch/engines/dispatch.py): fake replicas
 whose calls the test answers one by one, so the order in which rows reach engines, the
 refill of a freed slot, a failed replica's rows and the suspect rule are exact."""
 
@@ -8,38 +8,10 @@ import asyncio
 import json
 
 import pytest
-import ray
 
-from raybatch.engines import pool as pool_module
-from raybatch.engines.pool import EnginePool, JobTicket, PoolModel, PoolPolicy, _Model, _Replica
+from raybatch.engines.pool_state import PoolModel, PoolPolicy
 from raybatch.engines.replica import ReplicaSpec
-
-
-class FakeReplica:
-    """`actor.generate.remote(request)` gives a future the test resolves."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[str, asyncio.Future]] = []
-        self.generate = type("Method", (), {"remote": staticmethod(self._call)})()
-
-    def _call(self, request_json: str) -> asyncio.Future:
-        future = asyncio.get_running_loop().create_future()
-        self.calls.append((json.loads(request_json)["custom_id"], future))
-        return future
-
-    def answer(self, index: int = 0) -> str:
-        custom_id, future = [c for c in self.calls if not c[1].done()][index]
-        future.set_result(("chat", json.dumps({"answer": custom_id}), None, None))
-        return custom_id
-
-    def fail_all(self) -> None:
-        for _, future in self.calls:
-            if not future.done():
-                future.set_exception(ray.exceptions.ActorDiedError())
-
-    def open(self) -> list[str]:
-        return [custom_id for custom_id, future in self.calls if not future.done()]
-
+from tests.pool_fakes import fake_pool, rows, settle, ticket, until
 
 MODEL = PoolModel(
     spec=ReplicaSpec(kind="scripted", model="m", engine_args={}),
@@ -50,36 +22,7 @@ MODEL = PoolModel(
 
 @pytest.fixture
 def pool(monkeypatch):
-    monkeypatch.setattr(pool_module.ray, "kill", lambda actor, no_restart=True: None)
-    monkeypatch.setattr(pool_module.ray, "cancel", lambda ref: ref.cancel())
-    engines = EnginePool()
-    engines._start_replica = lambda state: False  # replicas are the test's fakes
-    state = _Model(MODEL)
-    fakes = [FakeReplica(), FakeReplica()]
-    state.replicas = [_Replica(f"r{i}", fake, None, state="ready") for i, fake in enumerate(fakes)]
-    engines._models[MODEL.spec.key] = state
-    return engines, fakes
-
-
-def rows(prefix: str, count: int) -> list:
-    return [("in.jsonl", i + 1, json.dumps({"custom_id": f"{prefix}{i}", "kind": "chat"})) for i in range(count)]
-
-
-async def settle() -> None:
-    for _ in range(5):
-        await asyncio.sleep(0)
-
-
-async def until(condition, timeout: float = 5.0) -> None:
-    """A job's first call reads its failure records in a thread: give it real time."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not condition():
-        assert asyncio.get_running_loop().time() < deadline, "the pool never got there"
-        await asyncio.sleep(0.01)
-
-
-def ticket(tmp_path, account: str, job: str) -> JobTicket:
-    return JobTicket(account=account, job=str(tmp_path / job), run_id=job)
+    return fake_pool(monkeypatch, MODEL)
 
 
 def test_a_freed_slot_takes_the_next_row_by_fair_share(pool, tmp_path):
@@ -159,7 +102,7 @@ def test_ending_a_job_drops_its_rows_and_releases_a_replica_held_for_its_suspect
         assert not state.suspects and len(state.queue) == 0
         assert two.calls[0][1].cancelled()  # its request aborted in the engine
         other = asyncio.ensure_future(engines.submit(ticket(tmp_path, "globex", "other"), MODEL, rows("o", 1)))
-        await until(lambda: two.open() == ["o0"])  # the replica is no longer held  # the replica is no longer held
+        await until(lambda: two.open() == ["o0"])  # the replica is no longer held
         two.answer()
         await settle()
         with pytest.raises(asyncio.CancelledError):

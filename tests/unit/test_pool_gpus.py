@@ -1,4 +1,4 @@
-"""How the engine pool divides GPUs between models (raybatch/engines/pool.py), on logical
+"""How the engine pool divides GPUs between models (raybatch/engines/lifecycle.py), on logical
 nodes: a new replica takes a free GPU of a type that can serve it, else an idle replica
 of another model gives its GPUs back, else it waits."""
 
@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import pytest
 
-from raybatch.engines import pool as pool_module
-from raybatch.engines.pool import EnginePool, PoolModel, PoolPolicy, _Model, _Replica
+import ray
+
+from raybatch.engines.pool import EnginePool
+from raybatch.engines.pool_state import ModelState, PoolModel, PoolPolicy, ReplicaState
 from raybatch.engines.replica import ReplicaSpec
 
 
@@ -15,10 +17,10 @@ def spec(model: str, gpus: int, types=()) -> ReplicaSpec:
     return ReplicaSpec(kind="vllm", model=model, engine_args={}, gpus=gpus, accelerator_types=list(types))
 
 
-def with_replicas(pool: EnginePool, model: str, gpus: int, busy: list[bool], kind="H100") -> _Model:
-    state = _Model(PoolModel(spec=spec(model, gpus), policy=PoolPolicy(), served_name=model))
+def with_replicas(pool: EnginePool, model: str, gpus: int, busy: list[bool], kind="H100") -> ModelState:
+    state = ModelState(PoolModel(spec=spec(model, gpus), policy=PoolPolicy(), served_name=model))
     for i, is_busy in enumerate(busy):
-        replica = _Replica(f"{model}-{i}", actor=object(), accelerator_type=kind, state="ready")
+        replica = ReplicaState(f"{model}-{i}", actor=object(), accelerator_type=kind, state="ready")
         if is_busy:
             replica.in_flight[i] = object()
         state.replicas.append(replica)
@@ -29,8 +31,8 @@ def with_replicas(pool: EnginePool, model: str, gpus: int, busy: list[bool], kin
 @pytest.fixture
 def cluster(monkeypatch):
     nodes: list[dict] = []
-    monkeypatch.setattr(pool_module.ray, "nodes", lambda: nodes)
-    monkeypatch.setattr(pool_module.ray, "kill", lambda actor, no_restart=True: None)
+    monkeypatch.setattr(ray, "nodes", lambda: nodes)
+    monkeypatch.setattr(ray, "kill", lambda actor, no_restart=True: None)
     return nodes
 
 
@@ -42,23 +44,23 @@ def test_a_replica_takes_free_gpus_of_its_type(cluster):
     cluster += [node(8, "H100")]
     pool = EnginePool()
     with_replicas(pool, "other", 4, busy=[True])
-    assert pool._pick_accelerator(spec("new", 4)) == (True, "H100")
-    assert pool._pick_accelerator(spec("big", 8)) == (False, None)  # 4 of 8 are held, busy
+    assert pool.lifecycle.pick_accelerator(spec("new", 4)) == (True, "H100")
+    assert pool.lifecycle.pick_accelerator(spec("big", 8)) == (False, None)  # 4 of 8 are held, busy
 
 
 def test_only_types_that_serve_the_precision_count(cluster):
     cluster += [node(8, "T4"), node(2, "H100")]
     pool = EnginePool()
-    assert pool._pick_accelerator(spec("fp8", 2, types=["H100"])) == (True, "H100")
-    assert pool._pick_accelerator(spec("fp8", 4, types=["H100"])) == (False, None)  # 8 T4s do not help
-    assert pool._pick_accelerator(spec("bf16", 4)) == (True, "T4")
+    assert pool.lifecycle.pick_accelerator(spec("fp8", 2, types=["H100"])) == (True, "H100")
+    assert pool.lifecycle.pick_accelerator(spec("fp8", 4, types=["H100"])) == (False, None)  # 8 T4s do not help
+    assert pool.lifecycle.pick_accelerator(spec("bf16", 4)) == (True, "T4")
 
 
 def test_an_idle_replica_of_another_model_gives_its_gpus_back(cluster):
     cluster += [node(8, "H100")]
     pool = EnginePool()
     other = with_replicas(pool, "other", 4, busy=[True, False])
-    assert pool._pick_accelerator(spec("new", 4)) == (True, "H100")
+    assert pool.lifecycle.pick_accelerator(spec("new", 4)) == (True, "H100")
     assert [r.replica_id for r in other.replicas] == ["other-0"]  # the idle one stopped
 
 
@@ -68,10 +70,10 @@ def test_busy_replicas_and_models_with_queued_rows_keep_their_gpus(cluster):
     with_replicas(pool, "busy", 4, busy=[True])
     queued = with_replicas(pool, "queued", 4, busy=[False])
     queued.queue.push("acme", "job", object())  # rows wait for it: not idle
-    assert pool._pick_accelerator(spec("new", 4)) == (False, None)
+    assert pool.lifecycle.pick_accelerator(spec("new", 4)) == (False, None)
     assert len(queued.replicas) == 1
 
 
 def test_cpu_replicas_need_no_gpu(cluster):
     cluster += [{"Alive": True, "Resources": {"CPU": 4.0}}]
-    assert EnginePool()._pick_accelerator(spec("cpu", 0)) == (True, None)
+    assert EnginePool().lifecycle.pick_accelerator(spec("cpu", 0)) == (True, None)

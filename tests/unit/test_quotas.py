@@ -224,10 +224,10 @@ def test_retry_after_is_whole_seconds_until_the_next_token():
 def test_the_wire_format_of_a_refusal_carries_retry_after():
     import json
 
-    from raybatch.api.app import _error
+    from raybatch.api.errors import error_response
 
-    limited = _error(RateLimited("slow down", retry_after=3))
+    limited = error_response(RateLimited("slow down", retry_after=3))
     assert limited.status_code == 429 and limited.headers["retry-after"] == "3"
     assert json.loads(limited.body) == {"error": {"code": 429, "message": "slow down", "status": "RESOURCE_EXHAUSTED"}}
-    full = _error(QuotaExceeded("full"))
+    full = error_response(QuotaExceeded("full"))
     assert full.status_code == 429 and "retry-after" not in full.headers

@@ -1,0 +1,121 @@
+"""Which row goes where, for one model's rows and replicas (`ModelState`): rows wait in
+the model's `FairQueue` (or, once they were in flight at an engine failure, among its
+suspects), and whenever a replica has a free slot the next row by fair share goes to
+it. Sending is the caller's (`send`, a Ray call in the pool), so everything here is
+plain bookkeeping, unit-tested with fake replicas.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import ray
+
+from raybatch.engines.failures import budget_message, poison_message
+from raybatch.engines.pool_state import JobRun, ModelState, ReplicaState, Row
+from raybatch.exceptions import EngineStartError
+from raybatch.protocol import ErrorCode
+
+Send = Callable[[ReplicaState, Row], None]
+
+
+def enqueue(state: ModelState, job: JobRun, row: Row, front: bool = False) -> None:
+    """Queue a row, or answer it engine_error at once when its job has spent its engine
+    failures or the row failed engines alone too often. A suspect waits apart: it will
+    run alone on a replica."""
+    failures = job.failures
+    spent = budget_message(failures, state.policy.max_engine_failures_per_job)
+    if spent:
+        row.answer.set_result((row.kind(), None, ErrorCode.ENGINE_ERROR.value, spent))
+        return
+    if failures.is_suspect(row.key):
+        poisoned = poison_message(failures.failures_alone(row.key), state.policy.max_failures_per_row)
+        if poisoned:
+            row.answer.set_result((row.kind(), None, ErrorCode.ENGINE_ERROR.value, poisoned))
+            return
+        row.suspect = True
+        state.suspects.append(row)
+    else:
+        state.queue.push(job.ticket.account, row.run_id, row, front=front)
+
+
+def dispatch(state: ModelState, send: Send) -> None:
+    """Fill every free slot: suspects first, each alone on a replica; then rows by
+    fair share, always to the replica with the fewest in flight."""
+    ready = [r for r in state.replicas if r.state == "ready"]
+    if not state.suspects:  # none waits (any more): nothing is held back for one
+        for replica in ready:
+            replica.held_for_suspect = False
+    while state.suspects and ready:
+        empty = [r for r in ready if not r.in_flight and not r.running_suspect]
+        if not empty:
+            if not any(r.held_for_suspect for r in ready):
+                # Let the least busy replica drain; the others go on serving.
+                min(ready, key=lambda r: len(r.in_flight)).held_for_suspect = True
+            break
+        replica = empty[0]
+        row = state.suspects.pop(0)
+        if row.answer.done():
+            continue
+        replica.held_for_suspect = False
+        replica.running_suspect = True
+        send(replica, row)
+    open_replicas = [r for r in ready if not r.running_suspect and not r.held_for_suspect]
+    slots = state.policy.slots_per_replica
+    while open_replicas and len(state.queue):
+        replica = min(open_replicas, key=lambda r: len(r.in_flight))
+        if len(replica.in_flight) >= slots:
+            break
+        _, _, row = state.queue.pop()
+        if not row.answer.done():
+            send(replica, row)
+
+
+def drop_runs(state: ModelState, runs: set[str]) -> int:
+    """Drop every queued row of these job attempts and abort their rows inside the
+    engines. Returns how many rows were dropped or aborted."""
+    rows = _take_waiting(state, runs)
+    for row in rows:
+        row.answer.cancel()
+    dropped = len(rows)
+    for replica in state.replicas:
+        for token, entry in list(replica.in_flight.items()):
+            if entry.row.run_id in runs:
+                del replica.in_flight[token]
+                if entry.row.suspect:
+                    replica.running_suspect = False
+                entry.row.answer.cancel()
+                ray.cancel(entry.ref)  # aborts the request inside the engine
+                dropped += 1
+    return dropped
+
+
+def answer_if_spent(state: ModelState, job: JobRun) -> None:
+    """A job that has caused its limit of engine failures sends nothing more: its
+    queued rows are answered engine_error now (rows in flight elsewhere finish)."""
+    spent = budget_message(job.failures, state.policy.max_engine_failures_per_job)
+    if not spent:
+        return
+    run_id = job.ticket.run_id
+    _answer(_take_waiting(state, {run_id}), lambda row: row.answer.set_result(
+        (row.kind(), None, ErrorCode.ENGINE_ERROR.value, spent)))
+
+
+def fail_waiting(state: ModelState, message: str) -> None:
+    """The model's engine cannot start: every row waiting for it fails its job."""
+    runs = {row.run_id for row in list(state.queue) + state.suspects}
+    _answer(_take_waiting(state, runs), lambda row: row.answer.set_exception(EngineStartError(message)))
+
+
+def _take_waiting(state: ModelState, runs: set[str]) -> list[Row]:
+    """Remove these attempts' queued rows and suspects; the rows removed."""
+    rows = [row for run in runs for row in state.queue.remove_job(run)]
+    rows += [row for row in state.suspects if row.run_id in runs]
+    state.suspects = [row for row in state.suspects if row.run_id not in runs]
+    return rows
+
+
+def _answer(rows: Iterable[Row], answer: Callable[[Row], None]) -> None:
+    for row in rows:
+        if not row.answer.done():
+            answer(row)

@@ -1,0 +1,159 @@
+"""What the engine pool knows: its settings per model (`PoolPolicy`, made from a job's
+`EngineConfig` by `pool_model_for`), who sends rows (`JobTicket`), and its bookkeeping
+of every row and replica (`ModelState` and the records inside it). Data only; the pool
+(`engines/pool.py`), its dispatch (`engines/dispatch.py`) and its replica lifecycle
+(`engines/lifecycle.py`) act on it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Optional
+
+from pydantic import BaseModel, ConfigDict
+
+from raybatch.engines.failures import FailureLog, RowKey
+from raybatch.engines.fair_queue import FairQueue
+from raybatch.engines.replica import ReplicaSpec
+
+if TYPE_CHECKING:
+    from raybatch.config import EngineConfig
+    from raybatch.precision import EnginePlan
+
+
+class PoolPolicy(BaseModel):
+    """How the pool runs one model's replicas (from the job's EngineConfig)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    min_replicas: int = 0
+    max_replicas: int = 1
+    idle_seconds: float = 300
+    slots_per_replica: int = 320  # admission_factor x max_num_seqs
+    request_timeout_seconds: float = 600
+    max_failures_per_row: int = 2
+    max_engine_failures_per_job: int = 5
+    max_start_failures: int = 3
+    start_timeout_seconds: float = 600
+
+
+class PoolModel(BaseModel):
+    """A model as a job asks the pool for it: what to run, how to run it, and the name
+    the job serves it under (shown by `raybatch engines`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    spec: ReplicaSpec
+    policy: PoolPolicy
+    served_name: str
+
+
+class JobTicket(BaseModel):
+    """Who is sending rows: fairness is per account, then per job; failure records go
+    to the job's output. `run_id` is one attempt of the job (a driver), so that ending a
+    job also drops what an earlier, dead attempt had queued."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    account: str
+    job: str  # the job's output location: stable across attempts
+    run_id: str
+
+
+@dataclass(eq=False)
+class Row:
+    run_id: str
+    key: RowKey
+    request_json: str
+    answer: asyncio.Future
+    suspect: bool = False
+
+    def kind(self) -> Optional[str]:
+        return json.loads(self.request_json).get("kind")
+
+
+@dataclass(eq=False)
+class InFlight:
+    row: Row
+    ref: Any  # the ObjectRef of the replica call
+    since: float  # when the replica got it: the hang watchdog counts from here
+
+
+@dataclass(eq=False)
+class ReplicaState:
+    replica_id: str
+    actor: Any
+    accelerator_type: Optional[str]
+    placement_group: Any = None
+    state: str = "starting"  # starting | ready | draining
+    node: Optional[str] = None
+    in_flight: dict[int, InFlight] = field(default_factory=dict)
+    idle_since: float = field(default_factory=time.time)
+    asked_at: float = field(default_factory=time.monotonic)  # the start timeout counts from here
+    running_suspect: bool = False  # a suspect row runs here alone
+    held_for_suspect: bool = False  # takes no new rows: a suspect waits for it to drain
+
+
+@dataclass(eq=False)
+class ModelState:
+    pool_model: PoolModel
+    queue: FairQueue = field(default_factory=FairQueue)
+    suspects: list[Row] = field(default_factory=list)  # each runs alone on a replica
+    replicas: list[ReplicaState] = field(default_factory=list)
+    start_failures: int = 0
+    served_names: set[str] = field(default_factory=set)
+
+    @property
+    def policy(self) -> PoolPolicy:
+        return self.pool_model.policy
+
+    def live(self) -> list[ReplicaState]:
+        return [r for r in self.replicas if r.state in ("starting", "ready")]
+
+    def in_flight(self) -> int:
+        return sum(len(r.in_flight) for r in self.replicas)
+
+
+@dataclass(eq=False)
+class JobRun:
+    """One attempt of a job, as the pool knows it."""
+
+    ticket: JobTicket
+    model: str  # key into the pool's models
+    failures: FailureLog
+
+
+def pool_model_for(engine: "EngineConfig", plan: "EnginePlan", model: str, served_name: str, fixed: bool) -> PoolModel:
+    """The pool's view of a job's model. `fixed`: `raybatch run`, whose own pool keeps
+    exactly the planned replicas for the run; else the service's bounds."""
+    max_replicas = engine.replicas or (plan.replicas if fixed else engine.max_replicas or plan.replicas)
+    min_replicas = max_replicas if fixed or engine.replicas else min(engine.min_replicas, max_replicas)
+    max_num_seqs = int(plan.engine_args.get("max_num_seqs", engine.max_num_seqs))
+    spec = ReplicaSpec(
+        kind=engine.kind,
+        model=model,
+        engine_args=plan.engine_args,
+        cpu_kv_cache_gib=engine.cpu_kv_cache_gib,
+        gpus=plan.gpus_per_replica,
+        pipeline_parallel_size=plan.pipeline_parallel_size,
+        accelerator_types=plan.accelerator_types,
+        # The scripted test engine has no engine loop to protect.
+        cpus=0 if engine.kind == "scripted" else engine.replica_cpus,
+        resources=engine.resources,
+    )
+    policy = PoolPolicy(
+        min_replicas=min_replicas,
+        max_replicas=max_replicas,
+        idle_seconds=engine.idle_seconds,
+        slots_per_replica=math.ceil(engine.admission_factor * max_num_seqs),
+        request_timeout_seconds=engine.request_timeout_seconds,
+        max_failures_per_row=engine.max_failures_per_row,
+        max_engine_failures_per_job=engine.max_engine_failures_per_job,
+        max_start_failures=engine.max_start_failures,
+        start_timeout_seconds=engine.start_timeout_seconds,
+    )
+    return PoolModel(spec=spec, policy=policy, served_name=served_name)

@@ -1,0 +1,78 @@
+"""The engine pool without Ray, for its unit tests (test_pool_dispatch, test_failure_budget,
+test_pool_gpus, test_start_timeout): fake replicas whose calls the test answers one by
+one, so the order in which rows reach engines and what a failure does are exact."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import ray
+
+from raybatch.engines.pool import EnginePool
+from raybatch.engines.pool_state import JobTicket, ModelState, PoolModel, ReplicaState
+
+
+class FakeReplica:
+    """`actor.generate.remote(request)` gives a future the test resolves."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, asyncio.Future]] = []
+        self.generate = type("Method", (), {"remote": staticmethod(self._call)})()
+
+    def _call(self, request_json: str) -> asyncio.Future:
+        future = asyncio.get_running_loop().create_future()
+        self.calls.append((json.loads(request_json)["custom_id"], future))
+        return future
+
+    def answer(self, index: int = 0) -> str:
+        custom_id, future = [c for c in self.calls if not c[1].done()][index]
+        future.set_result(("chat", json.dumps({"answer": custom_id}), None, None))
+        return custom_id
+
+    def fail_all(self) -> None:
+        for _, future in self.calls:
+            if not future.done():
+                future.set_exception(ray.exceptions.ActorDiedError())
+
+    def open(self) -> list[str]:
+        return [custom_id for custom_id, future in self.calls if not future.done()]
+
+
+def no_ray(monkeypatch) -> None:
+    """Killing a replica and cancelling a call: nothing to do for a fake."""
+    monkeypatch.setattr(ray, "kill", lambda actor, no_restart=True: None)
+    monkeypatch.setattr(ray, "cancel", lambda ref: ref.cancel())
+
+
+def fake_pool(monkeypatch, model: PoolModel, replicas: int = 2) -> tuple[EnginePool, list[FakeReplica]]:
+    """A pool whose model has `replicas` ready fakes and starts no others."""
+    no_ray(monkeypatch)
+    engines = EnginePool()
+    engines.lifecycle.start = lambda state: False  # replicas are the test's fakes
+    state = ModelState(model)
+    fakes = [FakeReplica() for _ in range(replicas)]
+    state.replicas = [ReplicaState(f"r{i}", fake, None, state="ready") for i, fake in enumerate(fakes)]
+    engines._models[model.spec.key] = state
+    return engines, fakes
+
+
+def rows(prefix: str, count: int) -> list:
+    return [("in.jsonl", i + 1, json.dumps({"custom_id": f"{prefix}{i}", "kind": "chat"})) for i in range(count)]
+
+
+async def settle() -> None:
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+async def until(condition, timeout: float = 5.0) -> None:
+    """A job's first call reads its failure records in a thread: give it real time."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "the pool never got there"
+        await asyncio.sleep(0.01)
+
+
+def ticket(tmp_path, account: str, job: str) -> JobTicket:
+    return JobTicket(account=account, job=str(tmp_path / job), run_id=job)
