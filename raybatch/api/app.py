@@ -33,6 +33,7 @@ from raybatch.api.auth import authenticate
 from raybatch.api.datasets import DatasetService
 from raybatch.api.rate_limit import RateLimiter
 from raybatch.api.signing import SIGNED_PREFIX, UrlSigner
+from raybatch.api.validation import BackgroundValidations
 from raybatch.config import ServiceConfig
 from raybatch.exceptions import ApiError, FailedPrecondition, InvalidArgument, NotFound, PayloadTooLarge, PermissionDenied
 from raybatch.resources import (
@@ -226,6 +227,7 @@ class RaybatchApi:
         self.engine_pool = pool_handle(pool_name(config.storage), config.account_weights)
         ray.get(self.scheduler.ready.remote())  # it makes the signing key first
         self.datasets = DatasetService(self.store, config)
+        self.validations = BackgroundValidations(self.store, self.datasets, config)
         self.signer = UrlSigner(self.store, config.signed_url_seconds)
         self.rate_limiter = RateLimiter(config)
 
@@ -270,6 +272,7 @@ class RaybatchApi:
         self._caller(request, account)
         found = sorted(self.store.list_datasets(account), key=lambda d: (d.create_time, d.name))
         page, token = _page(found, pageSize, pageToken)
+        page = [self.validations.view(dataset) for dataset in page]
         return _json(ListDatasetsResponse(datasets=page, next_page_token=token, total_size=len(found)))
 
     @api.get("/v1/accounts/{account}/datasets/{reference}")
@@ -283,7 +286,7 @@ class RaybatchApi:
             return _json(FileUrls(filename_to_signed_urls=urls))
         if verb:
             raise NotFound(f"no method {verb!r} on datasets")
-        return _json(self.datasets.get(account, dataset_id))
+        return _json(self.validations.view(self.datasets.get(account, dataset_id)))
 
     @api.patch("/v1/accounts/{account}/datasets/{dataset_id}")
     async def update_dataset(self, account: str, dataset_id: str, request: Request):
@@ -308,11 +311,15 @@ class RaybatchApi:
             if upload is None or isinstance(upload, str):
                 raise InvalidArgument("multipart field 'file' is missing")
             try:
-                return await run_in_threadpool(
-                    self.datasets.upload, account, dataset_id, upload.filename or "", upload.file
+                stored = await run_in_threadpool(
+                    self.datasets.store_upload, account, dataset_id, upload.filename or "", upload.file
                 )
             finally:
                 await form.close()
+            # Validated like :validateUpload (in the background if large); if it fails,
+            # the file is removed: a failed upload leaves nothing behind.
+            await run_in_threadpool(self.validations.validate, account, dataset_id, [stored["filename"]])
+            return stored
         if verb == "getUploadEndpoint":
             body: FileUrls = await _body(request, FileUrls)
 
@@ -324,8 +331,9 @@ class RaybatchApi:
 
             return _json(FileUrls(filename_to_signed_urls=await run_in_threadpool(register)))
         if verb == "validateUpload":
-            # Seconds for a large dataset (every file expanded and its lines counted).
-            return _json(await run_in_threadpool(self.datasets.validate, account, dataset_id))
+            # Seconds for a large dataset (every file expanded and its lines counted): it
+            # goes on in the background after validation_wait_seconds (validation.py).
+            return _json(await run_in_threadpool(self.validations.validate, account, dataset_id))
         raise NotFound(f"no method {verb!r} on datasets")
 
     # ---------------------------------------------- local signed upload/download
@@ -357,6 +365,9 @@ class RaybatchApi:
                 or registration["nonce"] != note["nonce"] or registration["files"].get(note["file"]) != note["size"]):
             raise FailedPrecondition("this upload URL no longer applies: its dataset is not UPLOADING "
                                      "or its registration was replaced")
+        if self.validations.running(note["account"], note["dataset"]):
+            raise FailedPrecondition(f"dataset {note['dataset']} is being validated; its files cannot "
+                                     "change until that ends (its status shows the progress)")
         return note
 
     @api.get(SIGNED_PREFIX + "{token}")
