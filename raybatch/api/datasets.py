@@ -109,6 +109,9 @@ class DatasetService:
             uses = {record.job.input_dataset_id, record.job.output_dataset_id}
             if dataset.name in uses and not record.job.state.terminal:
                 raise FailedPrecondition(f"dataset {dataset_id} is in use by {record.job.name}, which has not ended")
+        if self.validating(account, dataset_id):
+            raise FailedPrecondition(f"dataset {dataset_id} is being validated; delete it once that has ended "
+                                     "(its status shows the progress)")
         self.store.delete_dataset(account, dataset_id)
 
     def _uploading(self, account: str, dataset_id: str) -> Dataset:

@@ -284,7 +284,8 @@ class JobScheduler:
         if dataset is None:
             problem = f"input dataset {job.input_dataset_id} not found"
         elif dataset.state != DatasetState.READY:
-            problem = f"input dataset {job.input_dataset_id} is {dataset.state.value}, not READY: validate its upload first"
+            problem = (f"input dataset {job.input_dataset_id} is {dataset.state.value}, not READY: validate its "
+                       "upload first (a large dataset validates in the background: wait until it is READY)")
         elif int(dataset.size_bytes) > self._config.max_dataset_bytes:
             problem = f"input dataset is {dataset.size_bytes} bytes, over the limit of {self._config.max_dataset_bytes}"
         elif refusal := model_refusal(self._config, account, job.model):

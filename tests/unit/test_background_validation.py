@@ -114,6 +114,8 @@ def test_a_large_dataset_answers_uploading_shows_progress_then_is_ready(world):
         datasets.upload_plan("acme", "big", {"in.jsonl": 10}, key_id)
     with pytest.raises(FailedPrecondition, match="being validated"):
         datasets.store_upload("acme", "big", "more.jsonl", io.BytesIO(LINE))
+    with pytest.raises(FailedPrecondition, match="being validated"):
+        datasets.delete("acme", "big")
     # A second :validateUpload joins the run.
     assert validations.validate("acme", "big").state.value == "UPLOADING"
     release.set()
