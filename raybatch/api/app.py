@@ -2,8 +2,9 @@
 
 Storage is never touched on the event loop: sync routes run in Starlette's thread
 pool, and async routes (those that read a body themselves or await the scheduler) hand
-each storage call to it (`run_in_threadpool`), so a long `:validateUpload` or an S3
-retry's sleep holds one pool thread, not every other request of the replica.
+each storage call to it (`run_in_threadpool`), so a slow disk or an S3 retry's sleep
+holds one pool thread, not every other request of the replica. Validating an upload
+(seconds for 500 MB) goes on in the background after a short wait (`validation`).
 
 Every request: path IDs checked (400 before any storage call) → API key checked (401)
 → the key's request rate (429 with Retry-After) → the key's account must be the path's
