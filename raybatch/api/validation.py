@@ -56,7 +56,7 @@ class ValidationRecord(BaseModel):
     run_id: str
     started: float  # epoch seconds
     heartbeat: float  # epoch seconds; older than validation_stale_seconds = its replica stopped
-    phase: str = "queued"  # queued | size | lines | publishing
+    phase: str = "queued"  # queued | checking | size | lines | publishing
     read: int = 0  # stored bytes read in this phase
     stored: int = 0  # stored bytes in all
     lines: int = 0  # examples counted so far
@@ -70,6 +70,7 @@ class ValidationRecord(BaseModel):
             f" ({100 * self.read // self.stored}%)" if self.stored else "")
         text = {
             "queued": "validating: waiting for a free validation slot",
+            "checking": "validating: checking the registered files",
             "size": f"validating: measuring the expanded size, {done}",
             "lines": f"validating: counting lines, {done}, {self.lines} lines so far",
             "publishing": f"validating: publishing the files ({self.lines} lines)",
@@ -95,6 +96,7 @@ class _Run:
         # the reading starts, or when the run ends: a request waits for that at least,
         # so what those checks refuse is always the request's own answer.
         self.checked = threading.Event()
+        self.started = threading.Event()  # a pool thread took it
 
 
 class BackgroundValidations:
@@ -142,8 +144,11 @@ class BackgroundValidations:
         self._datasets._uploading(account, dataset_id)  # READY: 400, as before
         run = self._start(account, dataset_id, list(delete_on_failure))
         if run is not None and run.future is not None:
-            run.checked.wait(CHECKS_WAIT_SECONDS)
-            done, _ = wait([run.future], timeout=self._config.validation_wait_seconds)
+            waiting = self._config.validation_wait_seconds
+            deadline = time.monotonic() + waiting
+            if run.started.wait(waiting):  # not queued behind other validations
+                run.checked.wait(CHECKS_WAIT_SECONDS)
+            done, _ = wait([run.future], timeout=max(0.0, deadline - time.monotonic()))
             if done:
                 error = run.future.exception()
                 if error is not None and not isinstance(error, Superseded):
@@ -175,6 +180,8 @@ class BackgroundValidations:
 
     def _run(self, run: _Run) -> Dataset:
         account, dataset_id = run.account, run.dataset_id
+        run.record = run.record.model_copy(update={"phase": "checking"})
+        run.started.set()
 
         def progress(phase: str, read: int, stored: int, lines: int) -> None:
             run.checked.set()

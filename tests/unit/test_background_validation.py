@@ -239,3 +239,18 @@ def test_payload_too_large_on_stored_bytes_is_immediate(world):
     store.dataset_files("acme", "toobig").write_atomic("in.jsonl", LINE * 2)
     with pytest.raises(PayloadTooLarge, match="over its limit"):
         small_validations.validate("acme", "toobig")
+
+
+def test_a_validation_waiting_for_a_slot_answers_at_once(tmp_path):
+    store, datasets, validations, key_id = _world(tmp_path, validation_wait_seconds=0.5, max_concurrent_validations=1)
+    _signed_upload(store, datasets, key_id, "first", LINE * 3)
+    _signed_upload(store, datasets, key_id, "second", LINE * 4)
+    reached, release = _hold_at(datasets, "lines")
+    validations.validate("acme", "first")
+    assert reached.wait(10)
+    started = time.monotonic()
+    queued = validations.validate("acme", "second")
+    assert time.monotonic() - started < 2.0
+    assert queued.status.message == "validating: waiting for a free validation slot", queued.status
+    release.set()
+    _until(lambda: all(datasets.get("acme", d).state.value == "READY" for d in ("first", "second")))
