@@ -281,7 +281,9 @@ class BackgroundValidations:
         record = self.record(account, dataset_id)
         if record is None:
             return dataset
-        if not self._live(record):
+        with self._lock:
+            ours = (account, dataset_id) in self._runs  # alive, however late its heartbeat
+        if not ours and not self._live(record):
             if record.restarts >= MAX_RESTARTS:
                 status = Status(code="ABORTED", message=f"validation was interrupted {record.restarts + 1} times "
                                 "(the replicas validating it stopped); nothing was published: call "

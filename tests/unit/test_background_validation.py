@@ -200,6 +200,10 @@ def test_too_many_interruptions_abort_until_validate_upload_is_called_again(worl
 def test_a_superseded_run_publishes_nothing(world):
     store, datasets, validations, key_id = world
     _signed_upload(store, datasets, key_id, "taken", LINE * 3)
+    # No heartbeat here: one written between its check and its write would take the
+    # validation back (the old run then goes on, the new one stops: still one owner).
+    # The run's own check before publishing is what this test is about.
+    validations._beat_seconds = 3600
     reached, release = _hold_at(datasets, "lines")
     validations.validate("acme", "taken")
     assert reached.wait(10)
@@ -207,7 +211,7 @@ def test_a_superseded_run_publishes_nothing(world):
     other = ValidationRecord(run_id="newer", started=time.time(), heartbeat=time.time() + 3600)
     store.location.write_atomic(f"accounts/acme/datasets/taken/{VALIDATION}", other.model_dump_json().encode())
     release.set()
-    time.sleep(1.5)
+    _until(lambda: not validations._runs)  # the run has ended
     assert datasets.get("acme", "taken").state.value == "UPLOADING"
     assert store.dataset_files("acme", "taken").list() == []
     assert ValidationRecord.model_validate_json(
