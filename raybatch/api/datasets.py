@@ -20,7 +20,6 @@ it measures is what it publishes.
 
 from __future__ import annotations
 
-import io
 import json
 import re
 import secrets
@@ -51,9 +50,11 @@ FILENAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}\.jsonl")
 UPLOAD_PLAN = "upload.json"  # files registered by :getUploadEndpoint, with their sizes
 CHUNK = 1 << 20
 CLAIMED = "validating"  # registered files a validation took out of the upload area
-# progress(phase, stored bytes read, stored bytes in all, lines counted so far): called
-# as a validation goes ("size", then "lines", then "publishing"); the files are read
-# twice, once per phase. Whatever it raises ends the validation.
+# progress(phase, bytes done, bytes in all, lines counted so far): called as a
+# validation goes. "size": the files expanded so far (the total is not known yet: 0);
+# "lines": the expanded bytes whose lines were counted, of the expanded total; then
+# "publishing". The files are read twice, once per phase. Whatever it raises ends the
+# validation.
 Progress = Callable[[str, int, int, int], None]
 
 
@@ -277,13 +278,12 @@ class DatasetService:
         # account's room if that is less (a READY dataset counts its expanded size).
         account_room = self.quotas.room_for_bytes(account, dataset_id)
         cap = min(limit, account_room)
-        total, read = 0, 0
+        total = 0
         for name, (where, relative) in sources.items():
-            done = read
-            with _counted(where.open_read(relative), lambda n: report("size", done + n, stored, 0)) as handle:
-                total += expanded_size(handle, cap - total)
-                read += handle.raw.count
-            report("size", read, stored, 0)
+            done = total
+            with where.open_read(relative) as handle:
+                total += expanded_size(handle, cap - total, lambda n: report("size", done + n, 0, 0))
+            report("size", total, 0, 0)
             if total > limit:
                 raise PayloadTooLarge(
                     f"dataset expands to more than its limit of {limit} bytes "
@@ -293,21 +293,20 @@ class DatasetService:
                 raise self.quotas.bytes_refusal(account, total, account_room)
         examples, read = 0, 0
         for name, (where, relative) in sources.items():
-            done = read
-            with _counted(where.open_read(relative), lambda n: None) as handle:
+            with where.open_read(relative) as handle:
                 # Lines as a job reads them (gzip decompressed). A line too long to read
                 # (None) is still an example: the job reports it.
                 lines = shard_lines(handle, max_line_bytes=CHUNK, max_total_bytes=limit, name=name)
                 for number, raw in lines:
+                    read += (CHUNK if raw is None else len(raw)) + 1  # about: for the progress only
                     if raw is None or raw.strip():
                         examples += 1
                     if number % 8192 == 0:
-                        report("lines", done + handle.raw.count, stored, examples)
-                read += handle.raw.count
-            report("lines", read, stored, examples)
+                        report("lines", min(read, total), total, examples)
+            report("lines", min(read, total), total, examples)
         # Into files/ only now, measured; then the record. A crash between leaves the
         # dataset UPLOADING with its files in place, and a repeated call finishes it.
-        report("publishing", read, stored, examples)
+        report("publishing", total, total, examples)
         files_folder = f"{self.store._dataset_dir(account, dataset_id)}/files"
         for name, path in staged.items():
             self.store.location.move(path, f"{files_folder}/{name}")
@@ -364,30 +363,3 @@ class DatasetService:
                 found.append(related)
         return found
 
-
-class _CountedRaw(io.RawIOBase):
-    """A raw stream over `handle` counting the bytes read from it (stored bytes: for a
-    gzip file the compressed ones), telling `on_read` the running count."""
-
-    def __init__(self, handle: IO[bytes], on_read: Callable[[int], None]):
-        self._handle = handle
-        self._on_read = on_read
-        self.count = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer) -> int:
-        data = self._handle.read(len(buffer))
-        buffer[: len(data)] = data
-        self.count += len(data)
-        self._on_read(self.count)
-        return len(data)
-
-    def close(self) -> None:
-        self._handle.close()
-        super().close()
-
-
-def _counted(handle: IO[bytes], on_read: Callable[[int], None]) -> io.BufferedReader:
-    return io.BufferedReader(_CountedRaw(handle, on_read), CHUNK)

@@ -57,8 +57,8 @@ class ValidationRecord(BaseModel):
     started: float  # epoch seconds
     heartbeat: float  # epoch seconds; older than validation_stale_seconds = its replica stopped
     phase: str = "queued"  # queued | checking | size | lines | publishing
-    read: int = 0  # stored bytes read in this phase
-    stored: int = 0  # stored bytes in all
+    done: int = 0  # expanded bytes read in this phase
+    total: int = 0  # expanded bytes in all (known in the "lines" phase)
     lines: int = 0  # examples counted so far
     restarts: int = 0
     delete_on_failure: list[str] = Field(default_factory=list, description="Files of an "
@@ -66,12 +66,12 @@ class ValidationRecord(BaseModel):
                                          "failed upload leaves nothing behind).")
 
     def message(self) -> str:
-        done = f"{self.read} of {self.stored} bytes read" + (
-            f" ({100 * self.read // self.stored}%)" if self.stored else "")
+        done = f"{self.done} of {self.total} bytes read" + (
+            f" ({100 * self.done // self.total}%)" if self.total else "")
         text = {
             "queued": "validating: waiting for a free validation slot",
             "checking": "validating: checking the registered files",
-            "size": f"validating: measuring the expanded size, {done}",
+            "size": f"validating: measuring the expanded size, {self.done} bytes so far",
             "lines": f"validating: counting lines, {done}, {self.lines} lines so far",
             "publishing": f"validating: publishing the files ({self.lines} lines)",
         }.get(self.phase, f"validating: {self.phase}")
@@ -183,7 +183,7 @@ class BackgroundValidations:
         run.record = run.record.model_copy(update={"phase": "checking"})
         run.started.set()
 
-        def progress(phase: str, read: int, stored: int, lines: int) -> None:
+        def progress(phase: str, done: int, total: int, lines: int) -> None:
             run.checked.set()
             if phase == "publishing":  # the last chance to stop: make sure, from storage
                 stored_record = self.record(account, dataset_id)
@@ -191,7 +191,7 @@ class BackgroundValidations:
                     run.superseded = True
             if run.superseded:
                 raise Superseded()
-            run.record = run.record.model_copy(update={"phase": phase, "read": read, "stored": stored, "lines": lines})
+            run.record = run.record.model_copy(update={"phase": phase, "done": done, "total": total, "lines": lines})
 
         try:
             dataset = self._datasets.validate(account, dataset_id, progress)

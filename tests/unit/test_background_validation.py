@@ -103,7 +103,8 @@ def test_a_large_dataset_answers_uploading_shows_progress_then_is_ready(world):
     shown = _view(validations, datasets, "big")
     assert shown.state.value == "UPLOADING"
     assert shown.status.code == "OK"
-    assert "validating: counting lines" in shown.status.message and "8192 lines so far" in shown.status.message, shown.status
+    assert shown.status.message.startswith("validating: counting lines, ") and "8192 lines so far" in shown.status.message, shown.status
+    assert f" of {len(LINE) * LINES} bytes read (" in shown.status.message, shown.status  # of the expanded size
     # The SDK's model parses what GET sends.
     from fireworks.types import Dataset as SdkDataset
 
@@ -168,7 +169,7 @@ def test_a_validation_whose_replica_stopped_is_run_again_by_a_get(world):
     _signed_upload(store, datasets, key_id, "orphan", LINE * 5)
     # What a replica that died mid-validation leaves: its record, beating no more.
     long_ago = time.time() - 60
-    record = ValidationRecord(run_id="dead", started=long_ago, heartbeat=long_ago, phase="lines", read=10, stored=20)
+    record = ValidationRecord(run_id="dead", started=long_ago, heartbeat=long_ago, phase="lines", done=10, total=20)
     store.location.write_atomic(f"accounts/acme/datasets/orphan/{VALIDATION}", record.model_dump_json().encode())
     shown = _view(validations, datasets, "orphan")  # another replica's GET
     assert shown.state.value == "UPLOADING" and "restarted 1x" in shown.status.message
@@ -179,9 +180,9 @@ def test_a_validation_whose_replica_stopped_is_run_again_by_a_get(world):
 def test_a_live_validation_of_another_replica_is_left_alone(world):
     store, datasets, validations, key_id = world
     _signed_upload(store, datasets, key_id, "theirs", LINE)
-    record = ValidationRecord(run_id="other-replica", started=time.time(), heartbeat=time.time(), phase="size", stored=100)
+    record = ValidationRecord(run_id="other-replica", started=time.time(), heartbeat=time.time(), phase="size", done=100)
     store.location.write_atomic(f"accounts/acme/datasets/theirs/{VALIDATION}", record.model_dump_json().encode())
-    assert validations.validate("acme", "theirs").status.message == "validating: measuring the expanded size, 0 of 100 bytes read (0%)"
+    assert validations.validate("acme", "theirs").status.message == "validating: measuring the expanded size, 100 bytes so far"
     assert datasets.get("acme", "theirs").state.value == "UPLOADING"  # not run here
 
 
