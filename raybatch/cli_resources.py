@@ -81,7 +81,7 @@ def _upload(client: RaybatchClient, dataset_id: str, paths: list[str], signed: b
     if signed or len(paths) > 1 or Path(paths[0]).stat().st_size > DIRECT_UPLOAD_MAX_BYTES:
         return client.upload_dataset_signed(dataset_id, paths)
     client.upload_dataset(dataset_id, paths[0])
-    return client.get_dataset(dataset_id)
+    return client.wait_dataset_validated(dataset_id)
 
 
 def _dataset_create(client: RaybatchClient, args: argparse.Namespace) -> int:

@@ -159,10 +159,27 @@ class RaybatchClient:
                 )
             _raise_for_error(response)
         self._request("POST", self._path("datasets", dataset_id, "validateUpload"), json={})
-        return self.get_dataset(dataset_id)
+        return self.wait_dataset_validated(dataset_id)
 
     def get_dataset(self, dataset_id: str) -> dict:
         return self._request("GET", self._path("datasets", dataset_id))
+
+    def wait_dataset_validated(self, dataset_id: str, timeout: float = 900.0, poll: float = 1.0) -> dict:
+        """The dataset once its validation has ended: READY, or ApiRequestError with the
+        status the validation left (a large dataset goes on validating after
+        `:validateUpload` or `:upload` answered; `status.message` shows its progress)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            dataset = self.get_dataset(dataset_id)
+            status = dataset.get("status") or {}
+            if dataset.get("state") == "READY":
+                return dataset
+            if status.get("code") not in (None, "", "OK"):
+                raise ApiRequestError(400, status["code"], status.get("message", ""))
+            if time.monotonic() > deadline:
+                raise ApiRequestError(504, "DEADLINE_EXCEEDED", f"dataset {dataset_id} is still validating "
+                                      f"after {timeout:.0f}s: {status.get('message', '')}")
+            time.sleep(poll)
 
     def list_datasets(self, page_size: Optional[int] = None, page_token: Optional[str] = None) -> dict:
         params = _without_none({"pageSize": page_size, "pageToken": page_token})

@@ -259,6 +259,21 @@ class ServiceConfig(BaseModel):
                                    "at :validateUpload and again by each job's reader. Compressed "
                                    "bytes would let a few MB of gzip stand for gigabytes.")
     max_upload_bytes: int = Field(150 * MIB, ge=1, description="Largest `:upload` request body.")
+    validation_wait_seconds: float = Field(1.0, ge=0, description=":validateUpload and "
+                                           ":upload wait this long for the dataset's "
+                                           "validation: one validated by then answers READY "
+                                           "(or its error) at once; a larger one answers "
+                                           "UPLOADING and validates in the background, its "
+                                           "progress in status.message. Longer waits hold "
+                                           "a request (and an API thread) longer.")
+    validation_stale_seconds: float = Field(30.0, gt=0, description="A validation whose "
+                                            "replica has not written its heartbeat (every "
+                                            "second) for this long is taken to have "
+                                            "stopped: the next GET of the dataset runs it "
+                                            "again.")
+    max_concurrent_validations: int = Field(2, ge=1, description="Validations one API "
+                                            "replica runs at once (each a thread reading "
+                                            "and expanding files); more wait their turn.")
     max_upload_files: int = Field(100, ge=1, description="Most files one :getUploadEndpoint "
                                   "request may register (one signed URL each). Each URL is "
                                   "an open write into storage until it expires; more files "

@@ -70,6 +70,24 @@ def wait_until(predicate: Callable[[], T], timeout: float = 60.0, interval: floa
     return result
 
 
+def validation_outcome(reply, get_dataset: Callable[[], dict], timeout: float = 300.0) -> tuple[int, str, str]:
+    """How a `:validateUpload` or `:upload` ended: (HTTP status, status name, message).
+    A validation that ended within the request's wait is its answer; one that went on in
+    the background (answered 200, UPLOADING) ends in the dataset's GET: READY is
+    (200, "OK", ""), a failure (400, its status code, its message)."""
+    if reply.status_code != 200:
+        error = reply.json()["error"]
+        return reply.status_code, error["status"], error["message"]
+    def ended() -> Optional[dict]:
+        dataset = get_dataset()
+        return dataset if dataset["state"] == "READY" or dataset["status"]["code"] != "OK" else None
+
+    dataset = wait_until(ended, timeout=timeout, interval=0.5, message="the dataset is still validating")
+    if dataset["state"] == "READY":
+        return 200, "OK", ""
+    return 400, dataset["status"]["code"], dataset["status"]["message"]
+
+
 def read_jsonl(url: str) -> list[dict]:
     fs, path = fsspec.core.url_to_fs(url)
     data = fs.cat_file(path)

@@ -2,8 +2,9 @@
 
 Storage is never touched on the event loop: sync routes run in Starlette's thread
 pool, and async routes (those that read a body themselves or await the scheduler) hand
-each storage call to it (`run_in_threadpool`), so a long `:validateUpload` or an S3
-retry's sleep holds one pool thread, not every other request of the replica.
+each storage call to it (`run_in_threadpool`), so a slow disk or an S3 retry's sleep
+holds one pool thread, not every other request of the replica. Validating an upload
+(seconds for 500 MB) goes on in the background after a short wait (`validation`).
 
 Every request: path IDs checked (400 before any storage call) → API key checked (401)
 → the key's request rate (429 with Retry-After) → the key's account must be the path's
@@ -37,6 +38,7 @@ from raybatch.api.errors import install_error_handlers
 from raybatch.api.listing import page_of, parse_filter, parse_order
 from raybatch.api.rate_limit import RateLimiter
 from raybatch.api.signing import SIGNED_PREFIX, UrlSigner
+from raybatch.api.validation import BackgroundValidations
 from raybatch.config import ServiceConfig
 from raybatch.exceptions import FailedPrecondition, InvalidArgument, NotFound, PayloadTooLarge, PermissionDenied
 from raybatch.resources import (
@@ -79,6 +81,7 @@ class RaybatchApi:
         self.engine_pool = pool_handle(pool_name(config.storage), config.account_weights)
         ray.get(self.scheduler.ready.remote())  # it makes the signing key first
         self.datasets = DatasetService(self.store, config)
+        self.validations = BackgroundValidations(self.store, self.datasets, config)
         self.signer = UrlSigner(self.store, config.signed_url_seconds)
         self.rate_limiter = RateLimiter(config)
 
@@ -123,6 +126,7 @@ class RaybatchApi:
         self._caller(request, account)
         found = sorted(self.store.list_datasets(account), key=lambda d: (d.create_time, d.name))
         page, token = page_of(found, pageSize, pageToken)
+        page = [self.validations.view(dataset) for dataset in page]
         return to_json(ListDatasetsResponse(datasets=page, next_page_token=token, total_size=len(found)))
 
     @api.get("/v1/accounts/{account}/datasets/{reference}")
@@ -136,7 +140,7 @@ class RaybatchApi:
             return to_json(FileUrls(filename_to_signed_urls=urls))
         if verb:
             raise NotFound(f"no method {verb!r} on datasets")
-        return to_json(self.datasets.get(account, dataset_id))
+        return to_json(self.validations.view(self.datasets.get(account, dataset_id)))
 
     @api.patch("/v1/accounts/{account}/datasets/{dataset_id}")
     async def update_dataset(self, account: str, dataset_id: str, request: Request):
@@ -161,11 +165,15 @@ class RaybatchApi:
             if upload is None or isinstance(upload, str):
                 raise InvalidArgument("multipart field 'file' is missing")
             try:
-                return await run_in_threadpool(
-                    self.datasets.upload, account, dataset_id, upload.filename or "", upload.file
+                stored = await run_in_threadpool(
+                    self.datasets.store_upload, account, dataset_id, upload.filename or "", upload.file
                 )
             finally:
                 await form.close()
+            # Validated like :validateUpload (in the background if large); if it fails,
+            # the file is removed: a failed upload leaves nothing behind.
+            await run_in_threadpool(self.validations.validate, account, dataset_id, [stored["filename"]])
+            return stored
         if verb == "getUploadEndpoint":
             body: FileUrls = await read_body(request, FileUrls)
 
@@ -177,8 +185,9 @@ class RaybatchApi:
 
             return to_json(FileUrls(filename_to_signed_urls=await run_in_threadpool(register)))
         if verb == "validateUpload":
-            # Seconds for a large dataset (every file expanded and its lines counted).
-            return to_json(await run_in_threadpool(self.datasets.validate, account, dataset_id))
+            # Seconds for a large dataset (every file expanded and its lines counted): it
+            # goes on in the background after validation_wait_seconds (validation.py).
+            return to_json(await run_in_threadpool(self.validations.validate, account, dataset_id))
         raise NotFound(f"no method {verb!r} on datasets")
 
     # ---------------------------------------------- local signed upload/download
@@ -210,6 +219,9 @@ class RaybatchApi:
                 or registration["nonce"] != note["nonce"] or registration["files"].get(note["file"]) != note["size"]):
             raise FailedPrecondition("this upload URL no longer applies: its dataset is not UPLOADING "
                                      "or its registration was replaced")
+        if self.validations.running(note["account"], note["dataset"]):
+            raise FailedPrecondition(f"dataset {note['dataset']} is being validated; its files cannot "
+                                     "change until that ends (its status shows the progress)")
         return note
 
     @api.get(SIGNED_PREFIX + "{token}")

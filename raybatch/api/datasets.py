@@ -10,6 +10,12 @@ that issued their URLs (`signing.upload_path`); `:validateUpload` measures the
 registered files there itself and only then moves them into `files/`, which is all a
 job reads. So a URL used after READY, or one of an earlier registration, writes where
 nothing reads, and a registration whose key was revoked is refused.
+
+Validation (`validate`) is synchronous here; `validation.BackgroundValidations` runs it
+in a thread of the API replica, records its progress and takes it over when the replica
+that ran it stopped (issue 10, item 7). Before measuring anything it moves the
+registered files out of the upload area into `validating/`, where no URL writes: what
+it measures is what it publishes.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from __future__ import annotations
 import json
 import re
 import secrets
-from typing import IO, Optional
+from typing import IO, Callable, Optional
 
 from raybatch.config import ServiceConfig
 from raybatch.exceptions import FailedPrecondition, InvalidArgument, NotFound, PayloadTooLarge
@@ -30,6 +36,7 @@ from raybatch.resources import (
     Dataset,
     DatasetFields,
     DatasetState,
+    Status,
     check_id,
     now,
     parse_reference,
@@ -42,6 +49,13 @@ from raybatch.store import Store
 FILENAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}\.jsonl")
 UPLOAD_PLAN = "upload.json"  # files registered by :getUploadEndpoint, with their sizes
 CHUNK = 1 << 20
+CLAIMED = "validating"  # registered files a validation took out of the upload area
+# progress(phase, bytes done, bytes in all, lines counted so far): called as a
+# validation goes. "size": the files expanded so far (the total is not known yet: 0);
+# "lines": the expanded bytes whose lines were counted, of the expanded total; then
+# "publishing". The files are read twice, once per phase. Whatever it raises ends the
+# validation.
+Progress = Callable[[str, int, int, int], None]
 
 
 def check_filename(name: str) -> str:
@@ -96,12 +110,28 @@ class DatasetService:
             uses = {record.job.input_dataset_id, record.job.output_dataset_id}
             if dataset.name in uses and not record.job.state.terminal:
                 raise FailedPrecondition(f"dataset {dataset_id} is in use by {record.job.name}, which has not ended")
+        if self.validating(account, dataset_id):
+            raise FailedPrecondition(f"dataset {dataset_id} is being validated; delete it once that has ended "
+                                     "(its status shows the progress)")
         self.store.delete_dataset(account, dataset_id)
 
     def _uploading(self, account: str, dataset_id: str) -> Dataset:
         dataset = self.get(account, dataset_id)
         if dataset.state != DatasetState.UPLOADING or dataset.source_job_name:
             raise FailedPrecondition(f"dataset {dataset_id} is {dataset.state.value}; its files cannot change")
+        return dataset
+
+    # Set by BackgroundValidations: whether a validation of the dataset is running.
+    validating: Callable[[str, str], bool] = staticmethod(lambda account, dataset_id: False)
+
+    def _changeable(self, account: str, dataset_id: str) -> Dataset:
+        """UPLOADING and not being validated: its files may change."""
+        dataset = self._uploading(account, dataset_id)
+        if self.validating(account, dataset_id):
+            raise FailedPrecondition(
+                f"dataset {dataset_id} is being validated; its files cannot change until that ends "
+                "(its status shows the progress)"
+            )
         return dataset
 
     def _file_sizes(self, account: str, dataset_id: str) -> dict[str, int]:
@@ -115,8 +145,21 @@ class DatasetService:
         return {shard.name: files.size(shard.name) for shard in shards}
 
     def upload(self, account: str, dataset_id: str, filename: str, source: IO[bytes]) -> dict:
-        """`:upload`: store one file, then validate the dataset (it becomes READY)."""
-        self._uploading(account, dataset_id)
+        """`:upload` in one go: store one file, then validate the dataset (it becomes
+        READY); if validation refuses it, the file is removed. The API validates in the
+        background instead (`store_upload`, then `BackgroundValidations`)."""
+        answer = self.store_upload(account, dataset_id, filename, source)
+        try:
+            self.validate(account, dataset_id)
+        except BaseException:
+            self.store.dataset_files(account, dataset_id).delete(filename)  # a failed upload leaves nothing behind
+            raise
+        return answer
+
+    def store_upload(self, account: str, dataset_id: str, filename: str, source: IO[bytes]) -> dict:
+        """Store one file of an `:upload` (within the dataset's and the account's room);
+        validating it is the caller's next step."""
+        self._changeable(account, dataset_id)
         check_filename(filename)
         others = {n: size for n, size in self._file_sizes(account, dataset_id).items() if n != filename}
         room = self.config.max_dataset_bytes - sum(others.values())
@@ -132,11 +175,7 @@ class DatasetService:
                 if written > account_room:
                     raise self.quotas.bytes_refusal(account, sum(others.values()) + written, max(0, account_room))
                 writer.write(chunk)
-        try:
-            dataset = self.validate(account, dataset_id)
-        except BaseException:
-            files.delete(filename)  # a failed upload leaves nothing behind
-            raise
+        dataset = self.get(account, dataset_id)
         return {
             "id": dataset_id,
             "object": "file",
@@ -150,7 +189,7 @@ class DatasetService:
         """`:getUploadEndpoint`: register the files about to be PUT (replacing any
         earlier registration, as Fireworks does, and discarding what was PUT for it);
         return (the registration's nonce, the files checked)."""
-        self._uploading(account, dataset_id)
+        self._changeable(account, dataset_id)
         if not filename_to_size:
             raise InvalidArgument("filenameToSize is empty")
         if len(filename_to_size) > self.config.max_upload_files:
@@ -174,6 +213,7 @@ class DatasetService:
         record = {"nonce": nonce, "key": key_id, "files": plan}
         self.store.location.write_atomic(self._plan_path(account, dataset_id), json.dumps(record).encode())
         self.store.location.delete(self.store.dataset_uploads(account, dataset_id))
+        self.store.location.delete(self._claimed(account, dataset_id))
         return nonce, plan
 
     def registration(self, account: str, dataset_id: str) -> Optional[dict]:
@@ -189,14 +229,19 @@ class DatasetService:
     def _plan_path(self, account: str, dataset_id: str) -> str:
         return f"{resource_name(account, DATASETS, dataset_id)}/{UPLOAD_PLAN}"
 
-    def validate(self, account: str, dataset_id: str) -> Dataset:
+    def _claimed(self, account: str, dataset_id: str) -> str:
+        return f"{resource_name(account, DATASETS, dataset_id)}/{CLAIMED}"
+
+    def validate(self, account: str, dataset_id: str, progress: Optional[Progress] = None) -> Dataset:
         """`:validateUpload`: every registered file was PUT with its size, the total is
         within the limit, and the examples (non-blank lines) are counted → READY. Every
-        size here is measured here: a registered size is only what the file must match."""
+        size here is measured here: a registered size is only what the file must match.
+        `progress` hears how far it got (see `Progress`)."""
+        report = progress or (lambda phase, read, stored, lines: None)
         dataset = self._uploading(account, dataset_id)
         files = self.store.dataset_files(account, dataset_id)
         sources: dict[str, tuple[Location, str]] = {name: (files, name) for name in self._file_sizes(account, dataset_id)}
-        staged: dict[str, str] = {}  # name → its path in the upload area
+        staged: dict[str, str] = {}  # name → its path in the claimed area
         registration = self.registration(account, dataset_id)
         if registration is not None:
             key = self.store.get_key(registration["key"]) if registration["key"] else None
@@ -208,9 +253,14 @@ class DatasetService:
             for name, size in registration["files"].items():
                 path = (f"{self.store.dataset_uploads(account, dataset_id)}/{registration['nonce']}/{name}"
                         if registration["nonce"] else None)
+                claimed = f"{self._claimed(account, dataset_id)}/{name}"
                 if path and self.store.location.exists(path):
-                    staged[name] = path
-                    sources[name] = (self.store.location, path)
+                    # Out of the URLs' reach before it is measured: a PUT still under
+                    # way lands in the upload area, which is not read again.
+                    self.store.location.move(path, claimed)
+                if registration["nonce"] and self.store.location.exists(claimed):
+                    staged[name] = claimed  # this call's, or one an earlier try claimed
+                    sources[name] = (self.store.location, claimed)
                 elif name not in sources:  # a file an earlier :validateUpload moved stays valid
                     raise FailedPrecondition(f"file {name} was registered but not uploaded")
                 where, relative = sources[name]
@@ -230,8 +280,10 @@ class DatasetService:
         cap = min(limit, account_room)
         total = 0
         for name, (where, relative) in sources.items():
+            done = total
             with where.open_read(relative) as handle:
-                total += expanded_size(handle, cap - total)
+                total += expanded_size(handle, cap - total, lambda n: report("size", done + n, 0, 0))
+            report("size", total, 0, 0)
             if total > limit:
                 raise PayloadTooLarge(
                     f"dataset expands to more than its limit of {limit} bytes "
@@ -239,23 +291,32 @@ class DatasetService:
                 )
             if total > account_room:
                 raise self.quotas.bytes_refusal(account, total, account_room)
-        examples = 0
+        examples, read = 0, 0
         for name, (where, relative) in sources.items():
             with where.open_read(relative) as handle:
                 # Lines as a job reads them (gzip decompressed). A line too long to read
                 # (None) is still an example: the job reports it.
                 lines = shard_lines(handle, max_line_bytes=CHUNK, max_total_bytes=limit, name=name)
-                examples += sum(1 for _, raw in lines if raw is None or raw.strip())
+                for number, raw in lines:
+                    read += (CHUNK if raw is None else len(raw)) + 1  # about: for the progress only
+                    if raw is None or raw.strip():
+                        examples += 1
+                    if number % 8192 == 0:
+                        report("lines", min(read, total), total, examples)
+            report("lines", min(read, total), total, examples)
         # Into files/ only now, measured; then the record. A crash between leaves the
         # dataset UPLOADING with its files in place, and a repeated call finishes it.
+        report("publishing", total, total, examples)
         files_folder = f"{self.store._dataset_dir(account, dataset_id)}/files"
         for name, path in staged.items():
             self.store.location.move(path, f"{files_folder}/{name}")
-        dataset = dataset.model_copy(
-            update={"state": DatasetState.READY, "example_count": str(examples), "size_bytes": str(total), "update_time": now()}
+        dataset = self.get(account, dataset_id).model_copy(  # read again: a PATCH may have come meanwhile
+            update={"state": DatasetState.READY, "example_count": str(examples), "size_bytes": str(total),
+                    "status": Status(), "update_time": now()}
         )
         self.store.put_dataset(account, dataset_id, dataset)
         self.store.location.delete(self.store.dataset_uploads(account, dataset_id))
+        self.store.location.delete(self._claimed(account, dataset_id))
         return dataset
 
     def download_files(self, account: str, dataset_id: str, lineage: bool) -> dict[str, str]:
@@ -301,3 +362,4 @@ class DatasetService:
             if related is not None:
                 found.append(related)
         return found
+

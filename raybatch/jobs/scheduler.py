@@ -263,8 +263,11 @@ class JobScheduler:
         dataset = self._store.get_dataset(account, input_id)
         if dataset is None:
             problem = f"input dataset {job.input_dataset_id} not found"
+        elif dataset.state != DatasetState.READY and self._input_validating(account, input_id):
+            return  # a job created right after its upload waits for the validation to end
         elif dataset.state != DatasetState.READY:
-            problem = f"input dataset {job.input_dataset_id} is {dataset.state.value}, not READY: validate its upload first"
+            problem = (f"input dataset {job.input_dataset_id} is {dataset.state.value}, not READY: validate its "
+                       "upload first (a large dataset validates in the background: wait until it is READY)")
         elif int(dataset.size_bytes) > self._config.max_dataset_bytes:
             problem = f"input dataset is {dataset.size_bytes} bytes, over the limit of {self._config.max_dataset_bytes}"
         elif refusal := model_refusal(self._config, account, job.model):
@@ -288,6 +291,18 @@ class JobScheduler:
             self._fail(record, problem)
         else:
             self._move_if(record, S.VALIDATING, S.PENDING, "")
+
+    def _input_validating(self, account: str, dataset_id: str) -> bool:
+        """Whether the dataset's validation is running (its replica's heartbeat is recent)
+        or has just ended."""
+        from raybatch.api.validation import read_validation
+
+        record = read_validation(self._store, account, dataset_id)
+        if record is not None and time.time() - record.heartbeat < self._config.validation_stale_seconds:
+            return True
+        # It may have ended between the dataset's read and this one: look again next pass.
+        dataset = self._store.get_dataset(account, dataset_id)
+        return dataset is not None and dataset.state == DatasetState.READY
 
     # --------------------------------------------------------------- drivers
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import gzip
 import io
 import zlib
-from typing import IO, Iterator, Optional
+from typing import IO, Callable, Iterator, Optional
 
 import pyarrow as pa
 
@@ -102,16 +102,19 @@ def _decompressed(reader: IO[bytes]) -> IO[bytes]:
     return gzip.GzipFile(fileobj=reader, mode="rb")
 
 
-def expanded_size(handle: IO[bytes], limit: int) -> int:
+def expanded_size(handle: IO[bytes], limit: int, on_read: Optional[Callable[[int], None]] = None) -> int:
     """Bytes the shard in `handle` expands to (decompressed if gzip), counted in 1 MiB
     reads and given up as soon as they pass `limit` (the result is then > limit): a
     bomb is refused after reading just past the limit, not after expanding whole. A
-    damaged gzip stream counts what it delivered; the job reports the damage as a row."""
+    damaged gzip stream counts what it delivered; the job reports the damage as a row.
+    `on_read` hears the running count after each read."""
     stream = _decompressed(_line_reader(handle))
     total = 0
     try:
         while total <= limit and (chunk := stream.read(_DRAIN_CHUNK)):
             total += len(chunk)
+            if on_read is not None:
+                on_read(total)
     except _GZIP_DAMAGE:
         pass
     return total

@@ -18,6 +18,7 @@ from raybatch.api.auth import create_key
 from raybatch.api.datasets import DatasetService
 from raybatch.api.rate_limit import RateLimiter
 from raybatch.api.signing import UrlSigner
+from raybatch.api.validation import BackgroundValidations
 from raybatch.config import ServiceConfig
 from raybatch.resources import DatasetFields
 from raybatch.store import Store
@@ -39,13 +40,14 @@ def _servable_dependency():
 @pytest.fixture
 def world(tmp_path):
     store = Store(str(tmp_path / "storage"))
-    config = ServiceConfig(storage=store.root_url)
+    config = ServiceConfig(storage=store.root_url, validation_wait_seconds=5)  # waits out SLOW
     # The class as written (Serve's wrapper subclass adds an ASGI server we do not start).
     written = next(c for c in app_module.RaybatchApi.func_or_class.__mro__ if "_caller" in vars(c))
     replica = object.__new__(written)
     replica.config = body_limit.SETTINGS["config"] = config
     replica.store = store
     replica.datasets = DatasetService(store, config)
+    replica.validations = BackgroundValidations(store, replica.datasets, config)
     replica.signer = UrlSigner(store, 60)
     replica.rate_limiter = RateLimiter(config)
     keys = {account: create_key(store, account) for account in ("slow", "other")}
@@ -82,9 +84,9 @@ def test_validate_upload_does_not_hold_up_other_requests(world, monkeypatch):
     replica.store.dataset_files("slow", "e").write_atomic("a.jsonl", LINE)
     validate = replica.datasets.validate
 
-    def slow_validate(account, dataset_id):
+    def slow_validate(account, dataset_id, progress=None):
         time.sleep(SLOW)  # blocking, as reading and expanding 500 MB is
-        return validate(account, dataset_id)
+        return validate(account, dataset_id, progress)
 
     monkeypatch.setattr(replica.datasets, "validate", slow_validate)
 
