@@ -7,6 +7,8 @@ plain bookkeeping, unit-tested with fake replicas.
 
 from __future__ import annotations
 
+import time
+from collections import Counter
 from typing import Callable, Iterable
 
 import ray
@@ -62,13 +64,41 @@ def dispatch(state: ModelState, send: Send) -> None:
         send(replica, row)
     open_replicas = [r for r in ready if not r.running_suspect and not r.held_for_suspect]
     slots = state.policy.slots_per_replica
+    in_flight = state.account_in_flight
+    shares, arriving = share_caps(state, slots * len(open_replicas), in_flight)
     while open_replicas and len(state.queue):
         replica = min(open_replicas, key=lambda r: len(r.in_flight))
         if len(replica.in_flight) >= slots:
             break
-        _, _, row = state.queue.pop()
+        # An account at its share of the slots waits while another below its share has
+        # rows queued; when none has, the slot is not left idle, unless it is kept for
+        # a job that is arriving.
+        popped = state.queue.pop(skip={a for a, share in shares.items() if in_flight[a] >= share})
+        if popped is None:
+            if arriving:
+                break
+            popped = state.queue.pop()
+        account, _, row = popped
         if not row.answer.done():
-            send(replica, row)
+            send(replica, row)  # counts it in state.account_in_flight
+
+
+def share_caps(state: ModelState, slots: int, in_flight: Counter) -> tuple[dict[str, int], bool]:
+    """Each account's weighted share of the slots, over the accounts with rows queued or
+    in flight and those arriving (a job the scheduler has started whose rows are not here
+    yet); and whether any is arriving. Rows in an engine are never taken back, so
+    without shares in flight the first job to send would fill every slot and a job
+    started at the same moment would wait a whole wave of generation; queue order alone
+    (the fair queue) only decides which of the waiting rows goes next."""
+    now = time.monotonic()
+    state.arriving = {a: until for a, until in state.arriving.items() if until > now}
+    sending = state.queue.accounts() | {a for a, n in in_flight.items() if n}
+    arriving = set(state.arriving) - sending
+    everyone = sending | arriving
+    if len(everyone) < 2:
+        return {}, False
+    total = sum(state.queue.weight(a) for a in everyone)
+    return {a: max(1, int(slots * state.queue.weight(a) / total)) for a in sending}, bool(arriving)
 
 
 def drop_runs(state: ModelState, runs: set[str]) -> int:
@@ -82,6 +112,7 @@ def drop_runs(state: ModelState, runs: set[str]) -> int:
         for token, entry in list(replica.in_flight.items()):
             if entry.row.run_id in runs:
                 del replica.in_flight[token]
+                state.left(entry.row)
                 if entry.row.suspect:
                     replica.running_suspect = False
                 entry.row.answer.cancel()

@@ -10,7 +10,7 @@ account with 50 jobs cannot starve one with one job. Pure Python, no Ray: unit-t
 from __future__ import annotations
 
 from collections import OrderedDict, deque
-from typing import Generic, Hashable, Iterator, Optional, TypeVar
+from typing import AbstractSet, Generic, Hashable, Iterator, Optional, TypeVar
 
 Item = TypeVar("Item")
 
@@ -65,10 +65,24 @@ class FairQueue(Generic[Item]):
         rows.appendleft(item) if front else rows.append(item)
         self._size += 1
 
-    def pop(self) -> Optional[tuple[str, Hashable, Item]]:
-        """The next (account, job, row), or None when nothing waits."""
-        while self._accounts:
+    def weight(self, account: str) -> float:
+        return self._weights.get(account, 1.0)
+
+    def accounts(self) -> set[str]:
+        """The accounts with rows waiting."""
+        return set(self._accounts)
+
+    def pop(self, skip: AbstractSet[str] = frozenset()) -> Optional[tuple[str, Hashable, Item]]:
+        """The next (account, job, row), or None when nothing waits. Accounts in `skip`
+        are passed over (to the back of the round), keeping their credit."""
+        passed = 0
+        while len(self._accounts) > passed:
             account, queue = next(iter(self._accounts.items()))
+            if account in skip:
+                self._accounts.move_to_end(account)
+                passed += 1
+                continue
+            passed = 0
             if queue.deficit < 1:
                 queue.deficit += queue.weight
                 if queue.deficit < 1:  # a weight below 1 waits several rounds

@@ -50,6 +50,9 @@ from raybatch.exceptions import EngineFailure
 logger = logging.getLogger(__name__)
 
 WATCH_INTERVAL_SECONDS = 0.5
+# How long slots are kept for a started job's rows: a driver's start and Ray Data's
+# (seconds); a driver that never sends gives its share back after this.
+ARRIVAL_SECONDS = 30.0
 
 
 class EnginePool:
@@ -74,10 +77,11 @@ class EnginePool:
             raise asyncio.CancelledError(f"job {ticket.job} has ended")
         job = await self._register(ticket, model)
         state = self._models[job.model]
+        state.arriving.pop(ticket.account, None)  # its rows are here
         loop = asyncio.get_running_loop()
         pending = []
         for shard, line, request_json in rows:
-            row = Row(ticket.run_id, (shard, line), request_json, loop.create_future())
+            row = Row(ticket.run_id, (shard, line), request_json, loop.create_future(), account=ticket.account)
             pending.append(row.answer)
             enqueue(state, job, row)
         self._ensure_watcher()
@@ -91,6 +95,12 @@ class EnginePool:
         self._ensure_watcher()
         if not state.live():
             self.lifecycle.start(state)
+
+    async def expect(self, model: PoolModel, account: str, seconds: float = ARRIVAL_SECONDS) -> None:
+        """A job of `account` on this model was just started (its driver is starting):
+        until its rows come, at most `seconds`, the accounts already sending keep to
+        their fair share of the slots, so that its rows find slots free."""
+        self._model(model).arriving[account] = time.monotonic() + seconds
 
     async def end_job(self, job: str, run_id: Optional[str] = None) -> int:
         """Drop every queued row of a job (all its attempts, or only `run_id`) and abort
@@ -164,6 +174,7 @@ class EnginePool:
         token = next(self._tokens)
         ref = replica.actor.generate.remote(row.request_json)
         replica.in_flight[token] = InFlight(row, ref, time.monotonic())
+        state.sent(row)
         asyncio.ensure_future(self._receive(state, replica, token, ref))
 
     async def _receive(self, state: ModelState, replica: ReplicaState, token: int, ref) -> None:
@@ -182,6 +193,7 @@ class EnginePool:
         entry = replica.in_flight.pop(token, None)
         if entry is None:
             return  # its replica was given up on (failure) or its job ended meanwhile
+        state.left(entry.row)
         if entry.row.suspect:
             replica.running_suspect = False
         if not entry.row.answer.done():
@@ -201,6 +213,8 @@ class EnginePool:
         logger.error("engine replica %s failed: %s", replica.replica_id, reason)
         entries = list(replica.in_flight.values())
         replica.in_flight.clear()
+        for entry in entries:
+            state.left(entry.row)
         self.lifecycle.stop(state, replica)
         alone = len(entries) == 1
         by_run: dict[str, list[Row]] = {}

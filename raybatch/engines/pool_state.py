@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+from collections import Counter
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Optional
@@ -71,6 +72,7 @@ class Row:
     request_json: str
     answer: asyncio.Future
     suspect: bool = False
+    account: str = ""
 
     def kind(self) -> Optional[str]:
         return json.loads(self.request_json).get("kind")
@@ -106,6 +108,13 @@ class ModelState:
     replicas: list[ReplicaState] = field(default_factory=list)
     start_failures: int = 0
     served_names: set[str] = field(default_factory=set)
+    # Accounts whose job the scheduler has just started, until their rows arrive or the
+    # time (monotonic) runs out: the accounts already sending keep to their fair share
+    # of the slots meanwhile (dispatch.share_caps).
+    arriving: dict[str, float] = field(default_factory=dict)
+    # Rows in flight per account, kept as rows enter and leave replicas (`sent`,
+    # `left`): counting them on every dispatch would cost O(rows in flight) per answer.
+    account_in_flight: Counter = field(default_factory=Counter)
 
     @property
     def policy(self) -> PoolPolicy:
@@ -116,6 +125,14 @@ class ModelState:
 
     def in_flight(self) -> int:
         return sum(len(r.in_flight) for r in self.replicas)
+
+    def sent(self, row: "Row") -> None:
+        self.account_in_flight[row.account] += 1
+
+    def left(self, row: "Row") -> None:
+        self.account_in_flight[row.account] -= 1
+        if self.account_in_flight[row.account] <= 0:
+            del self.account_in_flight[row.account]
 
 
 @dataclass(eq=False)

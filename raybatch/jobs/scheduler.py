@@ -308,7 +308,9 @@ class JobScheduler:
 
     def _start_driver(self, record: JobRecord) -> None:
         account, job_id = record.runtime.account, record.job.name.rsplit("/", 1)[-1]
-        write_run_config(self._store.location, account, job_id, self._configs.for_job(record))
+        config = self._configs.for_job(record)
+        write_run_config(self._store.location, account, job_id, config)
+        self._announce(config)
         attempt = record.runtime.attempts + 1
         # A spare if one is up (its assignment is written first, then the record that
         # names it: see spares.py). Otherwise a driver of its own, submitted after the
@@ -326,6 +328,16 @@ class JobScheduler:
             self._move(record, S.RUNNING, f"attempt {attempt}")
         if not spare:
             self._drivers.submit(driver_id, storage=self._store.root_url, account=account, job_id=job_id, attempt=attempt)
+
+    def _announce(self, config) -> None:
+        """Tell the pool this account's rows are coming, so that the jobs already
+        sending leave it its share of the slots (engines/dispatch.py, share_caps)."""
+        from raybatch.runner import cluster_plan, job_pool_model
+
+        try:
+            self._pool.expect.remote(job_pool_model(config, cluster_plan(config), fixed=False), config.account)
+        except Exception:  # only fairness is lost: the job starts all the same
+            logger.exception("cannot announce job %s to the engine pool", config.output)
 
     def _watch(self, record: JobRecord) -> None:
         account, job_id = record.runtime.account, record.job.name.rsplit("/", 1)[-1]

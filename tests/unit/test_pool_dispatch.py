@@ -27,8 +27,9 @@ def pool(monkeypatch):
 
 def test_a_freed_slot_takes_the_next_row_by_fair_share(pool, tmp_path):
     """acme's job fills both slots and queues two more rows; then globex's job arrives.
-    Each freed slot takes the next row by fair share: globex's rows come in between
-    acme's, not after them (first come, first served would give a2, a3, b0, b1)."""
+    Each freed slot goes to the account below its share of the slots in flight (one of
+    two each): globex's first row takes the first slot freed, and from then on the two
+    alternate (first come, first served would give a2, a3, b0, b1)."""
     engines, (one, two) = pool
     order: list[str] = []
 
@@ -52,7 +53,7 @@ def test_a_freed_slot_takes_the_next_row_by_fair_share(pool, tmp_path):
         return await a, await b
 
     answers_a, answers_b = asyncio.run(scenario())
-    assert order == ["a0", "a1", "a2", "b0", "a3", "b1"]
+    assert order == ["a0", "a1", "b0", "a2", "b1", "a3"]
     assert [json.loads(answer[1])["answer"] for answer in answers_a] == ["a0", "a1", "a2", "a3"]
     assert [json.loads(answer[1])["answer"] for answer in answers_b] == ["b0", "b1"]
 
@@ -80,6 +81,7 @@ def test_a_failed_replicas_rows_run_again_alone_and_nothing_else_waits_for_them(
             await settle()
         # Written off the loop, in a thread: under load it can still be on its way.
         await until(lambda: log.is_dir() and len(list(log.iterdir())) >= 1)
+        assert not state.account_in_flight  # the failed replica's rows left the count
         return await job
 
     log = (tmp_path / "a" / "_raybatch" / "engine-failures")
@@ -105,6 +107,7 @@ def test_ending_a_job_drops_its_rows_and_releases_a_replica_held_for_its_suspect
         await until(lambda: two.open() == ["o0"])  # the replica is no longer held
         two.answer()
         await settle()
+        assert not state.account_in_flight  # dropped and answered rows left the count
         with pytest.raises(asyncio.CancelledError):
             await ended
         with pytest.raises(asyncio.CancelledError):  # its driver, still stopping, sends more
