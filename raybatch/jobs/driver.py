@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import time
@@ -43,11 +44,16 @@ RECORD_WAIT_SECONDS = 15.0
 
 def wait_for_assignment(store: Store, driver_id: str, idle_seconds: float) -> Optional[DriverAssignment]:
     """The attempt this spare is to run, or None: no assignment came within
-    `idle_seconds`, or its job's record never named this driver (the scheduler stopped
-    between writing the two, or took the job back)."""
+    `idle_seconds`, the cluster that started it is gone, or its job's record never
+    named this driver (the scheduler stopped between writing the two, or took the job
+    back)."""
     deadline = time.monotonic() + idle_seconds
+    # Ray Jobs runs this process under its job supervisor. A stopped cluster kills the
+    # supervisor but not this process, which only reads storage while it waits and so
+    # would never notice: a new parent (init) means the cluster that started it is gone.
+    parent = os.getppid()
     while (assignment := read_assignment(store.location, driver_id)) is None:
-        if time.monotonic() > deadline:
+        if time.monotonic() > deadline or os.getppid() != parent:
             return None
         time.sleep(ASSIGNMENT_POLL_SECONDS)
     deadline = time.monotonic() + RECORD_WAIT_SECONDS

@@ -107,3 +107,13 @@ def test_a_spare_without_a_job_gives_up_after_its_idle_time(tmp_path):
     started = time.monotonic()
     assert driver.wait_for_assignment(Store(str(tmp_path)), "spare-1", idle_seconds=0.3) is None
     assert 0.3 <= time.monotonic() - started < 2
+
+
+def test_a_spare_whose_cluster_is_gone_exits(tmp_path, monkeypatch):
+    """A stopped cluster kills the Ray Jobs supervisor, not the spare (seen: an orphan
+    polling storage for minutes under init); its parent changing ends the wait."""
+    parents = iter([1234, 1234, 1])
+    monkeypatch.setattr(driver.os, "getppid", lambda: next(parents, 1))
+    started = time.monotonic()
+    assert driver.wait_for_assignment(Store(str(tmp_path)), "spare-1", idle_seconds=60) is None
+    assert time.monotonic() - started < 5
