@@ -10,7 +10,18 @@ import json
 import ray
 
 from raybatch.engines.pool import EnginePool
-from raybatch.engines.pool_state import JobTicket, ModelState, PoolModel, ReplicaState
+from raybatch.engines.pool_state import JobTicket, ModelState, PoolModel, PoolPolicy, ReplicaState
+from raybatch.engines.replica import ReplicaSpec
+
+
+def two_replica_model(slots_per_replica: int) -> PoolModel:
+    """A scripted model kept at two replicas of `slots_per_replica` slots each."""
+    return PoolModel(
+        spec=ReplicaSpec(kind="scripted", model="m", engine_args={}),
+        policy=PoolPolicy(min_replicas=2, max_replicas=2, slots_per_replica=slots_per_replica,
+                          request_timeout_seconds=600),
+        served_name="m",
+    )
 
 
 class FakeReplica:
@@ -59,6 +70,15 @@ def fake_pool(monkeypatch, model: PoolModel, replicas: int = 2) -> tuple[EngineP
 
 def rows(prefix: str, count: int) -> list:
     return [("in.jsonl", i + 1, json.dumps({"custom_id": f"{prefix}{i}", "kind": "chat"})) for i in range(count)]
+
+
+async def answer_all(fakes: list[FakeReplica]) -> None:
+    """Answer every open call, oldest first on each replica, until none is open."""
+    while any(fake.open() for fake in fakes):
+        for fake in fakes:
+            if fake.open():
+                fake.answer()
+        await settle()
 
 
 async def settle() -> None:

@@ -11,15 +11,9 @@ import asyncio
 import pytest
 
 from raybatch.engines.fair_queue import FairQueue
-from raybatch.engines.pool_state import PoolModel, PoolPolicy
-from raybatch.engines.replica import ReplicaSpec
-from tests.pool_fakes import fake_pool, rows, settle, ticket, until
+from tests.pool_fakes import answer_all, fake_pool, rows, ticket, two_replica_model, until
 
-MODEL = PoolModel(
-    spec=ReplicaSpec(kind="scripted", model="m", engine_args={}),
-    policy=PoolPolicy(min_replicas=2, max_replicas=2, slots_per_replica=2, request_timeout_seconds=600),
-    served_name="m",
-)
+MODEL = two_replica_model(slots_per_replica=2)
 
 
 @pytest.fixture
@@ -52,11 +46,7 @@ def test_a_job_sending_first_leaves_the_arriving_jobs_share_free(pool, tmp_path)
         b = asyncio.ensure_future(engines.submit(ticket(tmp_path, "globex", "b"), MODEL, rows("b", 2)))
         await until(lambda: len(open_calls()) == 4)
         assert sorted(open_calls()) == ["a0", "a1", "b0", "b1"]  # globex found its slots free
-        while open_calls():
-            for fake in fakes:
-                if fake.open():
-                    fake.answer()
-            await settle()
+        await answer_all(fakes)
         assert not engines._models[MODEL.spec.key].account_in_flight
         return await a, await b
 
@@ -71,10 +61,7 @@ def test_a_job_that_never_arrives_gives_its_share_back(pool, tmp_path):
         await engines.expect(MODEL, "globex", seconds=0.2)
         a = asyncio.ensure_future(engines.submit(ticket(tmp_path, "acme", "a"), MODEL, rows("a", 4)))
         await until(lambda: sum(len(f.open()) for f in fakes) == 4)  # the watcher, once 0.2 s passed
-        for fake in fakes:
-            while fake.open():
-                fake.answer()
-                await settle()
+        await answer_all(fakes)
         return await a
 
     assert len(asyncio.run(scenario())) == 4
@@ -86,10 +73,7 @@ def test_no_job_arriving_means_no_caps(pool, tmp_path):
     async def scenario():
         a = asyncio.ensure_future(engines.submit(ticket(tmp_path, "acme", "a"), MODEL, rows("a", 4)))
         await until(lambda: sum(len(f.open()) for f in fakes) == 4)
-        for fake in fakes:
-            while fake.open():
-                fake.answer()
-                await settle()
+        await answer_all(fakes)
         return await a
 
     assert len(asyncio.run(scenario())) == 4

@@ -9,15 +9,9 @@ import json
 
 import pytest
 
-from raybatch.engines.pool_state import PoolModel, PoolPolicy
-from raybatch.engines.replica import ReplicaSpec
-from tests.pool_fakes import fake_pool, rows, settle, ticket, until
+from tests.pool_fakes import fake_pool, rows, settle, ticket, two_replica_model, until
 
-MODEL = PoolModel(
-    spec=ReplicaSpec(kind="scripted", model="m", engine_args={}),
-    policy=PoolPolicy(min_replicas=2, max_replicas=2, slots_per_replica=1, request_timeout_seconds=600),
-    served_name="m",
-)
+MODEL = two_replica_model(slots_per_replica=1)
 
 
 @pytest.fixture
