@@ -8,7 +8,6 @@ plain bookkeeping, unit-tested with fake replicas.
 from __future__ import annotations
 
 import time
-from collections import Counter
 from typing import Callable, Iterable
 
 import ray
@@ -65,7 +64,7 @@ def dispatch(state: ModelState, send: Send) -> None:
     open_replicas = [r for r in ready if not r.running_suspect and not r.held_for_suspect]
     slots = state.policy.slots_per_replica
     in_flight = state.account_in_flight
-    shares, arriving = share_caps(state, slots * len(open_replicas), in_flight)
+    shares, arriving = share_caps(state, slots * len(open_replicas))
     while open_replicas and len(state.queue):
         replica = min(open_replicas, key=lambda r: len(r.in_flight))
         if len(replica.in_flight) >= slots:
@@ -83,7 +82,7 @@ def dispatch(state: ModelState, send: Send) -> None:
             send(replica, row)  # counts it in state.account_in_flight
 
 
-def share_caps(state: ModelState, slots: int, in_flight: Counter) -> tuple[dict[str, int], bool]:
+def share_caps(state: ModelState, slots: int) -> tuple[dict[str, int], bool]:
     """Each account's weighted share of the slots, over the accounts with rows queued or
     in flight and those arriving (a job the scheduler has started whose rows are not here
     yet); and whether any is arriving. Rows in an engine are never taken back, so
@@ -92,7 +91,7 @@ def share_caps(state: ModelState, slots: int, in_flight: Counter) -> tuple[dict[
     (the fair queue) only decides which of the waiting rows goes next."""
     now = time.monotonic()
     state.arriving = {a: until for a, until in state.arriving.items() if until > now}
-    sending = state.queue.accounts() | {a for a, n in in_flight.items() if n}
+    sending = state.queue.accounts() | set(state.account_in_flight)  # `left` drops zeros
     arriving = set(state.arriving) - sending
     everyone = sending | arriving
     if len(everyone) < 2:
