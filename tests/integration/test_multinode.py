@@ -83,7 +83,8 @@ def _run_in_thread(config: RunConfig):
     return thread, outcome
 
 
-def _config(tmp_path, name: str, service, slot: str, replicas: int, lines: int) -> tuple[RunConfig, InputBuilder]:
+def _config(tmp_path, name: str, service, slot: str, replicas: int, lines: int,
+            seconds_per_request: float) -> tuple[RunConfig, InputBuilder]:
     built = InputBuilder()
     for i in range(lines):
         built.ok("in.jsonl", f"{name}-{i}", chat(f"line {i}", max_tokens=8))
@@ -93,7 +94,7 @@ def _config(tmp_path, name: str, service, slot: str, replicas: int, lines: int) 
         engine_pool=pool_name(service.storage), account="multinode", part_max_rows=10, part_max_seconds=0.5,
         engine={"kind": "scripted", "max_replicas": replicas, "resources": {slot: 1},
                 "max_num_seqs": 4, "batch_size": 2, "concurrent_batches": 8, "idle_seconds": 2,
-                "engine_args": {"seconds_per_request": 0.1, "invocations_dir": str(tmp_path / name / "calls")}},
+                "engine_args": {"seconds_per_request": seconds_per_request, "invocations_dir": str(tmp_path / name / "calls")}},
     )
     return config, built
 
@@ -117,7 +118,7 @@ def test_replicas_follow_lost_and_new_worker_nodes(ray_cluster, service, tmp_pat
     try:
         # 1. One replica, on one of the two workers; its node is killed mid-job: the
         #    replica comes back on the other worker and the job loses nothing.
-        config, built = _config(tmp_path, "lost", service, slot, replicas=1, lines=300)
+        config, built = _config(tmp_path, "lost", service, slot, replicas=1, lines=300, seconds_per_request=0.1)
         thread, outcome = _run_in_thread(config)
         _wait_for_calls(tmp_path / "lost" / "calls", 40, thread)
         [first] = [w for w in workers if w.node_id in seen]
@@ -130,8 +131,10 @@ def test_replicas_follow_lost_and_new_worker_nodes(ray_cluster, service, tmp_pat
         assert other_node in seen, "the replica did not come back on the surviving worker"
 
         # 2. Two replicas wanted, one slot left: a worker that joins mid-job takes the
-        #    second replica, and it answers rows.
-        config, built = _config(tmp_path, "joined", service, slot, replicas=2, lines=300)
+        #    second replica, and it answers rows. Its rows are slower: on one replica the
+        #    job lasts about 40 s, so it cannot end before the worker has joined and its
+        #    replica started (at 0.1 s a row it once did, on a loaded CI machine).
+        config, built = _config(tmp_path, "joined", service, slot, replicas=2, lines=300, seconds_per_request=0.5)
         thread, outcome = _run_in_thread(config)
         _wait_for_calls(tmp_path / "joined" / "calls", 30, thread)
         late = Worker(gcs, slot)

@@ -35,6 +35,7 @@ from tests.helpers import (
     check_not_rerun,
     check_run,
     dataset_files_url,
+    invocations,
     sdk_client,
     wait_job,
     wait_until,
@@ -96,6 +97,15 @@ def _wait_committed(output: str, lines: int, context: str) -> None:
     wait_until(
         lambda: _committed_lines(output) >= lines, timeout=120, interval=0.1,
         message=f"{context}: {lines} lines never committed",
+    )
+
+
+def _wait_called(calls: str, job_id: str, rows: int, context: str) -> None:
+    """Until the engines have been called for `rows` of the job's lines (custom IDs
+    `{job_id}-{i}`; the other account's are `{job_id}-other-{i}`)."""
+    wait_until(
+        lambda: sum(c.rsplit("-", 1)[0] == job_id for c in invocations(calls)) >= rows, timeout=120, interval=0.1,
+        message=f"{context}: the engines were never called for {rows} lines",
     )
 
 
@@ -173,8 +183,10 @@ def test_soak(service, faults, tmp_path):
         struck_at = None
         if point and point.startswith("engine."):
             # The replicas are shared and long-lived: armed mid-job, the fault fires at
-            # the next request of either job.
-            _wait_committed(output, strike_at, context)
+            # the next request of either job. Armed once the engine has answered
+            # `strike_at` of the job's rows, not once they are committed: commits lag
+            # the engine, and by the time they caught up every row had once been sent.
+            _wait_called(calls, job_id, strike_at, context)
             faults.arm(point, after=1)
         elif fault == "driver-kill":
             _wait_committed(output, strike_at, context)
