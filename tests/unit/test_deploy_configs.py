@@ -1,6 +1,9 @@
-"""The deployment configs: raybatch/deploy/serve.yaml (`serve deploy`) and
-cluster/rayservice.yaml (KubeRay). No Ray cluster, no Kubernetes: the files are
-checked against Serve's own schema, our ServiceConfig, and each other."""
+"""The deployment configs: raybatch/deploy/serve.yaml (`serve deploy`),
+cluster/rayservice.yaml (KubeRay; rendered from helm/raybatch, see test_helm_chart.py),
+the `ray up` configs cluster/aws.yaml and cluster/gcp.yaml, and the RayJob
+cluster/rayjob.yaml. No Ray cluster, no Kubernetes, no cloud: the files are checked
+against Serve's, Ray's autoscaler's and KubeRay's schemas, our ServiceConfig and
+`raybatch run`'s flags, and each other."""
 
 from __future__ import annotations
 
@@ -107,3 +110,52 @@ def test_rayservice_pods_get_s3_credentials(rayservice):
         for container in group["template"]["spec"]["containers"]:
             secrets = [source["secretRef"]["name"] for source in container.get("envFrom", []) if "secretRef" in source]
             assert "raybatch-s3" in secrets
+
+
+# ---------------------------------------------------------------- ray up, RayJob
+
+
+@pytest.mark.parametrize("name", ["aws.yaml", "gcp.yaml"])
+def test_ray_up_configs_are_valid_for_the_autoscaler(name):
+    import json
+
+    import jsonschema
+    import ray.autoscaler
+
+    config = yaml.safe_load((ROOT / "cluster" / name).read_text())
+    schema = json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text())
+    jsonschema.validate(config, schema)
+    head = config["available_node_types"][config["head_node_type"]]
+    assert head["resources"] == {"CPU": 0}, "no engine or Ray Data task on the head"
+    workers = {n: t for n, t in config["available_node_types"].items() if n != config["head_node_type"]}
+    assert sorted(workers) == ["a100", "h100", "l4"] and all(t["resources"]["GPU"] >= 1 for t in workers.values())
+    commands = " ".join(config["setup_commands"] + config["head_start_ray_commands"] + config["worker_start_ray_commands"])
+    assert "raybatch" in " ".join(config["setup_commands"])
+    assert commands.count("RAY_AUTH_MODE=token") >= 3, "every ray start keeps token auth on"
+    assert "AWS_SECRET_ACCESS_KEY=" not in yaml.safe_dump(config["available_node_types"]), "credentials come from the node's role"
+
+
+def test_rayjob_runs_raybatch_run_and_tears_down():
+    import argparse
+    import gzip
+    import json
+    import shlex
+
+    import jsonschema
+
+    from raybatch.cli import _build_config, _run_parser
+
+    job = yaml.safe_load((ROOT / "cluster" / "rayjob.yaml").read_text())
+    schemas = json.loads(gzip.decompress((ROOT / "cluster" / "kuberay-v1.5.1-schemas.json.gz").read_bytes()))
+    jsonschema.Draft7Validator(schemas["RayJob"]).validate(job)
+    from tests.unit.test_helm_chart import unknown_fields
+
+    assert unknown_fields(job, schemas["RayJob"]) == []
+    assert job["spec"]["shutdownAfterJobFinishes"] is True
+    parser = argparse.ArgumentParser()
+    _run_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(shlex.split(job["spec"]["entrypoint"])[1:])
+    config = _build_config(args)
+    assert config.input.startswith("s3://") and config.output.startswith("s3://")
+    cluster = job["spec"]["rayClusterSpec"]
+    assert cluster["authOptions"]["mode"] == "token" and cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
