@@ -390,6 +390,10 @@ class AtomicWriter:
         def open_once() -> IO[bytes]:
             if self._local:
                 make_private_folders(posixpath.dirname(self._target))
+                # The name is this writer's own (random): a file there is an earlier
+                # attempt's whose reply was lost, and creating it again would fail.
+                if os.path.exists(self._written):
+                    os.remove(self._written)
                 return open_private(self._written)
             return location.fs.open(self._written, "wb")
 

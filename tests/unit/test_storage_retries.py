@@ -8,6 +8,8 @@ tests run against moto's real S3 server behind a proxy that answers 503.
 
 from __future__ import annotations
 
+import os
+
 import errno
 import http.client
 import http.server
@@ -412,6 +414,29 @@ def test_a_local_writer_failing_mid_stream_leaves_no_file(tmp_path):
             writer.write(b"half a file")
             raise KeyError("producer failed")
     assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_a_local_writer_whose_open_lost_its_reply_opens_again(tmp_path, monkeypatch):
+    """The open took effect (the temporary file exists) but its reply was lost: the
+    retry must not fail on the file it made itself (a soak once failed a publish so)."""
+    from raybatch import faults
+
+    monkeypatch.setenv(faults.FOLDER_VARIABLE, str(tmp_path / "faults"))
+    monkeypatch.setenv("RAYBATCH_STORAGE_RETRY_DELAY", "0")
+    losses = iter([True, False])
+    real = faults.maybe_storage_error
+
+    def lose_the_first_open(operation, where, phase):
+        if operation == "open for writing" and phase == "after" and next(losses, False):
+            raise ConnectionResetError("reply lost")
+        real(operation, where, phase)
+
+    monkeypatch.setattr(faults, "maybe_storage_error", lose_the_first_open)
+    location = Location(str(tmp_path / "store"))
+    with location.open_atomic_writer("out/results.jsonl") as writer:
+        writer.write(b"whole\n")
+    assert os.listdir(tmp_path / "store" / "out") == ["results.jsonl"]
+    assert (tmp_path / "store" / "out" / "results.jsonl").read_bytes() == b"whole\n"
 
 
 def test_parts_commits_and_publishing_survive_faults_exactly_once(flaky):
