@@ -181,12 +181,20 @@ class RaybatchClient:
                                       f"after {timeout:.0f}s: {status.get('message', '')}")
             time.sleep(poll)
 
-    def list_datasets(self, page_size: Optional[int] = None, page_token: Optional[str] = None) -> dict:
-        params = _without_none({"pageSize": page_size, "pageToken": page_token})
+    def list_datasets(
+        self,
+        page_size: Optional[int] = None,
+        page_token: Optional[str] = None,
+        order_by: Optional[str] = None,
+        filter: Optional[str] = None,
+    ) -> dict:
+        params = _without_none({"pageSize": page_size, "pageToken": page_token, "orderBy": order_by, "filter": filter})
         return self._request("GET", "datasets", params=params)
 
-    def iter_datasets(self, page_size: Optional[int] = None) -> Iterator[dict]:
-        return self._pages(self.list_datasets, "datasets", page_size=page_size)
+    def iter_datasets(
+        self, page_size: Optional[int] = None, order_by: Optional[str] = None, filter: Optional[str] = None
+    ) -> Iterator[dict]:
+        return self._pages(self.list_datasets, "datasets", page_size=page_size, order_by=order_by, filter=filter)
 
     def delete_dataset(self, dataset_id: str) -> dict:
         return self._request("DELETE", self._path("datasets", dataset_id))

@@ -53,3 +53,36 @@ def test_cli_exit_codes(service):
     assert failed.returncode == 1 and "JOB_STATE_FAILED" in failed.stdout and "config.json" in failed.stdout
     outside = _cli(service, key, "job", "create", "--model", "/no/such/model", "--input-dataset-id", "cli-in", check=False)
     assert outside.returncode == 4 and "400 INVALID_ARGUMENT: model '/no/such/model' is not served here" in outside.stderr
+
+
+def test_firectl_forms_end_to_end(service, tmp_path):
+    """A firectl user's session, spelled as firectl spells it, against the service."""
+    key = service.key(ACCOUNT)
+    built = InputBuilder()
+    for i in range(3):
+        built.ok("in.jsonl", f"fc-{i}", chat(f"hi {i}"))
+    built.write(str(tmp_path))
+    created = json.loads(_cli(service, key, "create", "dataset", "fc-in", str(tmp_path / "in.jsonl")).stdout)
+    assert created["state"] == "READY" and created["exampleCount"] == "3"
+    job = json.loads(_cli(service, key, "create", "batch-inference-job", "-m", "scripted", "-d", "fc-in",
+                          "-x", "fc-out", "--job-id", "fc-job", "--max-tokens", "4", "--top-k", "5", "--wait").stdout)
+    assert job["state"] == "JOB_STATE_COMPLETED" and job["jobProgress"]["successfullyProcessedRequests"] == 3
+    assert job["inferenceParameters"] == {"maxTokens": 4, "topK": 5}
+    assert job["outputDatasetId"].rsplit("/", 1)[-1] == "fc-out"
+    assert json.loads(_cli(service, key, "get", "batch-inference-job", "fc-job").stdout)["name"] == job["name"]
+    assert "fc-job" in _cli(service, key, "list", "batch-inference-jobs").stdout
+    datasets = _cli(service, key, "list", "datasets").stdout
+    assert "datasets/fc-in" in datasets and "datasets/fc-out" in datasets
+
+    _cli(service, key, "download", "dataset", "fc-out", "--output-dir", str(tmp_path / "out"))
+    results = read_jsonl(str(tmp_path / "out" / "results.jsonl"))
+    assert sorted(r["custom_id"] for r in results) == ["fc-0", "fc-1", "fc-2"]
+
+    # Nothing is left to run: the continuation completes at once, with the parent's model.
+    follow = json.loads(_cli(service, key, "create", "batch-inference-job", "--continue-from", "fc-job",
+                             "--job-id", "fc-next", "--wait").stdout)
+    assert follow["state"] == "JOB_STATE_COMPLETED" and follow["continuedFromJobName"] == job["name"]
+
+    assert _cli(service, key, "delete", "batch-inference-job", "fc-next").stdout.strip() == "deleted job fc-next"
+    assert _cli(service, key, "get", "batch-inference-job", "fc-next", check=False).returncode == 4
+    assert _cli(service, key, "delete", "dataset", "fc-in").stdout.strip() == "deleted dataset fc-in"

@@ -4,14 +4,13 @@ commands' exit codes."""
 
 from __future__ import annotations
 
-import argparse
 import json
 from urllib.parse import parse_qs
 
 import httpx
 import pytest
 
-from raybatch import cli_resources
+from raybatch.cli import app, connection, datasets
 from raybatch.client import RaybatchClient
 from raybatch.exceptions import ApiRequestError, ConfigError
 
@@ -77,11 +76,8 @@ def job_sequence(*states: str, progress: dict | None = None):
 
 def run_cli(monkeypatch, server: FakeServer | None, argv: list[str]) -> int:
     if server is not None:
-        monkeypatch.setattr(cli_resources, "_client_factory", lambda args: server.client())
-    parser = argparse.ArgumentParser(prog="raybatch")
-    cli_resources.add_resource_commands(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.handler(args)
+        monkeypatch.setattr(connection, "client_factory", lambda args: server.client())
+    return app.main(argv)
 
 
 @pytest.fixture(autouse=True)
@@ -399,7 +395,7 @@ def test_dataset_uploads_take_the_right_route(monkeypatch, tmp_path, argv, limit
     for path in files.values():
         path.write_bytes(b"{}\n")
     if limit is not None:
-        monkeypatch.setattr(cli_resources, "DIRECT_UPLOAD_MAX_BYTES", limit)
+        monkeypatch.setattr(datasets, "DIRECT_UPLOAD_MAX_BYTES", limit)
     server = FakeServer(UPLOAD_ROUTES)
     assert run_cli(monkeypatch, server, ["dataset", *(str(files.get(a, a)) for a in argv)]) == 0
     assert server.calls == steps

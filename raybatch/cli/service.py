@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
+from raybatch.cli.exit_codes import ExitCode
 
 
 def _service_config(args: argparse.Namespace):
@@ -24,14 +24,14 @@ def _cmd_up(args: argparse.Namespace) -> int:
     base_url = up(_service_config(args), port=args.port, address=args.address, host=args.host, num_cpus=args.num_cpus,
                   tls_cert=args.tls_cert, tls_key=args.tls_key)
     print(base_url)
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def _cmd_down(args: argparse.Namespace) -> int:
     from raybatch.service import down
 
     print(f"stopped {down()}")
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def _cmd_keys(args: argparse.Namespace) -> int:
@@ -52,9 +52,9 @@ def _cmd_keys(args: argparse.Namespace) -> int:
             revoke_key(store, args.key_id)
         except KeyError:
             print(f"error: no key {args.key_id}")
-            return EXIT_FAILED
+            return ExitCode.FAILED
         print(f"revoked {args.key_id}")
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def add_service_commands(sub) -> None:

@@ -1,0 +1,5 @@
+import sys
+
+from raybatch.cli.app import main
+
+sys.exit(main())
