@@ -192,6 +192,13 @@ class RunConfig(BaseModel):
     part_max_seconds: float = Field(
         5.0, gt=0, description="A part is committed at least this often while rows arrive."
     )
+    in_driver_bytes: int = Field(
+        32 * MIB, ge=0, description="Inputs up to this size (stored bytes) are scanned and "
+        "streamed through the pipeline in the job's driver process; larger ones through Ray "
+        "Data, which spreads reading and preparation over the cluster. Ray Data starts new "
+        "worker processes for every job (seconds before the first row); a small input "
+        "needs none. 0: always Ray Data."
+    )
     engine: EngineConfig = Field(default_factory=EngineConfig)
     engine_pool: Optional[str] = Field(
         None, description="Name of the service's engine pool actor, whose warm replicas "

@@ -18,7 +18,7 @@ import os
 import time
 import uuid
 import warnings
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import pyarrow as pa
 import ray
@@ -40,6 +40,7 @@ from raybatch.output_layout import (
     succeeded_lines,
 )
 from raybatch.pipeline.engine import EngineStage, PoolAccess
+from raybatch.pipeline.in_driver import stream_in_driver
 from raybatch.pipeline.postprocess import finish_rows
 from raybatch.pipeline.preprocess import prepare_requests
 from raybatch.pipeline.read import read_shards
@@ -50,10 +51,6 @@ from raybatch.protocol import CHAT_URL, COMPLETIONS_URL
 from raybatch.storage import Location, Shard, list_shards
 
 logger = logging.getLogger(__name__)
-
-# Inputs up to this size (stored bytes) are scanned in the driver itself.
-LOCAL_SCAN_BYTES = 32 << 20
-
 
 class InputScan(BaseModel):
     lines: int = 0  # non-blank lines: the job's totalInputRequests
@@ -152,6 +149,13 @@ def _lines(shards: list[Shard], config: RunConfig, skip=None) -> ray.data.Datase
     )
 
 
+def _lines_here(shards: list[Shard], config: RunConfig, skip=None) -> Iterator[pa.Table]:
+    """The read stage in this process: what `_lines` yields through Ray Data."""
+    read_args = {"max_line_bytes": config.max_line_bytes, "max_shard_bytes": config.max_shard_bytes, "skip": skip}
+    for shard in shards:
+        yield from read_shards(pa.table({"url": [shard.url], "name": [shard.name], "size": [shard.size]}), **read_args)
+
+
 def scan_input(shards: list[Shard], config: RunConfig) -> InputScan:
     """Count the lines and find every custom_id that an earlier line already claimed.
     The workers send a 16-byte digest per line, never the id itself, so the driver's
@@ -159,15 +163,10 @@ def scan_input(shards: list[Shard], config: RunConfig) -> InputScan:
     expands past `max_shard_bytes`, before any engine starts."""
     found = DuplicateScan([s.name for s in shards])
     scan_args = {"max_line_bytes": config.max_line_bytes, "max_custom_id_bytes": config.max_custom_id_bytes}
-    if sum(s.size for s in shards) <= LOCAL_SCAN_BYTES:
+    if _in_driver(shards, config):
         # A small input is scanned right here: Ray Data's start-up (seconds) would
         # otherwise stand between a job and its first rows.
-        read_args = {"max_line_bytes": config.max_line_bytes, "max_shard_bytes": config.max_shard_bytes}
-        batches = (
-            scan_custom_ids(lines, **scan_args)
-            for shard in shards
-            for lines in read_shards(pa.table({"url": [shard.url], "name": [shard.name], "size": [shard.size]}), **read_args)
-        )
+        batches = (scan_custom_ids(lines, **scan_args) for lines in _lines_here(shards, config))
     else:
         dataset = _lines(shards, config).map_batches(scan_custom_ids, batch_format="pyarrow", fn_kwargs=scan_args)
         batches = dataset.iter_batches(batch_format="pyarrow", batch_size=None)
@@ -200,30 +199,57 @@ def _cause_of_type(error: BaseException, kind: type) -> Optional[str]:
     return None
 
 
+def _in_driver(shards: list[Shard], config: RunConfig) -> bool:
+    return sum(s.size for s in shards) <= config.in_driver_bytes
+
+
+def _prepare_args(config: RunConfig, scan: InputScan) -> dict:
+    return {
+        "max_line_bytes": config.max_line_bytes,
+        "max_n": config.max_n,
+        "job_defaults": config.inference_parameters.row_defaults(),
+        "duplicates": frozenset(scan.duplicates),
+        "max_custom_id_bytes": config.max_custom_id_bytes,
+        **row_bounds(config),
+    }
+
+
+def _concurrent_batches(config: RunConfig, access: PoolAccess) -> int:
+    """Enough batches at the pool to keep every replica fed with rows to spare (the
+    pool's queue refills a replica's slot the moment a row finishes)."""
+    engine, policy = config.engine, access.model.policy
+    return engine.concurrent_batches or math.ceil(
+        1.5 * policy.slots_per_replica / engine.admission_factor * policy.max_replicas / engine.batch_size
+    )
+
+
+def answered_batches(shards: list[Shard], config: RunConfig, access: PoolAccess, scan: InputScan, skip) -> Iterator[pa.Table]:
+    """The job's output batches: through the pipeline in this process for a small
+    input (pipeline/in_driver.py), through Ray Data for a larger one."""
+    finish_args = {"model": config.served_model_name or config.model}
+    if _in_driver(shards, config):
+        prepare_args = _prepare_args(config, scan)
+        return stream_in_driver(
+            _lines_here(shards, config, skip),
+            lambda table: prepare_requests(table, **prepare_args),
+            EngineStage(access.model_dump()),
+            lambda table: finish_rows(table, **finish_args),
+            config.engine.batch_size,
+            _concurrent_batches(config, access),
+        )
+    return build_pipeline(shards, config, access, scan, skip).iter_batches(batch_format="pyarrow", batch_size=None)
+
+
 def build_pipeline(shards: list[Shard], config: RunConfig, access: PoolAccess, scan: InputScan, skip) -> ray.data.Dataset:
     prepared = _lines(shards, config, skip).map_batches(
-        prepare_requests,
-        batch_format="pyarrow",
-        fn_kwargs={
-            "max_line_bytes": config.max_line_bytes,
-            "max_n": config.max_n,
-            "job_defaults": config.inference_parameters.row_defaults(),
-            "duplicates": frozenset(scan.duplicates),
-            "max_custom_id_bytes": config.max_custom_id_bytes,
-            **row_bounds(config),
-        },
+        prepare_requests, batch_format="pyarrow", fn_kwargs=_prepare_args(config, scan)
     )
     engine = config.engine
     # Blocks of one engine batch each (streaming, nothing materialized): a shard's lines
     # would otherwise travel as one block, so one task would hold them all and emit its
     # answers only when the last one is done.
     prepared = prepared.repartition(target_num_rows_per_block=engine.batch_size)
-    # Enough batches at the pool to keep every replica fed with rows to spare (the
-    # pool's queue refills a replica's slot the moment a row finishes).
-    policy = access.model.policy
-    concurrent = engine.concurrent_batches or math.ceil(
-        1.5 * policy.slots_per_replica / engine.admission_factor * policy.max_replicas / engine.batch_size
-    )
+    concurrent = _concurrent_batches(config, access)
     # `max_concurrency` (batches the stage actor works on at once) has no named
     # parameter yet; ray.data.llm passes it the same way.
     warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
@@ -310,9 +336,7 @@ def _stream(
     remaining = total - progress_of(commits, total).total_processed_requests
     if remaining > 0:
         try:
-            for batch in build_pipeline(shards, config, access, scan, skip).iter_batches(
-                batch_format="pyarrow", batch_size=None
-            ):
+            for batch in answered_batches(shards, config, access, scan, skip):
                 if status is None and on_progress:
                     on_progress(ray.get(begun))
                 status = ray.get(writer.append.remote(batch))

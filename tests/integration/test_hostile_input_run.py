@@ -1,4 +1,5 @@
-"""Hostile input through whole runs: Ray Data, the input scan, the scripted engine (no
+"""Hostile input through whole runs: Ray Data (these inputs are small, but are sent
+through it as large ones are), the input scan, the scripted engine (no
 delay), the writer and the published files, each run held by `check_run` to every line
 exactly once with its exact code. The line-level outcomes are decided and tested without
 Ray in tests/unit/test_hostile_input.py; this proves they hold across the cluster's
@@ -23,6 +24,7 @@ def _run(tmp_path: Path, expected: list[Expected]) -> None:
         model="scripted",
         max_line_bytes=MAX_LINE_BYTES,
         part_max_rows=100_000,
+        in_driver_bytes=0,  # the scan and the pipeline through Ray Data's workers, as for a large input
         # Engine batches of 256: small ones would cost Ray Data a task each on 2 cores.
         engine={"kind": "scripted", "batch_size": 256, "concurrent_batches": 4},
     )

@@ -23,6 +23,9 @@ def mixed_config(root, model: str) -> RunConfig:
         inference_parameters=InferenceParameters(max_tokens=16, temperature=0.8),
         max_line_bytes=MAX_LINE_BYTES,
         part_max_rows=7,
+        # Through Ray Data, as a large input would go: the service's tests run small
+        # inputs in the driver (pipeline/in_driver.py) on this same engine.
+        in_driver_bytes=0,
         engine=ENGINE,
     )
 

@@ -136,14 +136,14 @@ def test_ray_up_configs_are_valid_for_the_autoscaler(name):
 
 
 def test_rayjob_runs_raybatch_run_and_tears_down():
-    import argparse
     import gzip
     import json
     import shlex
 
     import jsonschema
 
-    from raybatch.cli import _build_config, _run_parser
+    from raybatch.cli.app import build_parser
+    from raybatch.cli.run import _build_config
 
     job = yaml.safe_load((ROOT / "cluster" / "rayjob.yaml").read_text())
     schemas = json.loads(gzip.decompress((ROOT / "cluster" / "kuberay-v1.5.1-schemas.json.gz").read_bytes()))
@@ -152,9 +152,7 @@ def test_rayjob_runs_raybatch_run_and_tears_down():
 
     assert unknown_fields(job, schemas["RayJob"]) == []
     assert job["spec"]["shutdownAfterJobFinishes"] is True
-    parser = argparse.ArgumentParser()
-    _run_parser(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(shlex.split(job["spec"]["entrypoint"])[1:])
+    args = build_parser().parse_args(shlex.split(job["spec"]["entrypoint"])[1:])
     config = _build_config(args)
     assert config.input.startswith("s3://") and config.output.startswith("s3://")
     cluster = job["spec"]["rayClusterSpec"]
