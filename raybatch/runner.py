@@ -64,10 +64,14 @@ class RunSummary(BaseModel):
     blank_lines: int
     wall_seconds: float
 
+    # Apart: a sum of input and output tokens per second compares with no engine's figure.
     @property
-    def tokens_per_second(self) -> float:
-        progress = self.status.progress
-        return (progress.input_tokens + progress.output_tokens) / max(self.wall_seconds, 1e-9)
+    def output_tokens_per_second(self) -> float:
+        return self.status.progress.output_tokens / max(self.wall_seconds, 1e-9)
+
+    @property
+    def input_tokens_per_second(self) -> float:
+        return self.status.progress.input_tokens / max(self.wall_seconds, 1e-9)
 
 
 def ensure_ray(num_cpus: Optional[int] = None) -> None:

@@ -56,7 +56,8 @@ def _print_summary(summary) -> None:
         f"({p.successfully_processed_requests} succeeded, {p.failed_requests} failed, "
         f"{summary.blank_lines} blank skipped)\n"
         f"tokens: {p.input_tokens} in ({p.cached_input_token_count} cached), {p.output_tokens} out\n"
-        f"wall time: {summary.wall_seconds:.1f} s, {summary.tokens_per_second:.0f} tokens/s\n"
+        f"wall time: {summary.wall_seconds:.1f} s, {summary.output_tokens_per_second:.0f} output tokens/s, "
+        f"{summary.input_tokens_per_second:.0f} input tokens/s\n"
         f"output: {summary.status.committed_bytes} bytes committed"
     )
 

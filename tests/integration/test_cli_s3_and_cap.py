@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -50,7 +51,7 @@ def test_cli_runs_a_job_on_s3(bucket, ray_cluster, tiny_model, tmp_path):
         f"completed: {len(lines)}/{len(lines)} lines ({succeeded} succeeded, "
         f"{len(lines) - succeeded} failed, 2 blank skipped)"
     ) in done.stdout
-    assert "tokens/s" in done.stdout
+    assert re.search(r"\d+ output tokens/s, \d+ input tokens/s", done.stdout), done.stdout
     rows = check_run(f"{bucket}/mixed/out", builder.expected)
     assert {r["custom_id"] for r in read_jsonl(f"{bucket}/mixed/out/results.jsonl")} == set(rows)
     s3 = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"])
