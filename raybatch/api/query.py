@@ -7,7 +7,7 @@ the wrong fields with no sign of it."""
 from __future__ import annotations
 
 import re
-from typing import Any, Optional
+from typing import Any
 
 from starlette.requests import Request
 
