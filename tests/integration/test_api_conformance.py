@@ -77,7 +77,7 @@ def test_an_unknown_fireworks_name_is_refused_at_create_listing_what_is_served(c
     with pytest.raises(fireworks.BadRequestError) as refused:
         client.batch_inference_jobs.create(batch_inference_job_id="nope", input_dataset_id=ready,
                                            model="accounts/fireworks/models/deepseek-v3")
-    message = refused.value.body["error"]["message"] if isinstance(refused.value.body, dict) else str(refused.value)
+    message = str(refused.value)  # "Error code: 400 - {'error': {... 'message': ...}}"
     assert "model 'accounts/fireworks/models/deepseek-v3' is not served here; models served: " in message
     assert f"meta-llama/Llama-3.1-8B-Instruct (also {LLAMA})" in message
 
