@@ -41,9 +41,7 @@ def http(service, key):
 def ready(client):
     """A READY input dataset, uploaded as `datasets.upload(file=bytes)`: no file name."""
     client.datasets.create(dataset_id="in", dataset={"user_uploaded": {}, "display_name": "the input"})
-    uploaded = client.datasets.with_raw_response.upload("in", file=LINES)
-    assert uploaded.http_request.url.path.endswith("/datasets/in:upload")
-    assert json.loads(uploaded.content)["filename"] == "upload.jsonl"
+    assert client.datasets.upload("in", file=LINES).filename == "upload.jsonl"
     assert client.datasets.get("in").state == "READY"
     return "in"
 
