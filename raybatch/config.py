@@ -227,6 +227,12 @@ class ModelEntry(BaseModel):
     engine: dict[str, Any] = Field(default_factory=dict, description="EngineConfig fields "
                                    "for this model, over the service's run_defaults; "
                                    "`engine_args` are merged key by key.")
+    aliases: list[str] = Field(default_factory=list, description="Further names a job's "
+                               "`model` may use for this entry, e.g. a Fireworks name "
+                               "(`accounts/fireworks/models/...`). They override the shipped "
+                               "Fireworks table (raybatch/jobs/model_names.py), which already "
+                               "serves an entry keyed by a Hugging Face ID under its "
+                               "Fireworks name.")
 
 
 class AccountQuota(BaseModel):
@@ -385,6 +391,13 @@ class ServiceConfig(BaseModel):
             unknown = sorted(set(names) - set(self.models))
             if unknown:
                 raise ValueError(f"account_models[{account!r}] names models not in the catalog: {', '.join(unknown)}")
+        claimed: dict[str, str] = {}
+        for name, entry in self.models.items():
+            for alias in entry.aliases:
+                if alias in self.models or alias in claimed:
+                    other = alias if alias in self.models else claimed[alias]
+                    raise ValueError(f"model alias {alias!r} of {name!r} is already the name of {other!r}")
+                claimed[alias] = name
         engine_args = (self.run_defaults.get("engine") or {}).get("engine_args") or {}
         if engine_args.get("trust_remote_code"):
             raise ValueError("run_defaults cannot turn on trust_remote_code: set it in the engine_args "

@@ -92,7 +92,12 @@ class CamelModel(BaseModel):
 
 
 class InferenceParameters(CamelModel):
-    """Job-wide sampling defaults. A row's own value wins over these."""
+    """Job-wide sampling defaults. A row's own value wins over these.
+
+    Zero means unset, as proto3 reads it (Fireworks' API is proto3 behind JSON): a body
+    built from a proto or copied from a GET carries `maxTokens: 0`, `n: 0`, `topP: 0`,
+    `topK: 0`, `extraBody: ""` for fields nobody set. `temperature: 0` stays 0, greedy
+    decoding, which is what a user who writes it means."""
 
     max_tokens: Optional[int] = Field(None, ge=1)
     temperature: Optional[float] = Field(None, ge=0, allow_inf_nan=False)
@@ -102,6 +107,19 @@ class InferenceParameters(CamelModel):
     extra_body: Optional[str] = Field(
         None, description="A JSON object, as a string, of further body fields for every row."
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _zero_is_unset(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        unset = []
+        for name in ("max_tokens", "n", "top_p", "top_k", "extra_body"):
+            for key in (name, to_camel(name)):
+                value = data.get(key)
+                if value == 0 and not isinstance(value, bool) or value == "" and name == "extra_body":
+                    unset.append(key)
+        return {k: v for k, v in data.items() if k not in unset}
 
     @field_validator("extra_body")
     @classmethod

@@ -11,7 +11,10 @@ import re
 from datetime import datetime, timezone
 from typing import Any, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from typing import Annotated
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic.alias_generators import to_snake as _snake
 
 from raybatch.exceptions import InvalidArgument
 from raybatch.protocol import CamelModel, InferenceParameters, JobProgress, Precision
@@ -77,13 +80,18 @@ class Dataset(CamelModel):
     size_bytes: str = "0"
 
 
+def _int64_as_string(value: Any) -> Any:
+    """protojson writes an int64 as a string and reads either: `"12"` or `12`."""
+    return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
 class DatasetFields(CamelModel):
     """What a client may set on create or PATCH; anything else is ignored."""
 
     model_config = ConfigDict(extra="ignore")
 
     display_name: Optional[str] = Field(None, max_length=512)
-    example_count: Optional[str] = None
+    example_count: Annotated[Optional[str], BeforeValidator(_int64_as_string)] = Field(None, pattern=r"^\d{1,19}$")
     format: Optional[str] = None
     user_uploaded: Optional[dict[str, Any]] = None
 
@@ -103,10 +111,12 @@ class ListDatasetsResponse(CamelModel):
 
 
 class FileUrls(CamelModel):
-    """`:getUploadEndpoint` request (`filenameToSize`) and both endpoints' answer."""
+    """`:getUploadEndpoint` request (`filenameToSize`, and the `readMask` the SDK sends
+    in it) and both endpoints' answer."""
 
     filename_to_size: Optional[dict[str, int]] = None
     filename_to_signed_urls: Optional[dict[str, str]] = None
+    read_mask: Optional[str] = None
 
 
 class JobState(str, enum.Enum):
@@ -149,8 +159,22 @@ class BatchInferenceJob(CamelModel):
     max_duration: Optional[str] = None
 
 
+# Fields of a job that only the service sets. A create body that carries them (a job
+# fetched with GET and posted back as a template) has them dropped, as Fireworks'
+# gateway does; any other unknown field is still a 400.
+OUTPUT_ONLY_JOB_FIELDS = frozenset({"name", "state", "status", "createTime", "updateTime", "createdBy", "jobProgress"})
+
+
 class CreateJobRequest(CamelModel):
     model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_output_only(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        output_only = OUTPUT_ONLY_JOB_FIELDS | {_snake(name) for name in OUTPUT_ONLY_JOB_FIELDS}
+        return {key: value for key, value in data.items() if key not in output_only}
 
     display_name: Optional[str] = Field(None, max_length=512)
     model: Optional[str] = Field(None, min_length=1, max_length=1024)

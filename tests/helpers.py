@@ -329,6 +329,17 @@ SERVICE_MODELS = {
                    "engine_args": {"seconds_per_request": 0.5, "invocations_dir": "{home}/calls"}},
     },
 }
+# Fireworks model names (test_api_conformance.py): an entry keyed by the Hugging Face ID
+# that the shipped table maps llama-v3p1-8b-instruct to, and one with the operator's own
+# aliases (one of them overriding the shipped table's qwen2p5-72b-instruct).
+SERVICE_MODELS["meta-llama/Llama-3.1-8B-Instruct"] = {"source": "scripted", "engine": {"kind": "scripted"}}
+SERVICE_MODELS["scripted-aliased"] = {"source": "scripted", "engine": {"kind": "scripted"},
+                                      "aliases": ["accounts/fireworks/models/qwen2p5-72b-instruct", "house-model"]}
+# What a refusal lists beside each of those names.
+SERVICE_MODEL_ALIASES = {
+    "meta-llama/Llama-3.1-8B-Instruct": "accounts/fireworks/models/llama-v3p1-8b-instruct",
+    "scripted-aliased": "accounts/fireworks/models/qwen2p5-72b-instruct, house-model",
+}
 # Shared by several jobs at once (test_engine_pool.py): a replica takes 3 rows at a time
 # (1.25 x max_num_seqs 2), each job keeps 6 at the pool, so rows of different jobs
 # compete for the same slots; every call recorded under {home}/pool-calls.

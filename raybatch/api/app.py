@@ -12,6 +12,9 @@ account (else 404: another account's resources do not exist for you) → the ope
 Bodies over the limit get 413 before they are read (`body_limit.py`). Errors are
 `{"error": {"code", "message", "status"}}` (`errors.py`).
 
+Query parameters are read by `query.py` (camelCase or snake_case; an unknown one is a
+400), `readMask` applied by `field_mask.py`.
+
 This module holds the routes; what they share is beside it: `bodies.py` (JSON in and
 out, streamed bodies to storage), `listing.py` (paging, filter, order), `auth.py`,
 `rate_limit.py`, `signing.py`, and `datasets.py` (the dataset operations).
@@ -23,7 +26,6 @@ out, streamed bodies to storage), `listing.py` (paging, filter, order), `auth.py
 from __future__ import annotations
 
 import logging
-from typing import Optional
 
 from fastapi import FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
@@ -33,16 +35,20 @@ from ray import serve
 from raybatch.api.auth import authenticate
 from raybatch.api.bodies import read_body, to_json, writer_off_loop
 from raybatch.api.body_limit import BodyLimit
-from raybatch.api.datasets import DatasetService
+from raybatch.api.datasets import DatasetService, upload_filename
 from raybatch.api.errors import install_error_handlers
-from raybatch.api.listing import page_of, parse_filter, parse_order
+from raybatch.api.field_mask import apply_mask, mask_paths
+from raybatch.api.listing import DATASET_FIELDS, JOB_FIELDS, listed, page_of
+from raybatch.api.query import query_params
 from raybatch.api.rate_limit import RateLimiter
 from raybatch.api.signing import SIGNED_PREFIX, UrlSigner
 from raybatch.api.validation import BackgroundValidations
 from raybatch.config import ServiceConfig
 from raybatch.exceptions import FailedPrecondition, InvalidArgument, NotFound, PayloadTooLarge, PermissionDenied
 from raybatch.resources import (
+    BatchInferenceJob,
     CreateDatasetRequest,
+    Dataset,
     CreateJobRequest,
     DatasetFields,
     FileUrls,
@@ -117,39 +123,51 @@ class RaybatchApi:
 
     @api.post("/v1/accounts/{account}/datasets")
     async def create_dataset(self, account: str, request: Request):
+        query_params(request)
         body: CreateDatasetRequest = await read_body(request, CreateDatasetRequest)
         key = await run_in_threadpool(self._caller, request, account, body.dataset_id)
         return to_json(await run_in_threadpool(self.datasets.create, account, body.dataset_id, body.dataset, key.key_id))
 
     @api.get("/v1/accounts/{account}/datasets")
-    def list_datasets(self, account: str, request: Request, pageSize: Optional[int] = None, pageToken: Optional[str] = None):
+    def list_datasets(self, account: str, request: Request):
+        query = query_params(request, pageSize=int, pageToken=str, filter=str, orderBy=str, readMask=str)
+        mask = mask_paths(query["readMask"], Dataset)
         self._caller(request, account)
-        found = sorted(self.store.list_datasets(account), key=lambda d: (d.create_time, d.name))
-        page, token = page_of(found, pageSize, pageToken)
+        found = listed(self.store.list_datasets(account), query["filter"], query["orderBy"], DATASET_FIELDS)
+        page, token = page_of(found, query["pageSize"], query["pageToken"])
         page = [self.validations.view(dataset) for dataset in page]
-        return to_json(ListDatasetsResponse(datasets=page, next_page_token=token, total_size=len(found)))
+        answer = to_json(ListDatasetsResponse(datasets=page, next_page_token=token, total_size=len(found)))
+        answer["datasets"] = [apply_mask(dataset, mask) for dataset in answer["datasets"]]
+        return answer
 
     @api.get("/v1/accounts/{account}/datasets/{reference}")
-    def get_dataset(self, account: str, reference: str, request: Request, downloadLineage: bool = False):
+    def get_dataset(self, account: str, reference: str, request: Request):
         dataset_id, _, verb = reference.partition(":")
-        key = self._caller(request, account, dataset_id)
         if verb == "getDownloadEndpoint":
-            files = self.datasets.download_files(account, dataset_id, downloadLineage)
+            query = query_params(request, downloadLineage=bool, readMask=str)
+            mask = mask_paths(query["readMask"], FileUrls)
+            key = self._caller(request, account, dataset_id)
+            files = self.datasets.download_files(account, dataset_id, bool(query["downloadLineage"]))
             base = str(request.base_url)
             urls = {name: self.signer.download_url(base, key.key_id, path) for name, path in files.items()}
-            return to_json(FileUrls(filename_to_signed_urls=urls))
+            return apply_mask(to_json(FileUrls(filename_to_signed_urls=urls)), mask)
+        query = query_params(request, readMask=str)
+        mask = mask_paths(query["readMask"], Dataset)
+        self._caller(request, account, dataset_id)
         if verb:
             raise NotFound(f"no method {verb!r} on datasets")
-        return to_json(self.validations.view(self.datasets.get(account, dataset_id)))
+        return apply_mask(to_json(self.validations.view(self.datasets.get(account, dataset_id))), mask)
 
     @api.patch("/v1/accounts/{account}/datasets/{dataset_id}")
     async def update_dataset(self, account: str, dataset_id: str, request: Request):
+        query_params(request)
         fields = await read_body(request, DatasetFields)
         await run_in_threadpool(self._caller, request, account, dataset_id)
         return to_json(await run_in_threadpool(self.datasets.update, account, dataset_id, fields))
 
     @api.delete("/v1/accounts/{account}/datasets/{dataset_id}")
     def delete_dataset(self, account: str, dataset_id: str, request: Request):
+        query_params(request)
         self._caller(request, account, dataset_id)
         self.datasets.delete(account, dataset_id)
         return {}
@@ -157,6 +175,7 @@ class RaybatchApi:
     @api.post("/v1/accounts/{account}/datasets/{reference}")
     async def dataset_method(self, account: str, reference: str, request: Request):
         dataset_id, _, verb = reference.partition(":")
+        query_params(request)
         key = await run_in_threadpool(self._caller, request, account, dataset_id)
         if verb == "upload":
             # The multipart parser spools the file to disk in the thread pool itself.
@@ -166,7 +185,7 @@ class RaybatchApi:
                 raise InvalidArgument("multipart field 'file' is missing")
             try:
                 stored = await run_in_threadpool(
-                    self.datasets.store_upload, account, dataset_id, upload.filename or "", upload.file
+                    self.datasets.store_upload, account, dataset_id, upload_filename(upload.filename or ""), upload.file
                 )
             finally:
                 await form.close()
@@ -176,6 +195,7 @@ class RaybatchApi:
             return stored
         if verb == "getUploadEndpoint":
             body: FileUrls = await read_body(request, FileUrls)
+            mask = mask_paths(body.read_mask, FileUrls)
 
             def register() -> dict[str, str]:
                 nonce, plan = self.datasets.upload_plan(account, dataset_id, body.filename_to_size or {}, key.key_id)
@@ -183,7 +203,7 @@ class RaybatchApi:
                 return {name: self.signer.upload_url(base, key.key_id, account, dataset_id, nonce, name, size)
                         for name, size in plan.items()}
 
-            return to_json(FileUrls(filename_to_signed_urls=await run_in_threadpool(register)))
+            return apply_mask(to_json(FileUrls(filename_to_signed_urls=await run_in_threadpool(register))), mask)
         if verb == "validateUpload":
             # Seconds for a large dataset (every file expanded and its lines counted): it
             # goes on in the background after validation_wait_seconds (validation.py).
@@ -242,39 +262,36 @@ class RaybatchApi:
     # ------------------------------------------------------------------- jobs
 
     @api.post("/v1/accounts/{account}/batchInferenceJobs")
-    async def create_job(self, account: str, request: Request, batchInferenceJobId: Optional[str] = None):
+    async def create_job(self, account: str, request: Request):
+        job_id = query_params(request, batchInferenceJobId=str)["batchInferenceJobId"]
         body: CreateJobRequest = await read_body(request, CreateJobRequest)
-        key = await run_in_threadpool(self._caller, request, account, *([batchInferenceJobId] if batchInferenceJobId else []))
-        return await self.scheduler.create_job.remote(account, batchInferenceJobId, body, key.key_id)
+        key = await run_in_threadpool(self._caller, request, account, *([job_id] if job_id else []))
+        return await self.scheduler.create_job.remote(account, job_id, body, key.key_id)
 
     @api.get("/v1/accounts/{account}/batchInferenceJobs")
-    def list_jobs(
-        self,
-        account: str,
-        request: Request,
-        pageSize: Optional[int] = None,
-        pageToken: Optional[str] = None,
-        orderBy: Optional[str] = None,
-        filter: Optional[str] = None,
-    ):
+    def list_jobs(self, account: str, request: Request):
+        query = query_params(request, pageSize=int, pageToken=str, filter=str, orderBy=str, readMask=str)
+        mask = mask_paths(query["readMask"], BatchInferenceJob)
         self._caller(request, account)
-        states, descending = parse_filter(filter), parse_order(orderBy)
-        jobs = [r.job for r in self.store.list_jobs(account) if states is None or r.job.state.value in states]
-        jobs.sort(key=lambda j: (j.create_time, j.name), reverse=descending)
-        page, token = page_of(jobs, pageSize, pageToken)
-        return to_json(ListJobsResponse(batch_inference_jobs=page, next_page_token=token, total_size=len(jobs)))
+        jobs = listed([r.job for r in self.store.list_jobs(account)], query["filter"], query["orderBy"], JOB_FIELDS)
+        page, token = page_of(jobs, query["pageSize"], query["pageToken"])
+        answer = to_json(ListJobsResponse(batch_inference_jobs=page, next_page_token=token, total_size=len(jobs)))
+        answer["batchInferenceJobs"] = [apply_mask(job, mask) for job in answer["batchInferenceJobs"]]
+        return answer
 
     @api.get("/v1/accounts/{account}/batchInferenceJobs/{job_id}")
     def get_job(self, account: str, job_id: str, request: Request):
+        mask = mask_paths(query_params(request, readMask=str)["readMask"], BatchInferenceJob)
         self._caller(request, account, job_id)
         record = self.store.get_job(account, job_id)
         if record is None:
             raise NotFound(f"batch inference job {job_id} not found")
-        return to_json(record.job)
+        return apply_mask(to_json(record.job), mask)
 
     @api.post("/v1/accounts/{account}/batchInferenceJobs/{reference}")
     async def job_method(self, account: str, reference: str, request: Request):
         job_id, _, verb = reference.partition(":")
+        query_params(request)
         await run_in_threadpool(self._caller, request, account, job_id)
         if verb != "cancel":
             raise NotFound(f"no method {verb!r} on batchInferenceJobs")
@@ -282,6 +299,7 @@ class RaybatchApi:
 
     @api.delete("/v1/accounts/{account}/batchInferenceJobs/{job_id}")
     async def delete_job(self, account: str, job_id: str, request: Request):
+        query_params(request)
         await run_in_threadpool(self._caller, request, account, job_id)
         await self.scheduler.delete_job.remote(account, job_id)
         return Response(content=b"{}", media_type="application/json")

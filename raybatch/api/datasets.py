@@ -68,6 +68,19 @@ def check_filename(name: str) -> str:
     return name
 
 
+def upload_filename(given: str) -> str:
+    """The name an `:upload` file is stored under. Fireworks takes any name, and the SDK's
+    `datasets.upload(file=bytes)` sends none (httpx calls it `upload`): so the name's
+    last path segment, every character outside the safe set a '-', and `.jsonl` added
+    when missing. What the pipeline reads does not depend on it (gzip is found by its
+    magic bytes), and the answer's `filename` says what was stored."""
+    base = given.replace("\\", "/").rsplit("/", 1)[-1]
+    stem = base[:-len(".jsonl")] if base.endswith(".jsonl") else base
+    stem = re.sub(r"[^A-Za-z0-9._-]", "-", stem).replace(TEMPORARY_MARKER, "-")
+    stem = re.sub(r"\.{2,}", ".", stem).lstrip("._-")[:190] or "upload"
+    return check_filename(f"{stem}.jsonl")
+
+
 class DatasetService:
     def __init__(self, store: Store, config: ServiceConfig):
         self.store = store

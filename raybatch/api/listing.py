@@ -1,13 +1,14 @@
-"""The list routes' query parameters: paging (`pageSize`, `pageToken`), and for jobs
-`filter` (by state) and `orderBy` (createTime)."""
+"""The list routes' paging (`pageSize`, `pageToken`), and their `filter` and `orderBy`
+over each list's fields (parsed in `filtering`)."""
 
 from __future__ import annotations
 
 import base64
 from typing import Optional
 
+from raybatch.api.filtering import Field, Kind, ordered, parse_filter, parse_order
 from raybatch.exceptions import InvalidArgument
-from raybatch.resources import JobState
+from raybatch.resources import DatasetState, JobState
 
 MAX_PAGE_SIZE, DEFAULT_PAGE_SIZE = 200, 50
 
@@ -31,25 +32,43 @@ def page_of(items: list, page_size: Optional[int], page_token: Optional[str]) ->
     return items[start:end], token
 
 
-def parse_filter(text: Optional[str]) -> Optional[set[str]]:
-    """The part of AIP-160 that jobs need: `state = X` or-ed together (`state=X OR state=Y`)."""
-    if not text or not text.strip():
-        return None
-    states = set()
-    for term in text.split(" OR "):
-        field, _, value = term.partition("=")
-        value = value.strip().strip('"')
-        if field.strip() != "state" or value not in {s.value for s in JobState}:
-            raise InvalidArgument(f"unsupported filter {text!r}: use state=JOB_STATE_... (OR state=...)")
-        states.add(value)
-    return states
+# Fireworks' JobState values. Naming one that raybatch never reaches (CREATING, PAUSED,
+# ...) is a valid filter that matches nothing, as it would on Fireworks for an account
+# with no such job.
+FIREWORKS_JOB_STATES = frozenset({s.value for s in JobState} | {
+    "JOB_STATE_UNSPECIFIED", "JOB_STATE_CREATING", "JOB_STATE_DELETING", "JOB_STATE_DELETING_CLEANING_UP",
+    "JOB_STATE_CREATING_INPUT_DATASET", "JOB_STATE_IDLE", "JOB_STATE_EARLY_STOPPED", "JOB_STATE_PAUSED",
+})
+FIREWORKS_DATASET_STATES = frozenset({s.value for s in DatasetState} | {"STATE_UNSPECIFIED"})
+
+_COMMON = {
+    "name": Field(Kind.REFERENCE),
+    "displayName": Field(Kind.STRING),
+    "createTime": Field(Kind.TIME),
+    "updateTime": Field(Kind.TIME),
+    "createdBy": Field(Kind.STRING),
+}
+JOB_FIELDS = {
+    **_COMMON,
+    "state": Field(Kind.ENUM, FIREWORKS_JOB_STATES, prefix="JOB_STATE_"),
+    "model": Field(Kind.STRING),
+    "inputDatasetId": Field(Kind.REFERENCE),
+    "outputDatasetId": Field(Kind.REFERENCE),
+    "continuedFromJobName": Field(Kind.REFERENCE),
+}
+DATASET_FIELDS = {
+    **_COMMON,
+    "state": Field(Kind.ENUM, FIREWORKS_DATASET_STATES),
+    "format": Field(Kind.STRING),
+    "sourceJobName": Field(Kind.REFERENCE),
+}
+DEFAULT_ORDER = [("create_time", False)]
 
 
-def parse_order(text: Optional[str]) -> bool:
-    """orderBy on createTime: True for descending."""
-    if not text or not text.strip():
-        return False
-    field, _, direction = text.strip().partition(" ")
-    if field not in ("createTime", "create_time", "created_time") or direction.strip() not in ("", "asc", "desc"):
-        raise InvalidArgument(f"unsupported orderBy {text!r}: use 'createTime' or 'createTime desc'")
-    return direction.strip() == "desc"
+def listed(records: list, filter_text: Optional[str], order_text: Optional[str], fields: dict[str, Field]) -> list:
+    """`records` that pass the filter, in the asked order (oldest first by default). Both
+    are parsed before anything is filtered: a bad expression is a 400 whatever the list holds."""
+    predicate = parse_filter(filter_text, fields)
+    order = parse_order(order_text, fields)
+    kept = records if predicate is None else [r for r in records if predicate(r)]
+    return ordered(kept, order, DEFAULT_ORDER)

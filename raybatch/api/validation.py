@@ -150,7 +150,12 @@ class BackgroundValidations:
         one running, and wait for it up to `validation_wait_seconds`. Returns the
         dataset (READY, or UPLOADING with its progress); a validation that failed within
         the wait raises its error, as the request's answer."""
-        self._datasets._uploading(account, dataset_id)  # READY: 400, as before
+        dataset = self._datasets.get(account, dataset_id)
+        if dataset.state == DatasetState.READY:
+            # Idempotent, as Fireworks': after `:upload` (which validates) a client
+            # following the two-step recipe still calls :validateUpload. Nothing changes.
+            return dataset
+        self._datasets._uploading(account, dataset_id)  # a job's output dataset: 400
         run = self._start(account, dataset_id, list(delete_on_failure))
         if run is not None and run.future is not None:
             waiting = self._config.validation_wait_seconds

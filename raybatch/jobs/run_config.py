@@ -8,6 +8,7 @@ import os
 
 from raybatch.config import ModelEntry, RunConfig, ServiceConfig
 from raybatch.exceptions import ConfigError
+from raybatch.jobs.model_names import hub_id, resolve_model
 from raybatch.resources import DATASETS, JobRecord, parse_reference
 from raybatch.store import Store
 
@@ -58,11 +59,15 @@ class RunConfigBuilder:
         return self._store.dataset_files_url(account, dataset_id)
 
     def _model(self, name: str) -> ModelEntry:
-        if name in self._config.models:
-            return self._config.models[name]
+        """The catalog entry `name` resolves to (a catalog name, an alias or a Fireworks
+        name); with allow_any_model, else the name itself (a Fireworks name as its
+        Hugging Face ID)."""
+        resolved = resolve_model(self._config, name)
+        if resolved is not None:
+            return self._config.models[resolved]
         if not self._config.allow_any_model:  # a job created before the catalog changed
             raise ConfigError(f"model {name!r} is not in the service's model catalog")
-        return ModelEntry(source=name)
+        return ModelEntry(source=hub_id(name) or name)
 
 
 def check_model_source(source: str) -> None:

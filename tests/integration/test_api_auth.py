@@ -145,7 +145,8 @@ def test_unknown_routes_and_bad_queries_use_the_error_format(world):
     _assert_error(_call(service, "GET", "/v1/nothing-here", key_a), 404, "NOT_FOUND")
     _assert_error(_call(service, "GET", f"/v1/accounts/{A}/datasets", key_a, params={"pageSize": "lots"}), 400, "INVALID_ARGUMENT")
     _assert_error(_call(service, "GET", f"/v1/accounts/{A}/datasets", key_a, params={"pageToken": "!!"}), 400, "INVALID_ARGUMENT")
-    _assert_error(_call(service, "GET", f"/v1/accounts/{A}/batchInferenceJobs", key_a, params={"filter": "model=x"}), 400, "INVALID_ARGUMENT")
+    _assert_error(_call(service, "GET", f"/v1/accounts/{A}/batchInferenceJobs", key_a, params={"filter": "cost>3"}), 400, "INVALID_ARGUMENT")
+    _assert_error(_call(service, "GET", f"/v1/accounts/{A}/batchInferenceJobs", key_a, params={"page_sise": "5"}), 400, "INVALID_ARGUMENT")
 
 
 def test_keys_cli_prints_the_key_once_and_stores_only_a_hash(world):

@@ -9,10 +9,11 @@ import httpx
 import pytest
 
 from raybatch.store import Store
-from tests.helpers import SERVICE_MODELS, wait_until
+from tests.helpers import SERVICE_MODEL_ALIASES, SERVICE_MODELS, wait_until
 
 ACCOUNT = "attacker"
-SERVED = ", ".join(sorted(SERVICE_MODELS))
+SERVED = ", ".join(f"{name} (also {SERVICE_MODEL_ALIASES[name]})" if name in SERVICE_MODEL_ALIASES else name
+                   for name in sorted(SERVICE_MODELS))
 LINE = json.dumps({"custom_id": "a", "body": {"messages": [{"role": "user", "content": "hi"}]}}).encode() + b"\n"
 
 
@@ -38,7 +39,8 @@ def attacker(service):
     return key
 
 
-@pytest.mark.parametrize("model", ["attacker-org/evil-model", "/etc", "../../models/tiny", "Tiny", "file:///srv/models/x"])
+@pytest.mark.parametrize("model", ["attacker-org/evil-model", "/etc", "../../models/tiny", "Tiny", "file:///srv/models/x",
+                                   "accounts/fireworks/models/deepseek-v3"])
 def test_a_model_outside_the_catalog_is_refused_at_create_and_nothing_is_written(service, attacker, model):
     reply = _create(service, attacker, ACCOUNT, "evil", model=model, inputDatasetId="in")
     assert reply.status_code == 400

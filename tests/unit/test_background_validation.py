@@ -86,8 +86,9 @@ def test_a_small_dataset_is_ready_in_the_answer(world):
     assert dataset.state.value == "READY" and dataset.example_count == "3"
     assert dataset.status.code == "OK" and dataset.status.message == ""
     assert not store.location.exists(f"accounts/acme/datasets/small/{VALIDATION}")
-    with pytest.raises(FailedPrecondition, match="is READY"):
-        validations.validate("acme", "small")
+    # Again on the READY dataset (issue 12): the same dataset, nothing run or changed.
+    again = validations.validate("acme", "small")
+    assert again == dataset and not store.location.exists(f"accounts/acme/datasets/small/{VALIDATION}")
 
 
 def test_a_large_dataset_answers_uploading_shows_progress_then_is_ready(world):
