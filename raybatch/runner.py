@@ -177,6 +177,7 @@ def scan_input(shards: list[Shard], config: RunConfig) -> InputScan:
     try:
         for batch in batches:
             found.add(batch)
+        return InputScan(lines=found.lines, blank_lines=found.blank_lines, duplicates=found.duplicates())
     except Exception as error:
         too_large = _cause_of_type(error, InputTooLarge)
         if too_large is None:
@@ -184,7 +185,8 @@ def scan_input(shards: list[Shard], config: RunConfig) -> InputScan:
         # Ray Data wraps the reader's error in its task error; the run's caller (the
         # driver, `raybatch run`) reports a ConfigError by its message alone.
         raise InputTooLarge(too_large) from None
-    return InputScan(lines=found.lines, blank_lines=found.blank_lines, duplicates=found.duplicates())
+    finally:
+        found.close()  # its spill folder, if it made one, whatever happened
 
 
 def _cause_of_type(error: BaseException, kind: type) -> Optional[str]:

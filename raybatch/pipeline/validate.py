@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
+import tempfile
 from dataclasses import dataclass
 from typing import Any, Optional, Union
 
@@ -288,18 +290,43 @@ class DuplicateScan:
     """The driver's side of the input scan: counts lines and finds every line whose
     custom_id an earlier line (in shard-then-line order) already claimed.
 
-    Each claiming line costs 24 bytes (its 16-byte digest and its position), whatever
-    the length of its id, and about 56 at the final sort: ~0.5 GB for 10 M lines.
+    A claim is 24 bytes (its 16-byte digest and its position), whatever the length of
+    its id. Its memory does not grow with the input: past `memory_entries` claims held
+    in memory, they are appended to 256 files in a temporary folder, by the digest's
+    first byte, so every claim of one custom_id lands in the same file; `duplicates()`
+    then sorts one file at a time (a file still past the budget, on a huge input, is
+    split again by the next byte). At most about 3 × 24 × `memory_entries` bytes (the
+    sort's copies), ~19 MB by default. Use it as a context manager, or call
+    `duplicates()`: either removes the folder, also on error.
     """
 
     _LINE_BITS = 40  # a position is shard index << 40 | line number
+    _BUCKETS = 256  # one per value of a digest byte
+    DEFAULT_MEMORY_ENTRIES = 1 << 18  # 6 MB of claims: small next to the driver itself
 
-    def __init__(self, shard_names: list[str]):
+    def __init__(self, shard_names: list[str], *, memory_entries: Optional[int] = None, spill_dir=None):
         self._names = list(shard_names)
         self._index = {name: i for i, name in enumerate(self._names)}
-        self._chunks: list[tuple[np.ndarray, np.ndarray]] = []  # (digests (k, 2) u64, positions)
+        self._memory_entries = max(1, memory_entries or self.DEFAULT_MEMORY_ENTRIES)
+        self._spill_dir = spill_dir  # where the temporary folder goes (None: the system's)
+        self._chunks: list[np.ndarray] = []  # (k, 3) u64: digest (2 words), position
+        self._held = 0  # claims in self._chunks
+        self._spill: Optional[tempfile.TemporaryDirectory] = None  # made at the first spill
         self.lines = 0  # non-blank lines: the job's totalInputRequests
         self.blank_lines = 0
+
+    def __enter__(self) -> "DuplicateScan":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Drop what is held and remove the spill folder, if any."""
+        self._chunks, self._held = [], 0
+        if self._spill is not None:
+            self._spill.cleanup()
+            self._spill = None
 
     def add(self, batch: pa.Table) -> None:
         """One batch of `scan_custom_ids` output."""
@@ -312,21 +339,70 @@ class DuplicateScan:
         digests = np.frombuffer(b"".join(claimed["custom_id_digest"].to_pylist()), dtype=np.uint64)
         shards = np.array([self._index[s] for s in claimed["shard"].to_pylist()], dtype=np.uint64)
         lines = claimed["line"].to_numpy().astype(np.uint64)
-        self._chunks.append((digests.reshape(-1, 2), (shards << np.uint64(self._LINE_BITS)) | lines))
+        positions = (shards << np.uint64(self._LINE_BITS)) | lines
+        self._chunks.append(np.column_stack((digests.reshape(-1, 2), positions)))
+        self._held += claimed.num_rows
+        if self._held >= self._memory_entries:
+            if self._spill is None:
+                self._spill = tempfile.TemporaryDirectory(prefix="raybatch-scan-", dir=self._spill_dir)
+            self._spill_held()
 
     def duplicates(self) -> set[tuple[str, int]]:
         """(shard name, line) of every claim that is not the first of its custom_id."""
-        if not self._chunks:
-            return set()
-        digests = np.concatenate([d for d, _ in self._chunks])
-        positions = np.concatenate([p for _, p in self._chunks])
-        self._chunks = []
+        try:
+            if self._spill is None:  # it all fit in memory
+                return self._later_claims(np.concatenate(self._chunks)) if self._chunks else set()
+            self._spill_held()
+            folder = self._spill.name
+            found: set[tuple[str, int]] = set()
+            for name in sorted(os.listdir(folder)):
+                found |= self._bucket_claims(os.path.join(folder, name), 0)
+            return found
+        finally:
+            self.close()
+
+    def _spill_held(self) -> None:
+        if self._chunks:
+            entries = np.concatenate(self._chunks)
+            self._chunks, self._held = [], 0
+            _append_by_bucket(entries, self._spill.name, 0)
+
+    def _bucket_claims(self, path: str, level: int) -> set[tuple[str, int]]:
+        """The later claims among one bucket file's entries (then the file is removed)."""
+        if os.path.getsize(path) <= 24 * self._memory_entries or level == 7:
+            entries = np.fromfile(path, dtype=np.uint64).reshape(-1, 3)
+            os.remove(path)
+            return self._later_claims(entries)
+        # Past the budget (a huge input): split it by the digest's next byte, in slices.
+        folder = path + ".split"
+        os.mkdir(folder)
+        with open(path, "rb") as handle:
+            while (part := np.fromfile(handle, dtype=np.uint64, count=3 * self._memory_entries)).size:
+                _append_by_bucket(part.reshape(-1, 3), folder, level + 1)
+        os.remove(path)
+        found: set[tuple[str, int]] = set()
+        for name in sorted(os.listdir(folder)):
+            found |= self._bucket_claims(os.path.join(folder, name), level + 1)
+        return found
+
+    def _later_claims(self, entries: np.ndarray) -> set[tuple[str, int]]:
         # Sorted by digest, then position: each digest's first line leads its run.
-        order = np.lexsort((positions, digests[:, 1], digests[:, 0]))
-        digests = digests[order]
-        later = np.zeros(len(order), dtype=bool)
-        later[1:] = (digests[1:] == digests[:-1]).all(axis=1)
+        entries = entries[np.lexsort((entries[:, 2], entries[:, 1], entries[:, 0]))]
+        later = np.zeros(len(entries), dtype=bool)
+        later[1:] = (entries[1:, :2] == entries[:-1, :2]).all(axis=1)
         mask = (1 << self._LINE_BITS) - 1
-        return {
-            (self._names[int(p) >> self._LINE_BITS], int(p) & mask) for p in positions[order[later]]
-        }
+        return {(self._names[p >> self._LINE_BITS], p & mask) for p in entries[later, 2].tolist()}
+
+
+def _append_by_bucket(entries: np.ndarray, folder: str, level: int) -> None:
+    """Append (k, 3) u64 claims to folder/<b>, b being byte `level` of the digest's first
+    word: a hash, so the buckets come out even, and equal digests share one."""
+    bucket = ((entries[:, 0] >> np.uint64(8 * level)) & np.uint64(0xFF)).astype(np.intp)
+    order = np.argsort(bucket, kind="stable")
+    ends = np.cumsum(np.bincount(bucket, minlength=DuplicateScan._BUCKETS))
+    entries = entries[order]
+    for b, end in enumerate(ends):
+        start = ends[b - 1] if b else 0
+        if end > start:
+            with open(os.path.join(folder, f"{b:03d}"), "ab") as handle:
+                entries[start:end].tofile(handle)
