@@ -37,6 +37,7 @@ from raybatch.api.datasets import DatasetService
 from raybatch.api.errors import install_error_handlers
 from raybatch.api.listing import page_of, parse_filter, parse_order
 from raybatch.api.rate_limit import RateLimiter
+from raybatch.api.request_metrics import RequestMetrics
 from raybatch.api.signing import SIGNED_PREFIX, UrlSigner
 from raybatch.api.validation import BackgroundValidations
 from raybatch.config import ServiceConfig
@@ -60,6 +61,7 @@ api = FastAPI(title="raybatch", docs_url=None, redoc_url=None, openapi_url=None)
 install_error_handlers(api)
 # Added at import time because Serve imports this module afresh in each replica process.
 api.add_middleware(BodyLimit)
+api.add_middleware(RequestMetrics)  # added last: outermost
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0})
