@@ -213,7 +213,7 @@ class EnginePool:
         if replica not in state.replicas:
             return  # already handled (every call in flight on it fails the same way)
         runs = {entry.row.run_id for entry in replica.in_flight.values()} & self._runs.keys()
-        log_replica(logger, "failed", state, replica, logging.ERROR, reason=reason,
+        log_replica("failed", state, replica, logging.ERROR, reason=reason,
                     jobs=sorted(self._runs[run].ticket.job_id for run in runs))
         entries = list(replica.in_flight.values())
         replica.in_flight.clear()

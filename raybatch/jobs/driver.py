@@ -91,7 +91,7 @@ def main(argv=None) -> int:
         if assignment is None:
             return 0
         args.account, args.job, args.attempt = assignment.account, assignment.job_id, assignment.attempt
-        log_event(logging.getLogger(__name__), "spare_assigned", driver=args.spare, job_id=args.job,
+        log_event("spare_assigned", driver=args.spare, job_id=args.job,
                   account=args.account, attempt=args.attempt)
     config = read_run_config(store.location, args.account, args.job)
 

@@ -432,7 +432,7 @@ class JobScheduler:
         """Apply one transition and store it (caller holds the lock)."""
         source, record.job = record.job.state, transition(record.job, target, message)
         self._store.put_job(record)
-        log_job_state(logger, record, source.value, message)
+        log_job_state(record, source.value, message)
         metrics.count_state_change(target.value)
         if target in RELEASES_ENGINES and record.job.output_dataset_id:
             # Its rows leave the pool's queues and its requests are aborted inside the

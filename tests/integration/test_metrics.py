@@ -45,13 +45,21 @@ def test_counters_move_during_a_job(service, tmp_path):
     assert finished.state == "JOB_STATE_COMPLETED", finished.status
 
     job = {"job_id": JOB_ID, "account": ACCOUNT}
-    # Each process reports to Ray's agent every few seconds: wait for the writer's last part.
-    deadline = time.monotonic() + 60
-    while total(after := scrape(service), "ray_raybatch_rows_processed_total", **job) < 5 and time.monotonic() < deadline:
-        time.sleep(2)
 
     def moved(name, **match):
         return total(after, name, **match) - total(before, name, **match)
+
+    # Each process reports to its node's agent every few seconds: wait for the writer's
+    # last part and the scheduler's last pass to be exported.
+    deadline = time.monotonic() + 60
+    after = scrape(service)
+    while time.monotonic() < deadline and not (
+        moved("ray_raybatch_rows_processed_total", **job) == 5
+        and moved("ray_raybatch_job_state_changes_total", state="JOB_STATE_COMPLETED")
+        and moved("ray_raybatch_time_to_first_row_seconds_count")
+    ):
+        time.sleep(2)
+        after = scrape(service)
 
     assert moved("ray_raybatch_rows_processed_total", **job) == 5
     assert moved("ray_raybatch_rows_failed_total", code="invalid_json", **job) == 1
@@ -59,7 +67,7 @@ def test_counters_move_during_a_job(service, tmp_path):
     assert moved("ray_raybatch_output_tokens_total", account=ACCOUNT) > 0
     assert moved("ray_raybatch_committed_bytes_total", account=ACCOUNT) > 0
     assert moved("ray_raybatch_commit_latency_seconds_count") >= 1
-    assert moved("ray_raybatch_time_to_first_row_seconds_count") >= 1
+    assert moved("ray_raybatch_time_to_first_row_seconds_count") >= 1, sorted({n for n, _, _ in after})
     assert moved("ray_raybatch_job_state_changes_total", state="JOB_STATE_COMPLETED") >= 1
     assert moved("ray_raybatch_api_requests_total", route="/v1/accounts/{account}/batchInferenceJobs", status="200") >= 1
     # The warm tiny replica, and this job's in-flight series (now back at 0).

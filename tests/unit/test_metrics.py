@@ -17,7 +17,7 @@ from ray.util.metrics import Counter, Histogram
 
 from raybatch import metrics
 from raybatch.api.request_metrics import RequestMetrics
-from raybatch.events import log_job_state
+from raybatch.events import EVENTS, log_job_state
 from raybatch.jobs.driver_control import DriverControl
 from raybatch.output_layout import PartCommit
 
@@ -153,12 +153,18 @@ def test_api_requests_are_counted_by_route_template_and_status(monkeypatch):
     ]
 
 
-def test_a_job_state_change_is_one_json_line_with_job_account_and_attempt(caplog):
+def test_a_job_state_change_is_one_json_line_with_job_account_and_attempt():
     job = SimpleNamespace(name="accounts/acme/batchInferenceJobs/job-1", state=SimpleNamespace(value="JOB_STATE_RUNNING"))
     record = SimpleNamespace(job=job, runtime=SimpleNamespace(account="acme", attempts=2, driver_id="raybatch-acme-job-1-2-ab"))
-    with caplog.at_level(logging.INFO):
-        log_job_state(logging.getLogger("test"), record, "JOB_STATE_PENDING", "attempt 2")
-    (line,) = caplog.messages
+    lines = []
+    handler = logging.Handler()
+    handler.emit = lambda r: lines.append(r.getMessage())
+    EVENTS.addHandler(handler)
+    try:
+        log_job_state(record, "JOB_STATE_PENDING", "attempt 2")
+    finally:
+        EVENTS.removeHandler(handler)
+    (line,) = lines
     assert json.loads(line) == {
         "event": "job_state", "job_id": "job-1", "account": "acme", "attempt": 2, "source": "JOB_STATE_PENDING",
         "state": "JOB_STATE_RUNNING", "message": "attempt 2", "driver": "raybatch-acme-job-1-2-ab",
