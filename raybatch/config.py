@@ -207,6 +207,8 @@ class RunConfig(BaseModel):
     )
     account: str = Field("local", description="Whose job this is: the pool shares engines "
                          "fairly between accounts, then between an account's jobs.")
+    job_id: Optional[str] = Field(None, description="The service's batch job id, for metrics "
+                                  "and logs; None for `raybatch run`.")
     skip_succeeded_in: list[str] = Field(
         default_factory=list, description="Output folders of earlier runs on the same "
         "input (a continuation's parent chain): lines they answered successfully are "

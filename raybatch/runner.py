@@ -25,6 +25,7 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from pydantic import BaseModel
 
+from raybatch import metrics
 from raybatch.config import RunConfig
 from raybatch.exceptions import InputTooLarge
 from raybatch.engines.pool_handle import NAMESPACE, pool_handle
@@ -293,7 +294,7 @@ def run_job(
     pool = pool_handle(pool_name, detached=False) if own_pool else ray.get_actor(pool_name, namespace=NAMESPACE)
     access = PoolAccess(
         pool_name=pool_name,
-        ticket=JobTicket(account=config.account, job=config.output, run_id=uuid.uuid4().hex),
+        ticket=JobTicket(account=config.account, job=config.output, run_id=uuid.uuid4().hex, job_id=config.job_id or ""),
         model=job_pool_model(config, plan, fixed=own_pool),
     )
     pool.warm.remote(access.model)  # engines start while the input is scanned
@@ -326,6 +327,7 @@ def _stream(
         part_max_rows=config.part_max_rows,
         part_max_bytes=config.part_max_bytes,
         part_max_seconds=config.part_max_seconds,
+        metric_labels=metrics.job_labels(config.job_id, config.account),
     )
     scan = scan_input(shards, config)
     inherited: dict = {}

@@ -132,10 +132,14 @@ def up(
     timeout: float = 300.0,
     tls_cert: Optional[str] = None,
     tls_key: Optional[str] = None,
+    metrics_port: Optional[int] = None,
 ) -> str:
     http_options(host, port, tls_cert, tls_key)  # a bad TLS flag fails before Ray starts
     address = address or os.environ.get("RAY_ADDRESS")
     started_ray = address is None
+    if metrics_port and not started_ray:
+        raise ConfigError("--metrics-port sets the metrics port of a Ray that `up` starts; a cluster "
+                          "it joins has its own (`ray start --metrics-export-port`)")
     # What the cluster's processes create (records, data, logs) is the service user's
     # only; storage.py also sets its modes itself, whatever the umask.
     os.umask(0o077)
@@ -148,6 +152,8 @@ def up(
         # --node-ip-address by the node's address); the token is what guards them.
         command = [_ray_command(), "start", "--head", "--disable-usage-stats", "--dashboard-host", "127.0.0.1",
                    f"--num-cpus={num_cpus or max(4, os.cpu_count() or 1)}"]
+        if metrics_port:  # Prometheus scrapes 127.0.0.1:PORT/metrics (docs/deploy.md, "Metrics")
+            command.append(f"--metrics-export-port={metrics_port}")
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode != 0:
             raise ConfigError(f"ray start failed (is a Ray cluster already running here?):\n{done.stderr[-2000:]}")
@@ -164,7 +170,7 @@ def up(
         # address can refuse connections made by address on some hosts).
         joined = "auto" if started_ray else ray.get_runtime_context().gcs_address
         state = {"base_url": base_url, "address": joined,
-                 "started_ray": started_ray, "storage": config.storage,
+                 "started_ray": started_ray, "storage": config.storage, "metrics_port": metrics_port,
                  "ray_auth_token_path": str(ray_token_path()) if started_ray else None}
     finally:
         ray.shutdown()

@@ -55,12 +55,12 @@ def service(tmp_path_factory, tiny_model, s3_endpoint):
     os.environ[FOLDER_VARIABLE] = str(home / "faults")
     storage = str(home / "storage")
     (home / "service.json").write_text(json.dumps(service_config(storage, tiny_model)))
-    state = service_up(str(home), _free_port())
+    state = service_up(str(home), _free_port(), metrics_port=_free_port())
     os.environ["RAY_ADDRESS"] = state["address"]
     # The cluster requires Ray's token: this process (ray.init, the Jobs API client) and
     # every subprocess a test starts find it as a user of the service would.
     use_ray_auth(state["ray_auth_token_path"])
-    yield Service(state["base_url"], storage, str(home), state["address"])
+    yield Service(state["base_url"], storage, str(home), state["address"], state["metrics_port"])
     import ray
 
     ray.shutdown()

@@ -376,6 +376,7 @@ class Service:
     storage: str
     home: str
     address: str
+    metrics_port: Optional[int] = None  # Ray's Prometheus port (`raybatch up --metrics-port`)
 
     def key(self, account: str) -> str:
         from raybatch.api.auth import create_key
@@ -397,7 +398,7 @@ class Service:
 
     def start(self) -> None:
         """`raybatch up` again, on the same port with the same config."""
-        service_up(self.home, int(self.base_url.rsplit(":", 1)[1]))
+        service_up(self.home, int(self.base_url.rsplit(":", 1)[1]), self.metrics_port)
 
 
 @contextmanager
@@ -434,8 +435,9 @@ def raybatch_cli(home: str, *args: str, check: bool = True) -> str:
     return done.stdout
 
 
-def service_up(home: str, port: int) -> dict:
-    stdout = raybatch_cli(home, "up", "--port", str(port), "--config", os.path.join(home, "service.json"), "--num-cpus", "4")
+def service_up(home: str, port: int, metrics_port: Optional[int] = None) -> dict:
+    args = ["--metrics-port", str(metrics_port)] if metrics_port else []
+    stdout = raybatch_cli(home, "up", "--port", str(port), "--config", os.path.join(home, "service.json"), "--num-cpus", "4", *args)
     with open(os.path.join(home, "up.json")) as up:
         state = json.load(up)
     assert stdout.strip().splitlines()[-1] == state["base_url"]

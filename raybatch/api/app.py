@@ -41,6 +41,7 @@ from raybatch.api.field_mask import apply_mask, mask_paths
 from raybatch.api.listing import DATASET_FIELDS, JOB_FIELDS, listed, page_of
 from raybatch.api.query import query_params
 from raybatch.api.rate_limit import RateLimiter
+from raybatch.api.request_metrics import RequestMetrics
 from raybatch.api.signing import SIGNED_PREFIX, UrlSigner
 from raybatch.api.validation import BackgroundValidations
 from raybatch.config import ServiceConfig
@@ -66,6 +67,7 @@ api = FastAPI(title="raybatch", docs_url=None, redoc_url=None, openapi_url=None)
 install_error_handlers(api)
 # Added at import time because Serve imports this module afresh in each replica process.
 api.add_middleware(BodyLimit)
+api.add_middleware(RequestMetrics)  # added last: outermost
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0})

@@ -22,7 +22,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
     from raybatch.service import up
 
     base_url = up(_service_config(args), port=args.port, address=args.address, host=args.host, num_cpus=args.num_cpus,
-                  tls_cert=args.tls_cert, tls_key=args.tls_key)
+                  tls_cert=args.tls_cert, tls_key=args.tls_key, metrics_port=args.metrics_port)
     print(base_url)
     return ExitCode.OK
 
@@ -68,6 +68,8 @@ def add_service_commands(sub) -> None:
     up.add_argument("--tls-key", help="PEM private key of --tls-cert")
     up.add_argument("--address", help="join this Ray cluster instead of starting one (also RAY_ADDRESS)")
     up.add_argument("--num-cpus", type=int, help="logical CPUs of a local Ray (default: max(4, cores))")
+    up.add_argument("--metrics-port", type=int, help="port of Ray's Prometheus metrics (raybatch_* among them) "
+                    "at 127.0.0.1:PORT/metrics; outside Ray's worker ports 10002-19999")
     up.add_argument("--config", help="JSON file of further ServiceConfig fields (models, limits, ...)")
     up.set_defaults(handler=_cmd_up)
     down = sub.add_parser("down", help="stop what `raybatch up` started")

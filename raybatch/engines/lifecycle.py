@@ -18,6 +18,7 @@ from typing import Any, Callable, Optional
 import ray
 
 from raybatch.engines.dispatch import fail_waiting
+from raybatch.events import log_replica
 from raybatch.engines.pool_state import ModelState, ReplicaState
 from raybatch.engines.replica import EngineReplica, ReplicaSpec, placement
 
@@ -50,7 +51,7 @@ class ReplicaLifecycle:
         for replica in list(state.replicas):
             idle = replica.state == "ready" and not replica.in_flight and not len(state.queue) and not state.suspects
             if idle and now - replica.idle_since > policy.idle_seconds and len(state.live()) > policy.min_replicas:
-                logger.info("stopping idle engine replica %s", replica.replica_id)
+                log_replica("stopping", state, replica, reason=f"idle for {policy.idle_seconds:g}s")
                 self.stop(state, replica)
 
     def start(self, state: ModelState) -> bool:
@@ -86,7 +87,7 @@ class ReplicaLifecycle:
         actor = ray.remote(EngineReplica).options(name=None, **options).remote(spec)
         replica = ReplicaState(replica_id, actor, accelerator, group)
         state.replicas.append(replica)
-        logger.info("starting engine replica %s of %s", replica_id, spec.model)
+        log_replica("starting", state, replica)
         asyncio.ensure_future(self._await_ready(state, replica))
         return True
 
@@ -115,7 +116,7 @@ class ReplicaLifecycle:
         replica.state, replica.node = "ready", info["node"]
         replica.idle_since = time.time()
         state.start_failures = 0
-        logger.info("engine replica %s ready on node %s", replica.replica_id, replica.node)
+        log_replica("ready", state, replica)
         self._on_ready(state)
 
     def check_starts(self, state: ModelState) -> None:
@@ -132,7 +133,7 @@ class ReplicaLifecycle:
     def _start_failed(self, state: ModelState, replica: ReplicaState, message: str) -> None:
         """Stop it and count it; at `max_start_failures` in a row the rows waiting for
         the model fail their jobs. Below that, the next scaling pass starts another."""
-        logger.error("engine replica %s failed to start: %s", replica.replica_id, message)
+        log_replica("start_failed", state, replica, logging.ERROR, reason=message)
         self.stop(state, replica)
         state.start_failures += 1
         if state.start_failures >= state.policy.max_start_failures:
@@ -175,7 +176,7 @@ class ReplicaLifecycle:
                 continue
             for replica in state.replicas:
                 if replica.state == "ready" and not replica.in_flight and state.pool_model.spec.gpus:
-                    logger.info("stopping idle replica %s to free GPUs for %s", replica.replica_id, spec.model)
+                    log_replica("stopping", state, replica, reason=f"its GPUs go to {spec.model}")
                     self.stop(state, replica)
                     return True
         return False

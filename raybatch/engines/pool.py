@@ -40,11 +40,13 @@ from typing import Optional
 
 import ray
 
+from raybatch import metrics
 from raybatch.engines.dispatch import answer_if_spent, dispatch, drop_runs, enqueue
 from raybatch.engines.failures import FailureLog
 from raybatch.engines.lifecycle import ReplicaLifecycle
 from raybatch.engines.pool_state import InFlight, JobRun, JobTicket, ModelState, PoolModel, ReplicaState, Row
 from raybatch.engines.replica import Answer, ReplicaInfo
+from raybatch.events import log_replica
 from raybatch.exceptions import EngineFailure
 
 logger = logging.getLogger(__name__)
@@ -210,7 +212,9 @@ class EnginePool:
         suspect that failed alone too often becomes an engine_error row."""
         if replica not in state.replicas:
             return  # already handled (every call in flight on it fails the same way)
-        logger.error("engine replica %s failed: %s", replica.replica_id, reason)
+        runs = {entry.row.run_id for entry in replica.in_flight.values()} & self._runs.keys()
+        log_replica("failed", state, replica, logging.ERROR, reason=reason,
+                    jobs=sorted(self._runs[run].ticket.job_id for run in runs))
         entries = list(replica.in_flight.values())
         replica.in_flight.clear()
         for entry in entries:
@@ -257,6 +261,7 @@ class EnginePool:
                     self._dispatch(state)
                 except Exception:  # the watcher must outlive any one bad pass
                     logger.exception("engine pool pass failed for %s", key)
+            metrics.report_pool(self._models.values(), self._runs)
 
     def _check_hangs(self, state: ModelState) -> None:
         timeout = state.policy.request_timeout_seconds

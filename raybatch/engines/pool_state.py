@@ -63,6 +63,7 @@ class JobTicket(BaseModel):
     account: str
     job: str  # the job's output location: stable across attempts
     run_id: str
+    job_id: str = ""  # the service's job id, for metrics; "" for `raybatch run`
 
 
 @dataclass(eq=False)

@@ -25,6 +25,7 @@ import sys
 import time
 from typing import Optional
 
+from raybatch.events import log_event
 from raybatch.exceptions import ConfigError, OutputConflictError
 from raybatch.jobs.handoff import (
     DriverAssignment,
@@ -90,7 +91,8 @@ def main(argv=None) -> int:
         if assignment is None:
             return 0
         args.account, args.job, args.attempt = assignment.account, assignment.job_id, assignment.attempt
-        logging.getLogger(__name__).info("spare %s runs %s/%s attempt %d", args.spare, args.account, args.job, args.attempt)
+        log_event("spare_assigned", driver=args.spare, job_id=args.job,
+                  account=args.account, attempt=args.attempt)
     config = read_run_config(store.location, args.account, args.job)
 
     try:

@@ -59,7 +59,10 @@ class DriverControl:
             f"{sys.executable} -m raybatch.jobs.driver --storage {storage} "
             f"--account {account} --job {job_id} --attempt {attempt}"
         )
-        self._submission_client().submit_job(entrypoint=entrypoint, submission_id=driver_id)
+        # The Ray dashboard's Jobs page shows the submission id (account, job and attempt
+        # are in it) and this metadata: which batch job a Ray job is.
+        metadata = {"raybatch_job_id": job_id, "raybatch_account": account, "raybatch_attempt": str(attempt)}
+        self._submission_client().submit_job(entrypoint=entrypoint, submission_id=driver_id, metadata=metadata)
 
     def submit_spare(self, driver_id: str, *, storage: str, idle_seconds: float) -> None:
         """Start a spare driver (`jobs/driver.py --spare`), which waits for an assignment."""
@@ -67,7 +70,11 @@ class DriverControl:
             f"{sys.executable} -m raybatch.jobs.driver --storage {storage} "
             f"--spare {driver_id} --idle-seconds {idle_seconds:g}"
         )
-        self._submission_client().submit_job(entrypoint=entrypoint, submission_id=driver_id)
+        # A Ray job's metadata is fixed at submission, before a spare has a job: the job's
+        # record names the spare (`driver`, in the scheduler's job_state log line), and
+        # the spare's own log says which job it runs.
+        metadata = {"raybatch_spare": "true"}
+        self._submission_client().submit_job(entrypoint=entrypoint, submission_id=driver_id, metadata=metadata)
 
     def live_drivers(self, prefix: str) -> list[str]:
         """The live drivers whose id starts with `prefix` (empty when Ray cannot say)."""

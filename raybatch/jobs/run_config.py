@@ -29,6 +29,7 @@ class RunConfigBuilder:
             precision=job.precision,
             skip_succeeded_in=record.runtime.skip_succeeded_in,
             account=record.runtime.account,
+            job_id=job.name.rsplit("/", 1)[-1],
         )
 
     def for_model(self, name: str, **job_fields) -> RunConfig:

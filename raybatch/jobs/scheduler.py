@@ -31,7 +31,9 @@ from typing import Optional
 
 import ray
 
+from raybatch import metrics
 from raybatch.config import ServiceConfig
+from raybatch.events import log_job_state
 from raybatch.exceptions import (
     AlreadyExists,
     ConfigError,
@@ -177,6 +179,7 @@ class JobScheduler:
     def tick(self) -> None:
         # Through the index of jobs that have not ended: ended jobs cost nothing here.
         records = sorted(self._store.active_jobs(), key=lambda r: (r.job.create_time, r.job.name))
+        metrics.count_jobs(r.job.state.value for r in records if not r.job.state.terminal)
         for record in records:
             try:
                 self._advance(record)
@@ -379,13 +382,16 @@ class JobScheduler:
         return timedelta(seconds=seconds)
 
     def _publish_progress(self, record: JobRecord) -> None:
-        status = read_progress(Location(self._configs.files_url(record.job.output_dataset_id)))
+        output = Location(self._configs.files_url(record.job.output_dataset_id))
+        status = read_progress(output)
         if status is None:
             return
         progress = status.progress
         with self._lock:
             fresh = self._reload(record)
             if fresh.job.state == record.job.state and fresh.job.job_progress != progress:
+                if progress.total_processed_requests and not fresh.job.job_progress.total_processed_requests:
+                    metrics.observe_first_row(fresh.runtime.running_since, load_commits(output))
                 fresh.job.job_progress = progress
                 fresh.job.update_time = now()
                 self._store.put_job(fresh)
@@ -424,8 +430,10 @@ class JobScheduler:
 
     def _move(self, record: JobRecord, target: JobState, message: str) -> None:
         """Apply one transition and store it (caller holds the lock)."""
-        record.job = transition(record.job, target, message)
+        source, record.job = record.job.state, transition(record.job, target, message)
         self._store.put_job(record)
+        log_job_state(record, source.value, message)
+        metrics.count_state_change(target.value)
         if target in RELEASES_ENGINES and record.job.output_dataset_id:
             # Its rows leave the pool's queues and its requests are aborted inside the
             # engines at once; no other job's rows are touched.

@@ -51,6 +51,5 @@ def transition(job: BatchInferenceJob, target: JobState, message: str = "") -> B
     if target not in ALLOWED[job.state]:
         logger.error("refused illegal transition of %s: %s → %s", job.name, job.state.value, target.value)
         raise IllegalTransition(f"{job.name}: {job.state.value} → {target.value} is not allowed")
-    logger.info("%s: %s → %s %s", job.name, job.state.value, target.value, message)
     status = Status(code=STATUS_CODES.get(target, "OK"), message=message)
     return job.model_copy(update={"state": target, "status": status, "update_time": now()})

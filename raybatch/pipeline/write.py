@@ -12,7 +12,7 @@ from typing import Optional
 
 import pyarrow as pa
 
-from raybatch import faults
+from raybatch import faults, metrics
 from raybatch.output_layout import (
     COMMITS_DIR,
     PARTS_DIR,
@@ -50,6 +50,7 @@ class OutputWriter:
         part_max_bytes: int,
         part_max_seconds: float,
         total_input_requests: Optional[int] = None,
+        metric_labels: Optional[dict[str, str]] = None,
     ):
         """`total_input_requests` may come later, through `begin`: a run creates its
         writer before it scans the input, so that the actor's process starts meanwhile."""
@@ -59,6 +60,7 @@ class OutputWriter:
         self._part_max_bytes = part_max_bytes
         self._part_max_seconds = part_max_seconds
         self._total = total_input_requests
+        self._metric_labels = metric_labels or metrics.job_labels(None, "local")
         self._run = uuid.uuid4().hex[:8]
         self._commits = load_commits(self._out)
         self._done = committed_lines(self._commits)
@@ -135,6 +137,7 @@ class OutputWriter:
         self._write_progress()
 
     def _commit_part(self, rows: list[tuple], size: int) -> None:
+        started = time.monotonic()
         seq = self._seq + 1
         stem = f"{PARTS_DIR}/{seq:08d}-{self._run}"
         results = b"".join(r[3] for r in rows if not r[2])
@@ -168,6 +171,7 @@ class OutputWriter:
             os._exit(1)  # the reliability tests' crash between a part and its commit
         # The commit point: until this record exists the part does not count.
         self._out.write_atomic(f"{COMMITS_DIR}/{seq:08d}.json", record.model_dump_json().encode())
+        metrics.record_commit(self._metric_labels, record, [r[3] for r in rows if r[2]], time.monotonic() - started)
         self._seq = seq
         self._commits.append(record)
         self._committed_bytes += size

@@ -1,0 +1,77 @@
+"""raybatch's Prometheus metrics, scraped from the exporter that `raybatch up
+--metrics-port` opens (the `service` fixture starts the service so), before and after
+a real job through the API: the counters move by what the job did."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.helpers import InputBuilder, chat, sdk_client, wait_job
+
+pytestmark = pytest.mark.engine  # a job on vLLM (the warm tiny model)
+
+ACCOUNT = "metrics"
+JOB_ID = "metrics-job"
+
+
+def scrape(service) -> list[tuple[str, dict, float]]:
+    text = httpx.get(f"http://127.0.0.1:{service.metrics_port}/metrics", timeout=30).text
+    return [(s.name, s.labels, s.value) for family in text_string_to_metric_families(text) for s in family.samples
+            if s.name.startswith("ray_raybatch_")]
+
+
+def total(samples, name: str, **match) -> float:
+    """The sum over every process's series of `name` whose labels include `match`."""
+    return sum(v for n, labels, v in samples if n == name and match.items() <= labels.items())
+
+
+def test_counters_move_during_a_job(service, tmp_path):
+    before = scrape(service)
+    client = sdk_client(service.base_url, service.key(ACCOUNT), ACCOUNT)
+    built = InputBuilder()
+    for i in range(4):
+        built.ok("requests.jsonl", f"req-{i}", chat(f"count to {i}", max_tokens=8, temperature=0))
+    built.add("requests.jsonl", b"{not json", None, "invalid_json")
+    built.write(str(tmp_path))
+    client.datasets.create(dataset_id="metrics-input", dataset={"user_uploaded": {}})
+    client.datasets.upload("metrics-input", file=("requests.jsonl", (tmp_path / "requests.jsonl").read_bytes()))
+    client.batch_inference_jobs.create(batch_inference_job_id=JOB_ID, model="tiny",
+                                       input_dataset_id=f"accounts/{ACCOUNT}/datasets/metrics-input")
+    finished, _ = wait_job(client, JOB_ID, timeout=600)
+    assert finished.state == "JOB_STATE_COMPLETED", finished.status
+
+    job = {"job_id": JOB_ID, "account": ACCOUNT}
+
+    def moved(name, **match):
+        return total(after, name, **match) - total(before, name, **match)
+
+    # Each process reports to its node's agent every few seconds: wait for the writer's
+    # last part and the scheduler's last pass to be exported.
+    deadline = time.monotonic() + 60
+    after = scrape(service)
+    while time.monotonic() < deadline and not (
+        moved("ray_raybatch_rows_processed_total", **job) == 5
+        and moved("ray_raybatch_job_state_changes_total", state="JOB_STATE_COMPLETED")
+        and moved("ray_raybatch_time_to_first_row_seconds_count")
+    ):
+        time.sleep(2)
+        after = scrape(service)
+
+    assert moved("ray_raybatch_rows_processed_total", **job) == 5
+    assert moved("ray_raybatch_rows_failed_total", code="invalid_json", **job) == 1
+    assert moved("ray_raybatch_input_tokens_total", account=ACCOUNT) > 0
+    assert moved("ray_raybatch_output_tokens_total", account=ACCOUNT) > 0
+    assert moved("ray_raybatch_committed_bytes_total", account=ACCOUNT) > 0
+    assert moved("ray_raybatch_commit_latency_seconds_count") >= 1
+    assert moved("ray_raybatch_time_to_first_row_seconds_count") >= 1, sorted({n for n, _, _ in after})
+    assert moved("ray_raybatch_job_state_changes_total", state="JOB_STATE_COMPLETED") >= 1
+    assert moved("ray_raybatch_api_requests_total", route="/v1/accounts/{account}/batchInferenceJobs", status="200") >= 1
+    # The warm tiny replica, and this job's in-flight series (now back at 0).
+    assert total(after, "ray_raybatch_engine_replicas", model="tiny", state="ready") >= 1
+    assert any(n == "ray_raybatch_rows_in_flight" and l.get("job_id") == JOB_ID for n, l, _ in after)
+    assert any(n == "ray_raybatch_queue_depth" and l.get("model") == "tiny" for n, l, _ in after)
+    assert any(n == "ray_raybatch_jobs" for n, _, _ in after)
