@@ -115,8 +115,9 @@ def test_read_mask_is_honoured_on_get_and_list_and_accepted_in_the_upload_endpoi
     assert [j.model_dump(exclude_none=True) for j in listed] == [{"name": f"accounts/{ACCOUNT}/batchInferenceJobs/llama"}]
     masked = client.datasets.get(ready, read_mask="state,example_count")
     assert (masked.state, masked.example_count, masked.name, masked.display_name) == ("READY", "3", None, None)
-    assert [d.model_dump(exclude_none=True) for d in client.datasets.list(read_mask="displayName", filter="name=in")] == [
-        {"display_name": "the input"}]
+    # Attributes, not model_dump: the SDK's model keeps the camelCase key beside its own.
+    listed_datasets = list(client.datasets.list(read_mask="displayName", filter="name=in"))
+    assert [(d.display_name, d.name, d.state) for d in listed_datasets] == [("the input", None, None)]
     client.datasets.create(dataset_id="signed", dataset={"user_uploaded": {}})
     urls = client.datasets.get_upload_endpoint("signed", filename_to_size={"a.jsonl": "10"}, read_mask="filenameToSignedUrls")
     assert set(urls.filename_to_signed_urls) == {"a.jsonl"}

@@ -178,3 +178,28 @@ def test_a_second_job_finds_the_vllm_replica_warm(service, tmp_path):
     after = [r for r in _engines(service).json()["replicas"] if r["model"] == "tiny"]
     assert len(before) == 1 and before[0]["state"] == "ready"
     assert [r["replicaId"] for r in after] == [before[0]["replicaId"]]
+
+
+def test_rows_sharing_a_long_prefix_report_cached_tokens(service, tmp_path):
+    """Prefix caching on the warm vLLM replica shows in the rows' usage and in
+    jobProgress. The shared system prompt is longer than two of the CPU backend's
+    default 128-token KV blocks: vLLM caches whole blocks only, so a shared prefix
+    shorter than one block never counts as cached (docs/performance.md)."""
+    account = "pool-prefix"
+    system = "You are a careful assistant. Answer in plain prose and keep to the facts. " * 6
+    built = InputBuilder()
+    for i in range(12):
+        body = {"messages": [{"role": "system", "content": system}, {"role": "user", "content": f"question {i}"}],
+                "max_tokens": 4}
+        built.add("in.jsonl", {"custom_id": f"prefix-{i}", "body": body}, f"prefix-{i}")
+    built.write(str(tmp_path / "prefix"))
+    client = sdk_client(service.base_url, service.key(account), account)
+    client.datasets.create(dataset_id="prefix-in", dataset={"user_uploaded": {}})
+    client.datasets.upload("prefix-in", file=("in.jsonl", (tmp_path / "prefix" / "in.jsonl").read_bytes()))
+    client.batch_inference_jobs.create(batch_inference_job_id="prefix", model="tiny", input_dataset_id="prefix-in")
+    _check(service, account, "prefix", built)
+    job = client.batch_inference_jobs.get("prefix")
+    output = dataset_files_url(service.storage, account, job.output_dataset_id)
+    cached = [r["response"]["body"]["usage"]["prompt_tokens_details"]["cached_tokens"]
+              for r in read_jsonl(f"{output}/results.jsonl")]
+    assert sum(cached) > 0 and job.job_progress.cached_input_token_count == sum(cached), (cached, job.job_progress)
