@@ -46,6 +46,15 @@ def ready(client):
     return "in"
 
 
+@pytest.fixture(scope="module")
+def llama(client, ready):
+    """One completed job created under a Fireworks model name; several tests read it."""
+    created = client.batch_inference_jobs.create(batch_inference_job_id="llama", model=LLAMA, input_dataset_id=ready)
+    assert created.model == LLAMA
+    job, _ = wait_job(client, "llama", timeout=120)
+    return job
+
+
 def _error(reply: httpx.Response) -> str:
     assert reply.status_code == 400, reply.text
     return reply.json()["error"]["message"]
@@ -54,10 +63,8 @@ def _error(reply: httpx.Response) -> str:
 # ------------------------------------------------------------------------ model names
 
 
-def test_a_fireworks_model_name_runs_on_the_catalog_entry_keyed_by_its_hub_id(client, service, ready):
-    created = client.batch_inference_jobs.create(batch_inference_job_id="llama", model=LLAMA, input_dataset_id=ready)
-    assert created.model == LLAMA
-    job, _ = wait_job(client, "llama", timeout=120)
+def test_a_fireworks_model_name_runs_on_the_catalog_entry_keyed_by_its_hub_id(service, llama):
+    job = llama
     assert job.state == "JOB_STATE_COMPLETED" and job.model == LLAMA
     rows = read_jsonl(f"{dataset_files_url(service.storage, ACCOUNT, job.output_dataset_id)}/results.jsonl")
     assert len(rows) == 3 and {row["response"]["body"]["model"] for row in rows} == {LLAMA}
@@ -91,8 +98,8 @@ def test_proto3_zero_inference_parameters_mean_unset(http, ready):
     assert reply.json()["inferenceParameters"] == {"temperature": 0.5}
 
 
-def test_a_job_fetched_with_get_is_posted_back_as_a_template(client, http, ready):
-    fetched = wait_job(client, "llama")[0]
+def test_a_job_fetched_with_get_is_posted_back_as_a_template(client, http, ready, llama):
+    fetched = llama
     template = http.get("/batchInferenceJobs/llama").json()
     assert {"name", "state", "createTime", "updateTime", "createdBy", "jobProgress", "status"} <= set(template)
     # Its output dataset exists (the first job's); a new job writes a new one.
@@ -105,8 +112,7 @@ def test_a_job_fetched_with_get_is_posted_back_as_a_template(client, http, ready
     assert "estimatedCost" in _error(http.post("/batchInferenceJobs", json={**template, "estimatedCost": 3}))
 
 
-def test_read_mask_is_honoured_on_get_and_list_and_accepted_in_the_upload_endpoint_body(client, http, ready):
-    wait_job(client, "llama")
+def test_read_mask_is_honoured_on_get_and_list_and_accepted_in_the_upload_endpoint_body(client, http, ready, llama):
     assert http.get("/batchInferenceJobs/llama", params={"readMask": "name,jobProgress.percent"}).json() == {
         "name": f"accounts/{ACCOUNT}/batchInferenceJobs/llama", "jobProgress": {"percent": 100}}
     job = client.batch_inference_jobs.get("llama", read_mask="state")  # the SDK sends readMask=state
@@ -143,7 +149,7 @@ def test_example_count_as_a_json_number(http):
     assert patched.status_code == 200 and patched.json()["exampleCount"] == "4"
 
 
-def test_snake_case_query_parameters_work_and_none_is_silently_ignored(http, client, ready):
+def test_snake_case_query_parameters_work_and_none_is_silently_ignored(http, client, ready, llama):
     reply = http.post("/batchInferenceJobs", params={"batch_inference_job_id": "snake"},
                       json={"model": "scripted", "inputDatasetId": ready})
     assert reply.status_code == 200 and reply.json()["name"].endswith("/snake")
@@ -153,7 +159,6 @@ def test_snake_case_query_parameters_work_and_none_is_silently_ignored(http, cli
     after = http.get("/batchInferenceJobs", params={"page_size": 1, "page_token": page["nextPageToken"],
                                                     "order_by": "create_time desc"}).json()
     assert after["batchInferenceJobs"][0]["name"] != page["batchInferenceJobs"][0]["name"]
-    wait_job(client, "llama")
     lineage = http.get("/datasets/llama-output:getDownloadEndpoint", params={"download_lineage": "true"}).json()
     assert any(name.startswith("in-") for name in lineage["filenameToSignedUrls"])
     assert "unknown query parameter 'pagesize'" in _error(http.get("/batchInferenceJobs", params={"pagesize": 1}))
@@ -163,7 +168,7 @@ def test_snake_case_query_parameters_work_and_none_is_silently_ignored(http, cli
 # ---------------------------------------------------------------------------- lists
 
 
-def test_job_list_filter_and_order(client, ready):
+def test_job_list_filter_and_order(client, ready, llama):
     for job_id, display in (("list-a", "alpha one"), ("list-b", "beta"), ("list-c", "alpha two")):
         client.batch_inference_jobs.create(batch_inference_job_id=job_id, model="scripted", input_dataset_id=ready,
                                            display_name=display)
