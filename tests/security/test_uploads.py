@@ -55,18 +55,22 @@ def _validated(reply, get_dataset) -> bool:
     return validation_outcome(reply, get_dataset) == (200, "OK", "")
 
 
-def test_internal_names_are_refused_at_upload(service, key):
+def test_internal_names_are_never_stored(service, key):
     """Item 4: `p.tmp-1.jsonl` passed the name rule; the size checks' listing hid it and
-    the job's shard listing read it. Refused at both upload routes; nothing is stored."""
+    the job's shard listing read it. `:getUploadEndpoint` (whose names the client then
+    writes under) refuses it and stores nothing; `:upload`, which stores what it is sent
+    under a name of its own choosing (as Fireworks takes any file name there), stores it
+    under a safe name."""
     _new_dataset(service, key, "hidden")
-    for reply in (
-        _call(service, key, "POST", "datasets/hidden:upload", files={"file": ("p.tmp-1.jsonl", LINE)}),
-        _call(service, key, "POST", "datasets/hidden:getUploadEndpoint", json={"filenameToSize": {"p.tmp-1.jsonl": 10}}),
-    ):
-        assert reply.status_code == 400, reply.text
-        assert reply.json()["error"] == {"code": 400, "status": "INVALID_ARGUMENT", "message": (
-            "invalid file name 'p.tmp-1.jsonl': '.tmp-' marks the service's own unfinished files")}
+    reply = _call(service, key, "POST", "datasets/hidden:getUploadEndpoint", json={"filenameToSize": {"p.tmp-1.jsonl": 10}})
+    assert reply.status_code == 400, reply.text
+    assert reply.json()["error"] == {"code": 400, "status": "INVALID_ARGUMENT", "message": (
+        "invalid file name 'p.tmp-1.jsonl': '.tmp-' marks the service's own unfinished files")}
     assert not os.path.exists(os.path.join(service.storage, f"accounts/{ACCOUNT}/datasets/hidden/files"))
+    reply = _call(service, key, "POST", "datasets/hidden:upload", files={"file": ("p.tmp-1.jsonl", LINE)})
+    assert reply.status_code == 200 and reply.json()["filename"] == "p-1.jsonl", reply.text
+    assert _validated(reply, lambda: _call(service, key, "GET", "datasets/hidden").json())
+    assert _download(service, key, "hidden") == {"p-1.jsonl": LINE}
 
 
 def test_a_failed_upload_leaves_nothing_behind(service, key):
@@ -212,7 +216,11 @@ def test_s3_urls_sign_the_size_and_end_with_the_upload(s3_service, s3_endpoint):
     # The URL still answers (S3 knows nothing of READY), but what it writes is never read.
     httpx.put(url, content=EVIL, timeout=60)
     assert _download(s3_service, key, "on-s3") == {"a.jsonl": LINE}
-    assert _call(s3_service, key, "POST", "datasets/on-s3:validateUpload", json={}).status_code == 400
+    # Validating a READY dataset again answers it as it is (idempotent, as Fireworks'
+    # is): it does not take in what was written since.
+    again = _call(s3_service, key, "POST", "datasets/on-s3:validateUpload", json={})
+    assert again.status_code == 200 and again.json()["state"] == "READY", again.text
+    assert _download(s3_service, key, "on-s3") == {"a.jsonl": LINE}
     # No signed-write route, and no signing key in the bucket.
     assert httpx.put(f"{s3_service.base_url}/v1/signed/anything", content=b"x", timeout=60).status_code == 404
     bucket = boto3.client("s3", endpoint_url=s3_endpoint)
