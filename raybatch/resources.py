@@ -214,6 +214,9 @@ class JobRuntime(BaseModel):
     driver_id: Optional[str] = None  # Ray Job submission ID of the running driver
     running_since: Optional[datetime] = None  # first RUNNING: the time limit counts from here
     stop_reason: Optional[str] = None  # why the driver is being stopped: cancel | expire
+    # Deleted while it had not ended: hidden from the API at once, the record goes
+    # when the job reaches a terminal state (its driver takes seconds to stop).
+    delete_requested: bool = False
     skip_succeeded_in: list[str] = Field(
         default_factory=list, description="Output folders of the parent chain whose "
         "successful lines a continuation skips."

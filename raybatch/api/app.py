@@ -275,7 +275,8 @@ class RaybatchApi:
         query = query_params(request, pageSize=int, pageToken=str, filter=str, orderBy=str, readMask=str)
         mask = mask_paths(query["readMask"], BatchInferenceJob)
         self._caller(request, account)
-        jobs = listed([r.job for r in self.store.list_jobs(account)], query["filter"], query["orderBy"], JOB_FIELDS)
+        visible = [r.job for r in self.store.list_jobs(account) if not r.runtime.delete_requested]
+        jobs = listed(visible, query["filter"], query["orderBy"], JOB_FIELDS)
         page, token = page_of(jobs, query["pageSize"], query["pageToken"])
         answer = to_json(ListJobsResponse(batch_inference_jobs=page, next_page_token=token, total_size=len(jobs)))
         answer["batchInferenceJobs"] = [apply_mask(job, mask) for job in answer["batchInferenceJobs"]]
@@ -286,7 +287,7 @@ class RaybatchApi:
         mask = mask_paths(query_params(request, readMask=str)["readMask"], BatchInferenceJob)
         self._caller(request, account, job_id)
         record = self.store.get_job(account, job_id)
-        if record is None:
+        if record is None or record.runtime.delete_requested:  # deleted, still stopping
             raise NotFound(f"batch inference job {job_id} not found")
         return apply_mask(to_json(record.job), mask)
 

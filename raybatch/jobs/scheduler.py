@@ -134,7 +134,7 @@ class JobScheduler:
         """Ask a job to stop. A job with no driver running is CANCELLED at once; a
         running one goes CANCELLING and the loop stops its driver within seconds."""
         with self._lock:
-            record = self._get(account, job_id)
+            record = self._get_visible(account, job_id)
             if record.job.state.terminal:
                 raise FailedPrecondition(f"job {job_id} is already {record.job.state.value}")
             if record.job.state in (S.WRITING_RESULTS,):
@@ -145,20 +145,21 @@ class JobScheduler:
         self._wake()
         return record.job.model_dump(mode="json", by_alias=True, exclude_none=True)
 
-    def delete_job(self, account: str, job_id: str, wait_seconds: float = 60.0) -> None:
-        """Cancel first if it is not finished; the record goes once the job is terminal.
-        The output dataset stays."""
-        record = self._get(account, job_id)
-        if not record.job.state.terminal:
-            if record.job.state != S.WRITING_RESULTS:
-                self.cancel_job(account, job_id)
-            deadline = time.monotonic() + wait_seconds
-            while not self._get(account, job_id).job.state.terminal:
-                if time.monotonic() > deadline:
-                    raise FailedPrecondition(f"job {job_id} is still stopping; try again shortly")
-                time.sleep(0.2)
+    def delete_job(self, account: str, job_id: str) -> None:
+        """Answers at once. An ended job's record goes now; a job still going is hidden
+        from the API now, cancelled (unless it is publishing its lines), and its record
+        goes when it ends (`_move`). The output dataset stays."""
         with self._lock:
-            self._store.delete_job(account, job_id)
+            record = self._get_visible(account, job_id)
+            if record.job.state.terminal:
+                self._store.delete_job(account, job_id)
+                return
+            record.runtime.delete_requested = True
+            self._store.put_job(record)
+            if record.job.state not in (S.WRITING_RESULTS, S.CANCELLING):
+                record.runtime.stop_reason = "cancel"
+                self._move(record, S.CANCELLING, "deleted: cancelling")
+        self._wake()
 
     # ------------------------------------------------------------------ loop
 
@@ -425,6 +426,13 @@ class JobScheduler:
             raise NotFound(f"batch inference job {job_id} not found")
         return record
 
+    def _get_visible(self, account: str, job_id: str) -> JobRecord:
+        """As a client may see it: a deleted job still stopping is gone for them."""
+        record = self._get(account, job_id)
+        if record.runtime.delete_requested:
+            raise NotFound(f"batch inference job {job_id} not found")
+        return record
+
     def _reload(self, record: JobRecord) -> JobRecord:
         return self._get(record.runtime.account, record.job.name.rsplit("/", 1)[-1])
 
@@ -432,6 +440,8 @@ class JobScheduler:
         """Apply one transition and store it (caller holds the lock)."""
         source, record.job = record.job.state, transition(record.job, target, message)
         self._store.put_job(record)
+        if target.terminal and record.runtime.delete_requested:
+            self._store.delete_job(record.runtime.account, record.job.name.rsplit("/", 1)[-1])
         log_job_state(record, source.value, message)
         metrics.count_state_change(target.value)
         if target in RELEASES_ENGINES and record.job.output_dataset_id:

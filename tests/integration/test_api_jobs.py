@@ -170,11 +170,22 @@ def test_delete_cancels_a_running_job_and_keeps_its_output(client, service, tmp_
     _upload(client, tmp_path, "to-delete", 40)
     client.batch_inference_jobs.create(batch_inference_job_id="delete-me", model="scripted-slow", input_dataset_id="to-delete")
     _wait_progress(client, "delete-me", 2)
+    asked = time.monotonic()
     client.batch_inference_jobs.delete("delete-me")
+    # At once: the job is cancelled in the background (its driver takes seconds to stop).
+    assert time.monotonic() - asked < 3
     from fireworks import NotFoundError
 
     with pytest.raises(NotFoundError):
         client.batch_inference_jobs.get("delete-me")
+    assert "delete-me" not in {j.name.rsplit("/", 1)[-1] for j in client.batch_inference_jobs.list()}
+    with pytest.raises(NotFoundError):
+        client.batch_inference_jobs.delete("delete-me")
+    # Once it has stopped, its record is gone from the store and its output is whole.
+    from raybatch.store import Store
+
+    wait_until(lambda: Store(service.storage).get_job(ACCOUNT, "delete-me") is None, timeout=60,
+               message="the deleted job's record outlived its stop")
     output = client.datasets.get("delete-me-output")
     assert output.state == "READY" and 2 <= int(output.example_count) < 40
 
