@@ -4,7 +4,6 @@ confinement and the upload area, on local storage."""
 from __future__ import annotations
 
 import io
-import json
 import os
 import stat
 
