@@ -181,15 +181,20 @@ class RaybatchClient:
                                       f"after {timeout:.0f}s: {status.get('message', '')}")
             time.sleep(poll)
 
-    def list_datasets(
+    def _list(
         self,
+        collection: str,
         page_size: Optional[int] = None,
         page_token: Optional[str] = None,
         order_by: Optional[str] = None,
         filter: Optional[str] = None,
     ) -> dict:
         params = _without_none({"pageSize": page_size, "pageToken": page_token, "orderBy": order_by, "filter": filter})
-        return self._request("GET", "datasets", params=params)
+        return self._request("GET", collection, params=params)
+
+    def list_datasets(self, **query: Optional[str | int]) -> dict:
+        """One page: page_size, page_token, order_by, filter."""
+        return self._list("datasets", **query)
 
     def iter_datasets(
         self, page_size: Optional[int] = None, order_by: Optional[str] = None, filter: Optional[str] = None
@@ -262,15 +267,9 @@ class RaybatchClient:
     def get_job(self, job_id: str) -> dict:
         return self._request("GET", self._path("batchInferenceJobs", job_id))
 
-    def list_jobs(
-        self,
-        page_size: Optional[int] = None,
-        page_token: Optional[str] = None,
-        order_by: Optional[str] = None,
-        filter: Optional[str] = None,
-    ) -> dict:
-        params = _without_none({"pageSize": page_size, "pageToken": page_token, "orderBy": order_by, "filter": filter})
-        return self._request("GET", "batchInferenceJobs", params=params)
+    def list_jobs(self, **query: Optional[str | int]) -> dict:
+        """One page: page_size, page_token, order_by, filter."""
+        return self._list("batchInferenceJobs", **query)
 
     def iter_jobs(
         self, page_size: Optional[int] = None, order_by: Optional[str] = None, filter: Optional[str] = None

@@ -221,6 +221,10 @@ def _prepare_args(config: RunConfig, scan: InputScan) -> dict:
     }
 
 
+def _finish_args(config: RunConfig) -> dict:
+    return {"model": config.served_model_name or config.model}
+
+
 def _concurrent_batches(config: RunConfig, access: PoolAccess) -> int:
     """Enough batches at the pool to keep every replica fed with rows to spare (the
     pool's queue refills a replica's slot the moment a row finishes)."""
@@ -233,7 +237,7 @@ def _concurrent_batches(config: RunConfig, access: PoolAccess) -> int:
 def answered_batches(shards: list[Shard], config: RunConfig, access: PoolAccess, scan: InputScan, skip) -> Iterator[pa.Table]:
     """The job's output batches: through the pipeline in this process for a small
     input (pipeline/in_driver.py), through Ray Data for a larger one."""
-    finish_args = {"model": config.served_model_name or config.model}
+    finish_args = _finish_args(config)
     if _in_driver(shards, config):
         prepare_args = _prepare_args(config, scan)
         return stream_in_driver(
@@ -271,9 +275,7 @@ def build_pipeline(shards: list[Shard], config: RunConfig, access: PoolAccess, s
     )
     # batch_size=None: each engine batch moves on alone. Ray Data's default would hold
     # answered rows back until 1024 of them are there, delaying commits and progress.
-    return answered.map_batches(
-        finish_rows, batch_size=None, batch_format="pyarrow", fn_kwargs={"model": config.served_model_name or config.model}
-    )
+    return answered.map_batches(finish_rows, batch_size=None, batch_format="pyarrow", fn_kwargs=_finish_args(config))
 
 
 def run_job(
