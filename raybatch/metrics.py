@@ -145,6 +145,10 @@ def precision_label(engine_args: dict[str, Any]) -> str:
     return f"{label}+fp8-kv" if engine_args.get("kv_cache_dtype") == "fp8" else label
 
 
+def _model_label(state) -> str:
+    return ", ".join(sorted(state.served_names)) or state.pool_model.served_name
+
+
 _replicas, _queues, _in_flight = GaugeSet("engine_replicas"), GaugeSet("queue_depth"), GaugeSet("rows_in_flight")
 
 
@@ -162,8 +166,14 @@ def _report_pool(models: Iterable, runs: dict) -> None:
     replicas: Tally = Tally()
     queues: dict = {}
     in_flight: Tally = Tally()
+    names = {state.pool_model.spec.key: _model_label(state) for state in models}
+    # Every attempt the pool knows has its series, at 0 while none of its rows is inside
+    # an engine: a short job's series exists even if no report fell while it had rows in.
+    for run in runs.values():
+        if run.model in names:
+            in_flight[_key(**job_labels(run.ticket.job_id, run.ticket.account), model=names[run.model])] += 0
     for state in models:
-        model = ", ".join(sorted(state.served_names)) or state.pool_model.served_name
+        model = names[state.pool_model.spec.key]
         precision = precision_label(state.pool_model.spec.engine_args)
         queues[_key(model=model)] = len(state.queue) + len(state.suspects)
         for replica in state.replicas:

@@ -89,6 +89,7 @@ class EnginePool:
         self._ensure_watcher()
         self.lifecycle.scale(state)
         self._dispatch(state)
+        metrics.report_pool(self._models.values(), self._runs)
         return list(await asyncio.gather(*pending))
 
     async def warm(self, model: PoolModel) -> None:

@@ -104,7 +104,7 @@ def test_precision_label_names_what_the_replica_runs():
 
 
 def _pool_model(served: str, engine_args: dict):
-    spec = SimpleNamespace(model="/models/x", engine_args=engine_args)
+    spec = SimpleNamespace(model="/models/x", key=f"key-{served}", engine_args=engine_args)
     return SimpleNamespace(spec=spec, served_name=served)
 
 
@@ -114,8 +114,9 @@ def test_the_pool_reports_replicas_queues_and_rows_in_flight_per_job(recorded):
     starting = SimpleNamespace(state="starting", in_flight={})
     state = SimpleNamespace(served_names={"tiny"}, pool_model=_pool_model("tiny", {"dtype": "bfloat16"}),
                             queue=[1, 2, 3], suspects=[4], replicas=[ready, starting])
-    runs = {"r1": SimpleNamespace(ticket=SimpleNamespace(job_id="j1", account="a")),
-            "r2": SimpleNamespace(ticket=SimpleNamespace(job_id="", account="b"))}
+    run = lambda job, account: SimpleNamespace(ticket=SimpleNamespace(job_id=job, account=account), model="key-tiny")  # noqa: E731
+    # r3: registered, none of its rows inside an engine yet: its series is there, at 0.
+    runs = {"r1": run("j1", "a"), "r2": run("", "b"), "r3": run("j3", "a")}
     metrics.report_pool([state], runs)
     assert recorded["engine_replicas"].values == {
         labels(model="tiny", precision="bfloat16", state="ready"): 1,
@@ -124,9 +125,10 @@ def test_the_pool_reports_replicas_queues_and_rows_in_flight_per_job(recorded):
     assert recorded["queue_depth"].values == {labels(model="tiny"): 4}
     assert recorded["rows_in_flight"].values == {
         labels(job_id="j1", account="a", model="tiny"): 2, labels(job_id="raybatch-run", account="b", model="tiny"): 1,
+        labels(job_id="j3", account="a", model="tiny"): 0,
     }
-    state.replicas, state.queue, state.suspects = [], [], []  # the job ended, the replicas stopped
-    metrics.report_pool([state], runs)
+    state.replicas, state.queue, state.suspects = [], [], []  # the jobs ended, the replicas stopped
+    metrics.report_pool([state], {})
     assert set(recorded["rows_in_flight"].values.values()) == {0}
     assert set(recorded["engine_replicas"].values.values()) == {0}
     metrics.report_pool([None], runs)  # never raises: the pool's watcher must live on
