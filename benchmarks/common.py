@@ -82,14 +82,13 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def service(work: Path, model: str, extra: dict, accounts: tuple[str, ...]) -> Iterator[dict]:
-    """`raybatch up` with the model as catalog entry `bench`; a client per account."""
+def service(work: Path, catalog: dict, accounts: tuple[str, ...]) -> Iterator[dict]:
+    """`raybatch up` with this model catalog (name → entry); a client per account."""
     from raybatch.client import RaybatchClient
 
     home = work / "home"
     home.mkdir(parents=True, exist_ok=True)
-    config = {"storage": str(work / "storage"), "progress_interval_seconds": 0.5,
-              "models": {"bench": {"source": model, "engine": {"max_model_len": 1024, "engine_args": extra}}}}
+    config = {"storage": str(work / "storage"), "progress_interval_seconds": 0.5, "models": catalog}
     (home / "service.json").write_text(json.dumps(config))
     env = {**os.environ, "RAYBATCH_HOME": str(home)}
     env.pop("RAY_ADDRESS", None)

@@ -126,7 +126,8 @@ def main() -> int:
     baseline = llm_chat_baseline(model, requests, arguments)
     print(f"one LLM.chat call: {baseline}", flush=True)
 
-    with service(work, model, engine_extra(shape), accounts=("bench-a", "bench-b")) as clients:
+    catalog = {"bench": {"source": model, "engine": {"max_model_len": 1024, "engine_args": engine_extra(shape)}}}
+    with service(work, catalog, accounts=("bench-a", "bench-b")) as clients:
         a = clients["bench-a"]
         for client in clients.values():
             client.create_dataset("requests")

@@ -52,6 +52,14 @@ class EngineConfig(BaseModel):
         "waiting inside the engine; higher holds more requests (and their memory) in the "
         "engine and makes fair sharing between jobs coarser."
     )
+    prefix_affinity: bool = Field(
+        True, description="With several replicas of the model, a row goes to the replica "
+        "its prompt's start (first 512 characters) last went to, while that replica is "
+        "within a quarter of the admission window of the least busy one: that replica's "
+        "prefix cache already holds the shared prompt (a few-shot prefix, a long system "
+        "prompt), so it is computed once per replica instead of once per replica per "
+        "wave. Off: always the least busy replica."
+    )
     max_start_failures: int = Field(
         3, ge=1, description="Engine starts that may fail in a row before the jobs waiting "
         "for this model fail with the engine's error."

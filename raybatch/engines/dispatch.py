@@ -42,7 +42,7 @@ def enqueue(state: ModelState, job: JobRun, row: Row, front: bool = False) -> No
 
 def dispatch(state: ModelState, send: Send) -> None:
     """Fill every free slot: suspects first, each alone on a replica; then rows by
-    fair share, always to the replica with the fewest in flight."""
+    fair share, each to the least busy replica or its prefix's (`replica_for`)."""
     ready = [r for r in state.replicas if r.state == "ready"]
     if not state.suspects:  # none waits (any more): nothing is held back for one
         for replica in ready:
@@ -65,9 +65,9 @@ def dispatch(state: ModelState, send: Send) -> None:
     slots = state.policy.slots_per_replica
     in_flight = state.account_in_flight
     shares, arriving = share_caps(state, slots * len(open_replicas))
-    while open_replicas and len(state.queue):
-        replica = min(open_replicas, key=lambda r: len(r.in_flight))
-        if len(replica.in_flight) >= slots:
+    while len(state.queue):
+        free = [r for r in open_replicas if len(r.in_flight) < slots]
+        if not free:
             break
         # An account at its share of the slots waits while another below its share has
         # rows queued; when none has, the slot is not left idle, unless it is kept for
@@ -79,7 +79,30 @@ def dispatch(state: ModelState, send: Send) -> None:
             popped = state.queue.pop()
         account, _, row = popped
         if not row.answer.done():
-            send(replica, row)  # counts it in state.account_in_flight
+            send(replica_for(state, row, free), row)  # counts it in state.account_in_flight
+
+
+# Prefixes remembered per model: enough for every distinct prefix of many jobs' windows.
+MAX_PREFIX_HOMES = 16384
+
+
+def replica_for(state: ModelState, row: Row, free: list[ReplicaState]) -> ReplicaState:
+    """Where a row goes, among replicas with a free slot: the least busy, unless its
+    prompt's start went to another replica before and that one is not much busier
+    (within a quarter of the admission window). There, the engine's prefix cache holds
+    the shared start; on the least busy replica it would be computed again."""
+    least = min(free, key=lambda r: len(r.in_flight))
+    if len(free) == 1 or not state.policy.prefix_affinity:
+        return least
+    homes = state.prefix_homes
+    home = homes.get(row.prefix)
+    slack = max(1, state.policy.slots_per_replica // 4)
+    chosen = home if any(home is r for r in free) and len(home.in_flight) - len(least.in_flight) < slack else least
+    homes[row.prefix] = chosen
+    homes.move_to_end(row.prefix)
+    if len(homes) > MAX_PREFIX_HOMES:
+        homes.popitem(last=False)
+    return chosen
 
 
 def share_caps(state: ModelState, slots: int) -> tuple[dict[str, int], bool]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-from collections import Counter
+from collections import Counter, OrderedDict
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Optional
@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict
 from raybatch.engines.failures import FailureLog, RowKey
 from raybatch.engines.fair_queue import FairQueue
 from raybatch.engines.replica import ReplicaSpec
+from raybatch.pipeline.rows import prompt_prefix
 
 if TYPE_CHECKING:
     from raybatch.config import EngineConfig
@@ -35,6 +36,7 @@ class PoolPolicy(BaseModel):
     max_replicas: int = 1
     idle_seconds: float = 300
     slots_per_replica: int = 320  # admission_factor x max_num_seqs
+    prefix_affinity: bool = True
     request_timeout_seconds: float = 600
     max_failures_per_row: int = 2
     max_engine_failures_per_job: int = 5
@@ -74,9 +76,18 @@ class Row:
     answer: asyncio.Future
     suspect: bool = False
     account: str = ""
+    _prefix: Optional[str] = None
 
     def kind(self) -> Optional[str]:
         return json.loads(self.request_json).get("kind")
+
+    @property
+    def prefix(self) -> str:
+        """The start of its prompt (parsed when first asked: only a model with several
+        replicas to choose from asks)."""
+        if self._prefix is None:
+            self._prefix = prompt_prefix(self.request_json)
+        return self._prefix
 
 
 @dataclass(eq=False)
@@ -116,6 +127,9 @@ class ModelState:
     # Rows in flight per account, kept as rows enter and leave replicas (`sent`,
     # `left`): counting them on every dispatch would cost O(rows in flight) per answer.
     account_in_flight: Counter = field(default_factory=Counter)
+    # Prompt prefix → the replica its last row went to (most recent last, bounded):
+    # that replica's prefix cache holds it (dispatch.replica_for).
+    prefix_homes: "OrderedDict[str, ReplicaState]" = field(default_factory=OrderedDict)
 
     @property
     def policy(self) -> PoolPolicy:
@@ -168,6 +182,7 @@ def pool_model_for(engine: "EngineConfig", plan: "EnginePlan", model: str, serve
         max_replicas=max_replicas,
         idle_seconds=engine.idle_seconds,
         slots_per_replica=math.ceil(engine.admission_factor * max_num_seqs),
+        prefix_affinity=engine.prefix_affinity,
         request_timeout_seconds=engine.request_timeout_seconds,
         max_failures_per_row=engine.max_failures_per_row,
         max_engine_failures_per_job=engine.max_engine_failures_per_job,

@@ -69,9 +69,13 @@ class VllmEngine:
         # A row that set no max_tokens gets what the context leaves, within the job's bound.
         return wanted or min(room, request.max_tokens_cap or room)
 
-    def _describe(self, token_id: int, logprob: float) -> TopLogprob:
-        text = self._tokenizer.decode([token_id])
-        return TopLogprob(token=text, logprob=logprob, bytes=list(text.encode("utf-8")))
+    def _describe(self, token_id: int, logprob) -> TopLogprob:
+        # vLLM's detokenizer already decoded every returned token (`decoded_token`):
+        # decoding again here would cost a tokenizer call per token on the engine's loop.
+        text = logprob.decoded_token
+        if text is None:
+            text = self._tokenizer.decode([token_id])
+        return TopLogprob(token=text, logprob=logprob.logprob, bytes=list(text.encode("utf-8")))
 
     def _logprobs(self, token_ids, logprobs, top_k: int) -> Optional[list[TokenLogprob]]:
         if logprobs is None:
@@ -79,8 +83,8 @@ class VllmEngine:
         entries = []
         for token_id, alternatives in zip(token_ids, logprobs):
             ranked = sorted(alternatives.items(), key=lambda item: item[1].rank or 0)
-            sampled = self._describe(token_id, alternatives[token_id].logprob)
-            top = [self._describe(tid, lp.logprob) for tid, lp in ranked[:top_k]]
+            sampled = self._describe(token_id, alternatives[token_id])
+            top = [self._describe(tid, lp) for tid, lp in ranked[:top_k]]
             entries.append(TokenLogprob(**sampled.model_dump(), top=top))
         return entries
 

@@ -7,6 +7,7 @@ be all null still has the same types as the others, and blocks always concatenat
 
 from __future__ import annotations
 
+import json
 from typing import Any, Optional, Union
 
 import pyarrow as pa
@@ -86,6 +87,22 @@ class EngineRequest(BaseModel):
     max_tokens_cap: Optional[int] = None  # the job's bound, for a row that set no max_tokens
     structured_output: Optional[dict[str, Any]] = None
     echo: bool = False
+
+
+# How much of a prompt's start names its prefix: about 128 tokens, the CPU engine's
+# KV-cache block (a shorter shared start is never cached) and several GPU blocks.
+PREFIX_CHARS = 512
+
+
+def prompt_prefix(request_json: str) -> str:
+    """The start of an EngineRequest's prompt, as text: rows whose prompts start alike
+    share KV-cache blocks on the replica that computed them."""
+    request = json.loads(request_json)
+    if request.get("messages"):
+        text = "\0".join(f"{m.get('role')}\0{m.get('content')}" for m in request["messages"])
+    else:
+        text = str(request.get("prompt"))
+    return text[:PREFIX_CHARS]
 
 
 # The JSON inside the `result` column: what an engine answered.

@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from tests.pool_fakes import fake_pool, rows, settle, ticket, two_replica_model, until
+from tests.pool_fakes import answer_all, fake_pool, rows, settle, ticket, two_replica_model, until
 
 MODEL = two_replica_model(slots_per_replica=1)
 
@@ -132,3 +132,55 @@ def test_ending_one_run_leaves_the_other_attempts_of_its_job(pool, tmp_path):
         return await fresh
 
     assert [json.loads(answer[1])["answer"] for answer in asyncio.run(scenario())] == ["r0"]
+
+
+def _prompts(pattern: str) -> list:
+    """Rows whose prompts start with one of two long shared prefixes, in this order."""
+    shared = {p: f"{p} " * 300 for p in set(pattern)}  # past the 512 characters that name a prefix
+    return [("in.jsonl", i + 1, json.dumps({"custom_id": f"{p}{i}", "kind": "chat",
+                                             "messages": [{"role": "system", "content": shared[p]},
+                                                          {"role": "user", "content": f"question {i}"}]}))
+            for i, p in enumerate(pattern)]
+
+
+@pytest.mark.parametrize("affinity", [True, False])
+def test_rows_that_share_a_prompt_prefix_go_to_the_same_replica(monkeypatch, tmp_path, affinity):
+    """Two few-shot prefixes, A and B, arrive in pairs. With affinity each replica gets
+    one prefix's rows (its prefix cache holds that prefix, computed once); off, the
+    least busy replica takes each row and both replicas compute both prefixes."""
+    model = two_replica_model(slots_per_replica=8)
+    model = model.model_copy(update={"policy": model.policy.model_copy(update={"prefix_affinity": affinity})})
+    engines, (one, two) = fake_pool(monkeypatch, model)
+
+    async def scenario():
+        job = asyncio.ensure_future(engines.submit(ticket(tmp_path, "acme", "a"), model, _prompts("AABBAABB")))
+        await until(lambda: len(one.open() + two.open()) == 8)
+        placed = ({c[0] for c in one.open()}, {c[0] for c in two.open()})
+        await answer_all([one, two])
+        await job
+        return placed
+
+    placed = asyncio.run(scenario())
+    if affinity:
+        assert placed == ({"A"}, {"B"})
+    else:
+        assert placed == ({"A", "B"}, {"A", "B"})
+
+
+def test_affinity_yields_to_balance_when_one_prefix_has_every_row(monkeypatch, tmp_path):
+    """All rows share one prefix: its replica takes rows until it is a quarter of the
+    window (2 of 8 slots) busier than the other, then the prefix moves over, so the
+    two stay within 2 rows of each other and neither idles."""
+    model = two_replica_model(slots_per_replica=8)
+    engines, (one, two) = fake_pool(monkeypatch, model)
+
+    async def scenario():
+        job = asyncio.ensure_future(engines.submit(ticket(tmp_path, "acme", "a"), model, _prompts("A" * 12)))
+        await until(lambda: len(one.open() + two.open()) == 12)
+        loads = (len(one.open()), len(two.open()))
+        await answer_all([one, two])
+        await job
+        return loads
+
+    first, second = asyncio.run(scenario())
+    assert first + second == 12 and abs(first - second) <= 2
