@@ -50,7 +50,7 @@ from benchmarks.common import (  # noqa: E402
 
 RUNNERS = ("llm_chat", "run_batch", "raybatch_run", "service_warm")
 WORKLOADS = ("uniform", "mixed", "fewshot", "tiny")
-FEW_SHOT = "".join(f"Question: what is {i} plus {i}? Answer: {2 * i}.\n" for i in range(40))  # ~500 tokens
+FEW_SHOT = "".join(f"Question: what is {i} plus {i}? Answer: {2 * i}.\n" for i in range(20))  # ~540 tokens
 
 
 def _line(i: int, messages: list[dict], max_tokens: int) -> str:
