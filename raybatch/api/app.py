@@ -281,6 +281,17 @@ class RaybatchApi:
         key = await run_in_threadpool(self._caller, request, account, *([job_id] if job_id else []))
         return await self.scheduler.create_job.remote(account, job_id, body, key.key_id)
 
+    @api.post("/v1/accounts/{account}/batchInferenceJobs:validate")
+    async def dry_run_job(self, account: str, request: Request):
+        """A dry run (ours): the create body checked and its input read and validated as
+        the job would; line counts, bad lines by code, input tokens. Nothing is written."""
+        from raybatch.jobs.dry_run import dry_run
+
+        query_params(request, batchInferenceJobId=str)  # accepted as create takes it; unused
+        body: CreateJobRequest = await read_body(request, CreateJobRequest)
+        await run_in_threadpool(self._caller, request, account)
+        return to_json(await run_in_threadpool(dry_run, self.store, self.config, account, body))
+
     @api.get("/v1/accounts/{account}/batchInferenceJobs")
     def list_jobs(self, account: str, request: Request):
         query = query_params(request, pageSize=int, pageToken=str, filter=str, orderBy=str, readMask=str)

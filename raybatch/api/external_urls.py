@@ -17,6 +17,9 @@ should read, so a tenant's URL is checked at create (400 INVALID_ARGUMENT otherw
   reserved address. The name is resolved here, once; a DNS name that later resolves
   elsewhere (rebinding) is not caught: operators who fear it list prefixes.
 
+Redirects are not followed (`storage.filesystem_for`), and an http(s) URL names one
+file: fsspec would otherwise follow an HTML page's links to any host.
+
 `ExternalFiles` lists and opens the URL's shards with the same functions a job uses
 (`storage.list_shards`, `open_shard`), so validation measures what a job will read.
 """
@@ -110,6 +113,9 @@ class ExternalFiles:
         except OSError as error:  # access denied, no such bucket, a host that refuses
             raise FailedPrecondition(f"externalUrl {url} cannot be read with the service's credentials: "
                                      f"{type(error).__name__}: {error}") from None
+        if urlsplit(url).scheme.lower() in ("http", "https") and [s.url for s in self.shards.values()] != [url]:
+            # fsspec would list an HTML page's links, to any host: one file only.
+            raise FailedPrecondition(f"externalUrl {url}: an http(s) URL names one .jsonl file, not a listing")
 
     def size(self, name: str) -> int:
         return self.shards[name].size
