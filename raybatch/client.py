@@ -128,8 +128,12 @@ class RaybatchClient:
 
     # ----------------------------------------------------------------- datasets
 
-    def create_dataset(self, dataset_id: str, display_name: Optional[str] = None) -> dict:
-        dataset = _without_none({"displayName": display_name, "userUploaded": {}})
+    def create_dataset(self, dataset_id: str, display_name: Optional[str] = None,
+                       external_url: Optional[str] = None, format: Optional[str] = None) -> dict:
+        """A new dataset: empty (upload into it next), or read in place from
+        `external_url` (validated at once; READY when listed and measured)."""
+        dataset = _without_none({"displayName": display_name, "externalUrl": external_url, "format": format,
+                                 "userUploaded": None if external_url else {}})
         return self._request("POST", "datasets", json={"datasetId": dataset_id, "dataset": dataset})
 
     def upload_dataset(self, dataset_id: str, path: str | os.PathLike) -> dict:
@@ -244,9 +248,12 @@ class RaybatchClient:
         inference_parameters: Optional[dict[str, Any]] = None,
         precision: Optional[str] = None,
         continued_from_job_name: Optional[str] = None,
+        dry_run: bool = False,
     ) -> dict:
         """Start a job. inference_parameters may use snake_case or camelCase keys;
-        an `extra_body` dict is sent as the JSON string the API expects."""
+        an `extra_body` dict is sent as the JSON string the API expects. `dry_run`:
+        start nothing; validate the input against the model and return the report
+        (`batchInferenceJobs:validate`)."""
         parameters = {_camel(k): v for k, v in (inference_parameters or {}).items() if v is not None}
         if isinstance(parameters.get("extraBody"), dict):
             parameters["extraBody"] = json.dumps(parameters["extraBody"])
@@ -262,7 +269,8 @@ class RaybatchClient:
             }
         )
         params = {"batchInferenceJobId": job_id} if job_id else {}
-        return self._request("POST", "batchInferenceJobs", params=params, json=body)
+        return self._request("POST", "batchInferenceJobs:validate" if dry_run else "batchInferenceJobs",
+                             params=params, json=body)
 
     def get_job(self, job_id: str) -> dict:
         return self._request("GET", self._path("batchInferenceJobs", job_id))

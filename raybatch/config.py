@@ -359,6 +359,21 @@ class ServiceConfig(BaseModel):
                                     "Upload URLs also end when their dataset is READY, when "
                                     "a new :getUploadEndpoint replaces their registration, "
                                     "or when the key that asked for them is revoked.")
+    # Datasets read in place from an `externalUrl` (api/external_urls.py), with the
+    # service's own storage credentials: these settings bound what a tenant may name.
+    external_url_schemes: list[str] = Field(["s3", "gs", "https"], description="Schemes a "
+                                            "dataset's externalUrl may use. Local files "
+                                            "(file://, plain paths) are never allowed; add "
+                                            "'http' only for a trusted internal mirror.")
+    external_url_prefixes: list[str] = Field(default_factory=list, description="If set, an "
+                                             "externalUrl must lie under one of these "
+                                             "prefixes (e.g. 's3://shared-corpora/'): the "
+                                             "service's credentials may reach more than "
+                                             "tenants should read.")
+    external_url_private_hosts: bool = Field(False, description="Let an http(s) externalUrl "
+                                             "name a loopback, private or link-local address "
+                                             "(the service's own network, a cloud metadata "
+                                             "endpoint). Off: such URLs are refused (400).")
     models: dict[str, ModelEntry] = Field(default_factory=dict, description="The model "
                                           "catalog: the names a job's `model` may use. A job "
                                           "naming any other model is refused at create (400) "

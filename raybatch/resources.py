@@ -64,6 +64,16 @@ class DatasetState(str, enum.Enum):
     READY = "READY"  # validated (or written by a finished job); files do not change
 
 
+class DatasetFormat(str, enum.Enum):
+    """The fireworks-ai SDK's `Dataset.format`. Kept and returned; a job reads every
+    dataset's lines the same way (each line says its own url)."""
+
+    FORMAT_UNSPECIFIED = "FORMAT_UNSPECIFIED"
+    CHAT = "CHAT"
+    COMPLETION = "COMPLETION"
+    RL = "RL"
+
+
 class Dataset(CamelModel):
     name: str = ""
     display_name: Optional[str] = None
@@ -73,8 +83,13 @@ class Dataset(CamelModel):
     state: DatasetState = DatasetState.UPLOADING
     status: Status = Field(default_factory=Status)
     example_count: Optional[str] = None  # int64 as a string, as proto JSON writes it
-    format: str = "FORMAT_UNSPECIFIED"
+    # bytes/4 of the examples, set at validation (api/datasets.py TOKEN_ESTIMATE_BYTES).
+    estimated_token_count: Optional[str] = None
+    format: DatasetFormat = DatasetFormat.FORMAT_UNSPECIFIED
     user_uploaded: Optional[dict[str, Any]] = None
+    # Read in place by jobs, never copied (api/external_urls.py says what may be named).
+    external_url: Optional[str] = None
+    source_dataset_id: Optional[str] = None  # as given at create; lineage only
     source_job_name: Optional[str] = None
     # Ours: bytes stored, checked against the dataset size limit.
     size_bytes: str = "0"
@@ -92,15 +107,24 @@ class DatasetFields(CamelModel):
 
     display_name: Optional[str] = Field(None, max_length=512)
     example_count: Annotated[Optional[str], BeforeValidator(_int64_as_string)] = Field(None, pattern=r"^\d{1,19}$")
-    format: Optional[str] = None
+    format: Optional[DatasetFormat] = None
     user_uploaded: Optional[dict[str, Any]] = None
+
+
+class NewDatasetFields(DatasetFields):
+    """What a client may set on create only: where the files are, and its own token
+    estimate (validation replaces it with the service's)."""
+
+    external_url: Optional[str] = None
+    estimated_token_count: Annotated[Optional[str], BeforeValidator(_int64_as_string)] = Field(
+        None, pattern=r"^\d{1,19}$")
 
 
 class CreateDatasetRequest(CamelModel):
     model_config = ConfigDict(extra="ignore")
 
     dataset_id: str
-    dataset: DatasetFields = Field(default_factory=DatasetFields)
+    dataset: NewDatasetFields = Field(default_factory=NewDatasetFields)
     source_dataset_id: Optional[str] = None
 
 
@@ -117,6 +141,8 @@ class FileUrls(CamelModel):
     filename_to_size: Optional[dict[str, int]] = None
     filename_to_signed_urls: Optional[dict[str, str]] = None
     read_mask: Optional[str] = None
+    # Ours: the output of a job still running, its parts committed so far.
+    partial: Optional[bool] = None
 
 
 class JobState(str, enum.Enum):

@@ -192,6 +192,10 @@ def filesystem_for(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     if "://" not in url:
         url = os.path.abspath(os.path.expanduser(url))
     options = _s3_options() if url.startswith(("s3://", "s3a://")) else {}
+    if url.startswith(("http://", "https://")):
+        # A dataset's externalUrl (api/external_urls.py): its host was checked, a
+        # redirect's target would not be (a public URL answering 302 to a metadata IP).
+        options = {"allow_redirects": False}
     fs, path = url_to_fs(url, **options)
     return fs, path.rstrip("/") or "/"
 

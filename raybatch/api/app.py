@@ -45,7 +45,7 @@ from raybatch.api.request_metrics import RequestMetrics
 from raybatch.api.signing import SIGNED_PREFIX, UrlSigner
 from raybatch.api.validation import BackgroundValidations
 from raybatch.config import ServiceConfig
-from raybatch.exceptions import FailedPrecondition, InvalidArgument, NotFound, PayloadTooLarge, PermissionDenied
+from raybatch.exceptions import ApiError, FailedPrecondition, InvalidArgument, NotFound, PayloadTooLarge, PermissionDenied
 from raybatch.resources import (
     BatchInferenceJob,
     CreateDatasetRequest,
@@ -128,7 +128,17 @@ class RaybatchApi:
         query_params(request)
         body: CreateDatasetRequest = await read_body(request, CreateDatasetRequest)
         key = await run_in_threadpool(self._caller, request, account, body.dataset_id)
-        return to_json(await run_in_threadpool(self.datasets.create, account, body.dataset_id, body.dataset, key.key_id))
+        dataset = await run_in_threadpool(self.datasets.create, account, body.dataset_id, body.dataset, key.key_id,
+                                          body.source_dataset_id)
+        if dataset.external_url:
+            # Listed and measured where it is, like :validateUpload (in the background if
+            # large). A failure is the dataset's status, not the create's: it exists, and
+            # :validateUpload tries again once the files are there.
+            try:
+                dataset = await run_in_threadpool(self.validations.validate, account, body.dataset_id)
+            except ApiError:
+                dataset = await run_in_threadpool(self.datasets.get, account, body.dataset_id)
+        return to_json(dataset)
 
     @api.get("/v1/accounts/{account}/datasets")
     def list_datasets(self, account: str, request: Request):
@@ -149,10 +159,11 @@ class RaybatchApi:
             query = query_params(request, downloadLineage=bool, readMask=str)
             mask = mask_paths(query["readMask"], FileUrls)
             key = self._caller(request, account, dataset_id)
-            files = self.datasets.download_files(account, dataset_id, bool(query["downloadLineage"]))
+            files, partial = self.datasets.download_files(account, dataset_id, bool(query["downloadLineage"]))
             base = str(request.base_url)
             urls = {name: self.signer.download_url(base, key.key_id, path) for name, path in files.items()}
-            return apply_mask(to_json(FileUrls(filename_to_signed_urls=urls)), mask)
+            # `partial` only while a job writes the dataset: the parts committed so far.
+            return apply_mask(to_json(FileUrls(filename_to_signed_urls=urls, partial=partial or None)), mask)
         query = query_params(request, readMask=str)
         mask = mask_paths(query["readMask"], Dataset)
         self._caller(request, account, dataset_id)
@@ -269,6 +280,17 @@ class RaybatchApi:
         body: CreateJobRequest = await read_body(request, CreateJobRequest)
         key = await run_in_threadpool(self._caller, request, account, *([job_id] if job_id else []))
         return await self.scheduler.create_job.remote(account, job_id, body, key.key_id)
+
+    @api.post("/v1/accounts/{account}/batchInferenceJobs:validate")
+    async def dry_run_job(self, account: str, request: Request):
+        """A dry run (ours): the create body checked and its input read and validated as
+        the job would; line counts, bad lines by code, input tokens. Nothing is written."""
+        from raybatch.jobs.dry_run import dry_run
+
+        query_params(request, batchInferenceJobId=str)  # accepted as create takes it; unused
+        body: CreateJobRequest = await read_body(request, CreateJobRequest)
+        await run_in_threadpool(self._caller, request, account)
+        return to_json(await run_in_threadpool(dry_run, self.store, self.config, account, body))
 
     @api.get("/v1/accounts/{account}/batchInferenceJobs")
     def list_jobs(self, account: str, request: Request):

@@ -25,6 +25,7 @@ import re
 import secrets
 from typing import IO, Callable, Optional
 
+from raybatch.api.external_urls import ExternalFiles, check_external_url
 from raybatch.config import ServiceConfig
 from raybatch.exceptions import FailedPrecondition, InvalidArgument, NotFound, PayloadTooLarge
 from raybatch.exceptions import ConfigError
@@ -42,6 +43,7 @@ from raybatch.resources import (
     parse_reference,
     resource_name,
 )
+from raybatch.output_layout import load_commits
 from raybatch.storage import TEMPORARY_MARKER, Location, is_temporary, list_shards
 from raybatch.store import Store
 
@@ -56,6 +58,14 @@ CLAIMED = "validating"  # registered files a validation took out of the upload a
 # "publishing". The files are read twice, once per phase. Whatever it raises ends the
 # validation.
 Progress = Callable[[str, int, int, int], None]
+# `estimatedTokenCount` is the examples' bytes over this: about right for English text
+# and JSON under common BPE tokenizers, and known without loading one. A job's dry run
+# (`jobs/dry_run.py`) counts with the model's own tokenizer where it can.
+TOKEN_ESTIMATE_BYTES = 4
+
+
+def estimate_tokens(byte_count: int) -> int:
+    return -(-byte_count // TOKEN_ESTIMATE_BYTES)
 
 
 def check_filename(name: str) -> str:
@@ -81,6 +91,11 @@ def upload_filename(given: str) -> str:
     return check_filename(f"{stem}.jsonl")
 
 
+def _being_written(dataset: Dataset) -> bool:
+    """A job's output dataset whose job has not published it yet."""
+    return bool(dataset.source_job_name) and dataset.state == DatasetState.UPLOADING
+
+
 class DatasetService:
     def __init__(self, store: Store, config: ServiceConfig):
         self.store = store
@@ -93,8 +108,15 @@ class DatasetService:
             raise NotFound(f"dataset {dataset_id} not found")
         return dataset
 
-    def create(self, account: str, dataset_id: str, fields: DatasetFields, created_by: str) -> Dataset:
+    def create(self, account: str, dataset_id: str, fields: DatasetFields, created_by: str,
+               source_dataset_id: Optional[str] = None) -> Dataset:
         check_id(dataset_id, "dataset ID")
+        if getattr(fields, "external_url", None) is not None:
+            check_external_url(fields.external_url, self.config)
+        if source_dataset_id is not None:
+            source_account, source_id = parse_reference(source_dataset_id, DATASETS, account)
+            if source_account != account or self.store.get_dataset(account, source_id) is None:
+                raise NotFound(f"source dataset {source_dataset_id} not found")
         if self.store.get_dataset(account, dataset_id) is not None:
             from raybatch.exceptions import AlreadyExists
 
@@ -106,6 +128,7 @@ class DatasetService:
             create_time=time_now,
             update_time=time_now,
             created_by=created_by,
+            source_dataset_id=source_dataset_id,
             **fields.model_dump(exclude_none=True),
         )
         self.store.put_dataset(account, dataset_id, dataset)
@@ -132,6 +155,14 @@ class DatasetService:
         dataset = self.get(account, dataset_id)
         if dataset.state != DatasetState.UPLOADING or dataset.source_job_name:
             raise FailedPrecondition(f"dataset {dataset_id} is {dataset.state.value}; its files cannot change")
+        return dataset
+
+    def _uploadable(self, account: str, dataset_id: str) -> Dataset:
+        """UPLOADING, not being validated, and holding its own files (not an externalUrl)."""
+        dataset = self._changeable(account, dataset_id)
+        if dataset.external_url:
+            raise FailedPrecondition(f"dataset {dataset_id} is read from its externalUrl {dataset.external_url}; "
+                                     "it takes no uploads (:validateUpload reads it again)")
         return dataset
 
     # Set by BackgroundValidations: whether a validation of the dataset is running.
@@ -172,7 +203,7 @@ class DatasetService:
     def store_upload(self, account: str, dataset_id: str, filename: str, source: IO[bytes]) -> dict:
         """Store one file of an `:upload` (within the dataset's and the account's room);
         validating it is the caller's next step."""
-        self._changeable(account, dataset_id)
+        self._uploadable(account, dataset_id)
         check_filename(filename)
         others = {n: size for n, size in self._file_sizes(account, dataset_id).items() if n != filename}
         room = self.config.max_dataset_bytes - sum(others.values())
@@ -202,7 +233,7 @@ class DatasetService:
         """`:getUploadEndpoint`: register the files about to be PUT (replacing any
         earlier registration, as Fireworks does, and discarding what was PUT for it);
         return (the registration's nonce, the files checked)."""
-        self._changeable(account, dataset_id)
+        self._uploadable(account, dataset_id)
         if not filename_to_size:
             raise InvalidArgument("filenameToSize is empty")
         if len(filename_to_size) > self.config.max_upload_files:
@@ -249,13 +280,18 @@ class DatasetService:
         """`:validateUpload`: every registered file was PUT with its size, the total is
         within the limit, and the examples (non-blank lines) are counted → READY. Every
         size here is measured here: a registered size is only what the file must match.
-        `progress` hears how far it got (see `Progress`)."""
+        `progress` hears how far it got (see `Progress`). A dataset with an externalUrl
+        is listed and measured there, in place, the same way."""
         report = progress or (lambda phase, read, stored, lines: None)
         dataset = self._uploading(account, dataset_id)
-        files = self.store.dataset_files(account, dataset_id)
-        sources: dict[str, tuple[Location, str]] = {name: (files, name) for name in self._file_sizes(account, dataset_id)}
+        if dataset.external_url:
+            external = ExternalFiles(dataset.external_url)
+            sources: dict[str, tuple[Location, str]] = {name: (external, name) for name in external.shards}
+        else:
+            files = self.store.dataset_files(account, dataset_id)
+            sources = {name: (files, name) for name in self._file_sizes(account, dataset_id)}
         staged: dict[str, str] = {}  # name → its path in the claimed area
-        registration = self.registration(account, dataset_id)
+        registration = None if dataset.external_url else self.registration(account, dataset_id)
         if registration is not None:
             key = self.store.get_key(registration["key"]) if registration["key"] else None
             if registration["key"] and (key is None or key.revoked):
@@ -304,7 +340,7 @@ class DatasetService:
                 )
             if total > account_room:
                 raise self.quotas.bytes_refusal(account, total, account_room)
-        examples, read = 0, 0
+        examples, read, example_bytes = 0, 0, 0
         for name, (where, relative) in sources.items():
             with where.open_read(relative) as handle:
                 # Lines as a job reads them (gzip decompressed). A line too long to read
@@ -314,6 +350,7 @@ class DatasetService:
                     read += (CHUNK if raw is None else len(raw)) + 1  # about: for the progress only
                     if raw is None or raw.strip():
                         examples += 1
+                        example_bytes += CHUNK if raw is None else len(raw)
                     if number % 8192 == 0:
                         report("lines", min(read, total), total, examples)
             report("lines", min(read, total), total, examples)
@@ -325,18 +362,26 @@ class DatasetService:
             self.store.location.move(path, f"{files_folder}/{name}")
         dataset = self.get(account, dataset_id).model_copy(  # read again: a PATCH may have come meanwhile
             update={"state": DatasetState.READY, "example_count": str(examples), "size_bytes": str(total),
-                    "status": Status(), "update_time": now()}
+                    "estimated_token_count": str(estimate_tokens(example_bytes)), "status": Status(),
+                    "update_time": now()}
         )
         self.store.put_dataset(account, dataset_id, dataset)
         self.store.location.delete(self.store.dataset_uploads(account, dataset_id))
         self.store.location.delete(self._claimed(account, dataset_id))
         return dataset
 
-    def download_files(self, account: str, dataset_id: str, lineage: bool) -> dict[str, str]:
-        """File name → store-relative path, for `:getDownloadEndpoint`. With lineage, the
-        datasets this one came from too (its job's input, the parent job's output, ...),
-        names prefixed with their dataset ID."""
+    def download_files(self, account: str, dataset_id: str, lineage: bool) -> tuple[dict[str, str], bool]:
+        """(file name → store-relative path, partial), for `:getDownloadEndpoint`. With
+        lineage, the datasets this one came from too (its job's input, the parent job's
+        output, its sourceDatasetId, ...), names prefixed with their dataset ID.
+
+        `partial`: the dataset is the output of a job still being written; its files are
+        then the parts committed so far (`committed_parts`), each a whole part whose
+        every line is a final result, never to be rewritten."""
         chain = [self.get(account, dataset_id)]
+        if chain[0].external_url:
+            raise FailedPrecondition(f"dataset {dataset_id} is read in place from its externalUrl "
+                                     f"{chain[0].external_url}; read it there")
         if lineage:
             seen = {chain[0].name}
             index = 0
@@ -350,12 +395,29 @@ class DatasetService:
         for dataset in chain:
             related_id = dataset.name.rsplit("/", 1)[-1]
             folder = f"{resource_name(account, DATASETS, related_id)}/files"
-            for name in self.store.location.list(folder):
-                if FILENAME.fullmatch(name):
-                    found[f"{related_id}-{name}" if lineage else name] = f"{folder}/{name}"
-        return found
+            if _being_written(dataset):
+                files = self.committed_parts(folder)
+            else:  # an externalUrl dataset in the lineage has no files here: none listed
+                files = {name: f"{folder}/{name}" for name in self.store.location.list(folder) if FILENAME.fullmatch(name)}
+            found.update({f"{related_id}-{name}" if lineage else name: path for name, path in files.items()})
+        return found, _being_written(chain[0])
+
+    def committed_parts(self, folder: str) -> dict[str, str]:
+        """A running job's output so far: `results-<seq>.jsonl` and `errors-<seq>.jsonl`
+        for each committed part (`output_layout`: a part counts once its commit record
+        exists, and its data was written before the record)."""
+        parts = {}
+        for record in load_commits(Location(f"{self.store.root_url}/{folder}")):
+            for kind, part in (("results", record.results_file), ("errors", record.errors_file)):
+                if part:
+                    parts[f"{kind}-{record.seq:08d}.jsonl"] = f"{folder}/{part}"
+        return parts
 
     def _sources(self, account: str, dataset: Dataset) -> list[Dataset]:
+        if dataset.source_dataset_id:
+            _, source_id = parse_reference(dataset.source_dataset_id, DATASETS, account)
+            source = self.store.get_dataset(account, source_id)
+            return [source] if source is not None else []
         if not dataset.source_job_name:
             return []
         _, job_id = parse_reference(dataset.source_job_name, JOBS, account)

@@ -34,10 +34,15 @@ def _create(client: RaybatchClient, args: argparse.Namespace) -> int:
     if args.path and args.file:
         raise ConfigError("give the file once: as FILE or as --file")
     path = args.path or args.file
+    if path and args.external_url:
+        raise ConfigError("give a FILE to upload or an --external-url to read in place, not both")
     if path and not Path(path).is_file():  # before the dataset exists: no empty leftover
         raise ConfigError(f"no such file: {path}")
-    dataset = client.create_dataset(args.id, display_name=args.display_name)
-    if path:
+    dataset = client.create_dataset(args.id, display_name=args.display_name, external_url=args.external_url,
+                                    format=args.format)
+    if args.external_url:
+        dataset = client.wait_dataset_validated(args.id)
+    elif path:
         dataset = _upload(client, args.id, [path], args.signed_upload)
     print_json(dataset)
     return ExitCode.OK
@@ -48,6 +53,9 @@ def _create_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("path", nargs="?", metavar="FILE", help="a .jsonl file to upload into it (firectl's form)")
     parser.add_argument("--file", help="the same as FILE")
     parser.add_argument("--display-name")
+    parser.add_argument("--external-url", help="read the dataset in place from this s3://, gs:// or https:// "
+                        "prefix or file (never copied); waits until it is READY")
+    parser.add_argument("--format", choices=["FORMAT_UNSPECIFIED", "CHAT", "COMPLETION", "RL"])
     parser.add_argument("--signed-upload", action="store_true", help=_SIGNED_HELP)
 
 

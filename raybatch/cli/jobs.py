@@ -62,6 +62,9 @@ def create_body(args: argparse.Namespace) -> dict:
 
 
 def _create(client: RaybatchClient, args: argparse.Namespace) -> int:
+    if args.dry_run:  # lines, bad lines by code, input tokens; nothing runs
+        print_json(client.create_job(**create_body(args), dry_run=True))
+        return ExitCode.OK
     job = client.create_job(**create_body(args))
     if args.wait:
         return _wait_and_report(client, job["name"], args.timeout)
@@ -81,6 +84,8 @@ def _create_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--continue-from", "--continued-from", dest="continued_from", metavar="JOB",
                         help="go on from this job (ID or name): only the lines it left unfinished run")
     parser.add_argument("--wait", action="store_true", help="wait for the job to end, showing progress")
+    parser.add_argument("--dry-run", action="store_true", help="run nothing: validate the input against the "
+                        "model and print line counts, bad lines by error code and input tokens")
     parser.add_argument("--timeout", type=float, help="with --wait: give up waiting after this many seconds")
 
 

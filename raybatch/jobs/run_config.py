@@ -23,7 +23,7 @@ class RunConfigBuilder:
         job = record.job
         return self.for_model(
             job.model,
-            input=self.files_url(job.input_dataset_id),
+            input=self.input_url(job.input_dataset_id),
             output=self.files_url(job.output_dataset_id),
             inference_parameters=job.inference_parameters,
             precision=job.precision,
@@ -58,6 +58,12 @@ class RunConfigBuilder:
         """Where a dataset's files are, from its resource name."""
         account, dataset_id = parse_reference(dataset_name, DATASETS, "")
         return self._store.dataset_files_url(account, dataset_id)
+
+    def input_url(self, dataset_name: str) -> str:
+        """Where a job reads a dataset: its externalUrl, in place, or its files."""
+        account, dataset_id = parse_reference(dataset_name, DATASETS, "")
+        dataset = self._store.get_dataset(account, dataset_id)
+        return dataset.external_url if dataset is not None and dataset.external_url else self.files_url(dataset_name)
 
     def _model(self, name: str) -> ModelEntry:
         """The catalog entry `name` resolves to (a catalog name, an alias or a Fireworks

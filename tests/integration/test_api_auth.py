@@ -45,8 +45,12 @@ def _call(service, method: str, path: str, key=None, headers=None, **kwargs) -> 
 def _assert_error(reply: httpx.Response, code: int, status: str) -> None:
     assert reply.status_code == code, reply.text
     body = reply.json()
-    assert set(body) == {"error"} and body["error"]["code"] == code and body["error"]["status"] == status
-    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
+    # Fireworks' gateway body (gRPC code number), with the earlier `error` object beside it.
+    grpc = {"UNAUTHENTICATED": 16, "NOT_FOUND": 5, "INVALID_ARGUMENT": 3, "PERMISSION_DENIED": 7,
+            "RESOURCE_EXHAUSTED": 8, "FAILED_PRECONDITION": 9}[status]
+    assert set(body) == {"code", "message", "details", "error"} and body["code"] == grpc and body["details"] == []
+    assert body["error"]["code"] == code and body["error"]["status"] == status
+    assert isinstance(body["message"], str) and body["message"] and body["error"]["message"] == body["message"]
 
 
 def test_missing_malformed_wrong_and_revoked_keys_get_401(world):

@@ -69,3 +69,23 @@ def test_size_limits_answer_413_and_keep_nothing(s3_service):
     reply = httpx.post(f"{s3_service.base_url}/v1/accounts/{ACCOUNT}/datasets/too-big:validateUpload", json={}, headers=headers)
     assert reply.status_code == 400 and "registered" in reply.json()["error"]["message"]
     assert client.datasets.get("too-big").state == "UPLOADING"
+
+
+def test_an_external_url_into_the_services_own_bucket_is_refused(s3_service, s3_endpoint):
+    """Issue 12: an account must not read the store (other accounts' files, the key
+    records) through the service's own credentials by naming it as an externalUrl."""
+    headers = {"Authorization": f"Bearer {s3_service.key(ACCOUNT)}"}
+    boto3.client("s3", endpoint_url=s3_endpoint).put_object(
+        Bucket="raybatch-service", Key="elsewhere/in.jsonl", Body=b'{"custom_id": "x", "body": {"prompt": "x"}}\n')
+    for url in ("s3://raybatch-service/root/accounts/victim/datasets/secret/files/", "s3://raybatch-service",
+                "s3://raybatch-service/ro", "s3://raybatch-service/root/keys"):
+        reply = httpx.post(f"{s3_service.base_url}/v1/accounts/{ACCOUNT}/datasets", headers=headers,
+                           json={"datasetId": "peek", "dataset": {"externalUrl": url}})
+        assert reply.status_code == 400 and reply.json() == {
+            "code": 3, "details": [], "message": f"externalUrl {url!r} points into the service's own storage",
+            "error": {"code": 400, "status": "INVALID_ARGUMENT",
+                      "message": f"externalUrl {url!r} points into the service's own storage"}}, reply.text
+    # The same bucket outside the service's root is another tenant-readable prefix.
+    reply = httpx.post(f"{s3_service.base_url}/v1/accounts/{ACCOUNT}/datasets", headers=headers,
+                       json={"datasetId": "outside-root", "dataset": {"externalUrl": "s3://raybatch-service/elsewhere/"}})
+    assert reply.status_code == 200, reply.text

@@ -44,8 +44,9 @@ def attacker(service):
 def test_a_model_outside_the_catalog_is_refused_at_create_and_nothing_is_written(service, attacker, model):
     reply = _create(service, attacker, ACCOUNT, "evil", model=model, inputDatasetId="in")
     assert reply.status_code == 400
-    assert reply.json() == {"error": {"code": 400, "status": "INVALID_ARGUMENT",
-                                      "message": f"model {model!r} is not served here; models served: {SERVED}"}}
+    message = f"model {model!r} is not served here; models served: {SERVED}"
+    assert reply.json() == {"code": 3, "message": message, "details": [],
+                            "error": {"code": 400, "status": "INVALID_ARGUMENT", "message": message}}
     # No job record and no output dataset: the refusal came before any write.
     assert _call(service, attacker, "GET", f"{ACCOUNT}/batchInferenceJobs/evil").status_code == 404
     assert _call(service, attacker, "GET", f"{ACCOUNT}/datasets/evil-output").status_code == 404

@@ -29,7 +29,8 @@ def _new_dataset(service, key, account: str, dataset_id: str) -> httpx.Response:
 
 def _exhausted(reply: httpx.Response, message: str) -> None:
     assert reply.status_code == 429, reply.text
-    assert reply.json() == {"error": {"code": 429, "message": message, "status": "RESOURCE_EXHAUSTED"}}
+    assert reply.json() == {"code": 8, "message": message, "details": [],
+                            "error": {"code": 429, "message": message, "status": "RESOURCE_EXHAUSTED"}}
 
 
 def test_an_account_cannot_create_datasets_past_its_quota(service):

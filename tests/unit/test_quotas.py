@@ -228,6 +228,7 @@ def test_the_wire_format_of_a_refusal_carries_retry_after():
 
     limited = error_response(RateLimited("slow down", retry_after=3))
     assert limited.status_code == 429 and limited.headers["retry-after"] == "3"
-    assert json.loads(limited.body) == {"error": {"code": 429, "message": "slow down", "status": "RESOURCE_EXHAUSTED"}}
+    assert json.loads(limited.body) == {"code": 8, "message": "slow down", "details": [],
+                                        "error": {"code": 429, "message": "slow down", "status": "RESOURCE_EXHAUSTED"}}
     full = error_response(QuotaExceeded("full"))
     assert full.status_code == 429 and "retry-after" not in full.headers
