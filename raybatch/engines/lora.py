@@ -1,0 +1,50 @@
+"""The LoRA side of a vLLM replica: a row's adapter as vLLM's `LoRARequest`.
+
+vLLM loads an adapter the first time a request names it and keeps up to `max_cpu_loras`
+of them (by default `max_loras`) loaded, evicting the least recently used. It knows an
+adapter by its integer id, so each (name, path) gets one id for the replica's life: the
+same adapter is never loaded twice under two ids, and a changed path is a new adapter.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Optional
+
+from raybatch.exceptions import RowError
+from raybatch.pipeline.rows import EngineRequest
+from raybatch.protocol import ErrorCode
+
+
+class AdapterRequests:
+    def __init__(self) -> None:
+        self._ids: dict[tuple[str, str], int] = {}
+        self._checked: set[str] = set()
+
+    def request(self, request: EngineRequest) -> Optional[Any]:
+        """The `LoRARequest` of `request`'s adapter; None for the base model. Raises
+        RowError(engine_error) for an adapter whose local folder has no
+        adapter_config.json: vLLM would fail to load it inside the engine core, and in
+        vLLM 0.32 that kills the whole engine and every request in flight on it."""
+        if request.adapter is None:
+            return None
+        from vllm.lora.request import LoRARequest
+
+        # vLLM reads a local folder or a Hugging Face ID; it knows no file:// URLs.
+        path = os.path.expanduser((request.adapter_path or "").removeprefix("file://"))
+        self._check(request.adapter, path)
+        key = (request.adapter, path)
+        if key not in self._ids:
+            self._ids[key] = len(self._ids) + 1  # vLLM's ids start at 1
+        return LoRARequest(lora_name=request.adapter, lora_int_id=self._ids[key], lora_path=path)
+
+    def _check(self, name: str, path: str) -> None:
+        if path in self._checked:
+            return
+        local = path.startswith(("/", ".")) or os.path.exists(path)
+        if not path or (local and not os.path.isfile(os.path.join(path, "adapter_config.json"))):
+            raise RowError(
+                ErrorCode.ENGINE_ERROR,
+                f"LoRA adapter {name!r} cannot be loaded: no adapter_config.json in {path!r} on this node",
+            )
+        self._checked.add(path)
