@@ -100,7 +100,7 @@ class VllmEngine:
             params = SamplingParams(max_tokens=self._max_tokens(request, len(prompt_ids)), **sampling)
         except (ValueError, TypeError) as exc:
             raise RowError(ErrorCode.INVALID_REQUEST, str(exc)) from None
-        lora_request = self._adapters.request(request)
+        lora_request = self._adapters.request(request) if request.adapter else None
         final = None
         try:
             async for output in self._llm.generate(
