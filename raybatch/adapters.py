@@ -73,9 +73,11 @@ def lora_engine_args(routing: Optional[AdapterRouting], engine_args: dict[str, A
     (vllm/lora/ops/torch_ops, 0.32) index the adapter weights with a row's slot, and a
     row without adapter has slot -1, which Python indexing turns into the last slot. In
     an engine step that mixes base rows and adapter rows, base rows were answered by
-    whatever adapter sat in the last slot. vLLM fills slots first-free-first and zeroes
-    an emptied one, so with more slots than adapters the last one stays empty (all
-    zeros) and slot -1 adds nothing. (GPU kernels skip slot -1.)"""
+    whatever adapter sat in the last slot. vLLM fills slots first-free-first and evicts
+    only when every slot is taken, so with more slots than adapters no adapter ever
+    reaches the last one: it keeps its zeros (vLLM's warm-up adapters are zeros too) and
+    slot -1 adds nothing. GPU kernels skip slot -1. The upstream fix is open as
+    vllm-project/vllm#48421; drop the extra slot once the CPU build has it."""
     if routing is None or not routing.adapters:
         return engine_args
     args = {"enable_lora": True, "max_loras": min(len(routing.adapters), DEFAULT_MAX_LORAS), **engine_args}
