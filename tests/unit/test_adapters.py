@@ -170,3 +170,18 @@ def test_the_replica_gives_each_adapter_one_vllm_id_and_refuses_a_missing_folder
     assert refused.value.message == (
         f"LoRA adapter 'gone' cannot be loaded: no adapter_config.json in {str(tmp_path / 'gone')!r} on this node"
     )
+
+
+def test_a_job_on_an_adapter_without_its_files_fails_before_any_engine(tmp_path):
+    from raybatch.exceptions import ConfigError
+    from raybatch.jobs.run_config import check_adapter_source
+
+    (tmp_path / "sql").mkdir()
+    (tmp_path / "sql" / "adapter_config.json").write_text("{}")
+    models = {"base": {"source": "/models/base", "adapters": {"sql": str(tmp_path / "sql"), "gone": str(tmp_path / "gone")}}}
+    builder = RunConfigBuilder(ServiceConfig(storage="/tmp/x", models=models), store=None, pool_name="p")
+    check_adapter_source(builder.for_model("sql", input="i", output="o"))
+    check_adapter_source(builder.for_model("base", input="i", output="o"))  # its broken adapter fails only its rows
+    with pytest.raises(ConfigError) as failed:
+        check_adapter_source(builder.for_model("gone", input="i", output="o"))
+    assert str(failed.value) == f"LoRA adapter 'gone' ({str(tmp_path / 'gone')!r}): no adapter_config.json there"
