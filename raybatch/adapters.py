@@ -15,6 +15,7 @@ adapters is an error row (model_not_found), not a silent answer by the base mode
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Any, Optional
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -84,6 +85,14 @@ def lora_engine_args(routing: Optional[AdapterRouting], engine_args: dict[str, A
     if device == "cpu":
         args["max_loras"] = max(args["max_loras"], len(routing.adapters) + 1)
     return args
+
+
+def adapter_files_missing(path: str) -> bool:
+    """Whether `path` is a local folder without an adapter (no adapter_config.json). A
+    Hugging Face ID is left to vLLM to fetch."""
+    folder = os.path.expanduser(path.removeprefix("file://"))
+    local = path.startswith(("/", ".", "~", "file://")) or os.path.exists(folder)
+    return not path or (local and not os.path.isfile(os.path.join(folder, "adapter_config.json")))
 
 
 # --------------------------------------------------------------------------- the catalog

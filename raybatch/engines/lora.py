@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from typing import Any, Optional
 
+from raybatch.adapters import adapter_files_missing
 from raybatch.exceptions import RowError
 from raybatch.pipeline.rows import EngineRequest
 from raybatch.protocol import ErrorCode
@@ -30,9 +31,10 @@ class AdapterRequests:
             return None
         from vllm.lora.request import LoRARequest
 
-        # vLLM reads a local folder or a Hugging Face ID; it knows no file:// URLs.
-        path = os.path.expanduser((request.adapter_path or "").removeprefix("file://"))
+        path = request.adapter_path or ""
         self._check(request.adapter, path)
+        # vLLM reads a local folder or a Hugging Face ID; it knows no file:// URLs.
+        path = os.path.expanduser(path.removeprefix("file://"))
         key = (request.adapter, path)
         if key not in self._ids:
             self._ids[key] = len(self._ids) + 1  # vLLM's ids start at 1
@@ -41,8 +43,7 @@ class AdapterRequests:
     def _check(self, name: str, path: str) -> None:
         if path in self._checked:
             return
-        local = path.startswith(("/", ".")) or os.path.exists(path)
-        if not path or (local and not os.path.isfile(os.path.join(path, "adapter_config.json"))):
+        if adapter_files_missing(path):
             raise RowError(
                 ErrorCode.ENGINE_ERROR,
                 f"LoRA adapter {name!r} cannot be loaded: no adapter_config.json in {path!r} on this node",

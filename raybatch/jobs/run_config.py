@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 
-from raybatch.adapters import routing_for
+from raybatch.adapters import adapter_files_missing, routing_for
 from raybatch.config import ModelEntry, RunConfig, ServiceConfig
 from raybatch.exceptions import ConfigError
 from raybatch.jobs.model_names import hub_id, resolve_model
@@ -92,7 +92,5 @@ def check_adapter_source(config: RunConfig) -> None:
     if lora is None or lora.default is None:
         return
     source = lora.adapters[lora.default]
-    looks_local = source.startswith(("/", ".", "~", "file://")) or os.path.exists(source)
-    folder = os.path.expanduser(source.removeprefix("file://"))
-    if looks_local and not os.path.isfile(os.path.join(folder, "adapter_config.json")):
+    if adapter_files_missing(source):
         raise ConfigError(f"LoRA adapter {lora.default!r} ({source!r}): no adapter_config.json there")
