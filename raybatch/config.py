@@ -8,7 +8,6 @@ from typing import Any, Optional
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from raybatch.adapters import AdapterRouting
-
 from raybatch.protocol import (
     DEFAULT_MAX_CUSTOM_ID_BYTES,
     DEFAULT_MAX_JSON_SCHEMA_BYTES,

@@ -85,8 +85,9 @@ def aliases(config: ServiceConfig) -> dict[str, str]:
 
 def resolve_model(config: ServiceConfig, name: str) -> Optional[str]:
     """The catalog name a job's `model` stands for, or None if it names no catalog entry.
-    A catalog name is itself; an adapter's name is the entry that lists it; an alias is followed once (a catalog alias may point at a
-    Hugging Face ID that the shipped table also knows: no chains beyond that)."""
+    A catalog name is itself; a LoRA adapter's name is the entry that lists it; an alias
+    is followed once (a catalog alias may point at a Hugging Face ID that the shipped
+    table also knows: no chains beyond that)."""
     if name in config.models:
         return name
     owner = adapter_owner(config, name)  # a LoRA adapter runs on its base model's entry

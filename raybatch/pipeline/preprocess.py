@@ -73,7 +73,11 @@ def to_engine_request(request: ValidatedRequest, max_output_tokens: Optional[int
 def with_adapter(request: EngineRequest, routing: AdapterRouting, model: Optional[str]) -> EngineRequest:
     """`request` routed to the adapter its row's `body.model` names (or the job's own).
     Raises RowError(model_not_found) for a name the job does not serve."""
-    adapter = route_row(routing, model)
+    try:
+        adapter = route_row(routing, model)
+    except RowError as error:
+        error.custom_id = request.custom_id
+        raise
     if adapter is None:
         return request
     return request.model_copy(update={"adapter": adapter, "adapter_path": routing.adapters[adapter]})
@@ -115,11 +119,7 @@ def prepare_requests(
             cap = bounds.get("max_output_tokens", DEFAULT_MAX_OUTPUT_TOKENS)
             engine_request = to_engine_request(validated, cap)
             if routing is not None:
-                try:
-                    engine_request = with_adapter(engine_request, routing, validated.body.model)
-                except RowError as error:
-                    error.custom_id = custom_id
-                    raise
+                engine_request = with_adapter(engine_request, routing, validated.body.model)
             request_json = engine_request.model_dump_json(exclude_none=True)
         except RowError as error:
             custom_id, code, message = error.custom_id, error.code, error.message
