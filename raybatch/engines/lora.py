@@ -18,15 +18,20 @@ from raybatch.protocol import ErrorCode
 
 
 class AdapterRequests:
-    def __init__(self) -> None:
+    def __init__(self, lora_config: Any = None) -> None:
+        """`lora_config`: the engine's vLLM `LoRAConfig`, to check adapters against."""
+        self._lora_config = lora_config
         self._ids: dict[tuple[str, str], int] = {}
         self._checked: set[str] = set()
 
     def request(self, request: EngineRequest) -> Optional[Any]:
         """The `LoRARequest` of `request`'s adapter; None for the base model. Raises
-        RowError(engine_error) for an adapter whose local folder has no
-        adapter_config.json: vLLM would fail to load it inside the engine core, and in
-        vLLM 0.32 that kills the whole engine and every request in flight on it."""
+        RowError(engine_error) for an adapter vLLM would fail to load (no
+        adapter_config.json in its local folder; a rank above max_lora_rank, DoRA, a
+        bias, ...): vLLM loads adapters inside the engine core, and in vLLM 0.32 a
+        failed load there kills the whole engine and every request in flight on it. So
+        vLLM's own checks (`PEFTHelper.validate_legal`) run here first. An adapter given
+        as a Hugging Face ID is fetched by the engine and not checked beforehand."""
         if request.adapter is None:
             return None
         from vllm.lora.request import LoRARequest
@@ -48,4 +53,12 @@ class AdapterRequests:
                 ErrorCode.ENGINE_ERROR,
                 f"LoRA adapter {name!r} cannot be loaded: no adapter_config.json in {path!r} on this node",
             )
+        folder = os.path.expanduser(path.removeprefix("file://"))
+        if self._lora_config is not None and os.path.isdir(folder):
+            from vllm.lora.peft_helper import PEFTHelper
+
+            try:
+                PEFTHelper.from_local_dir(folder, None).validate_legal(self._lora_config)
+            except (ValueError, TypeError, OSError) as exc:  # json's errors are ValueErrors
+                raise RowError(ErrorCode.ENGINE_ERROR, f"LoRA adapter {name!r} cannot be loaded: {exc}") from None
         self._checked.add(path)

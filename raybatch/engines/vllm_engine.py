@@ -39,7 +39,7 @@ class VllmEngine:
         self._llm = AsyncLLM.from_engine_args(AsyncEngineArgs(model=model, **args))
         self._tokenizer = self._llm.tokenizer
         self.max_model_len = self._llm.model_config.max_model_len
-        self._adapters = AdapterRequests()
+        self._adapters = AdapterRequests(self._llm.vllm_config.lora_config)
 
     def _prompt_ids(self, request: EngineRequest) -> list[int]:
         tokenizer = self._tokenizer

@@ -185,3 +185,27 @@ def test_a_job_on_an_adapter_without_its_files_fails_before_any_engine(tmp_path)
     with pytest.raises(ConfigError) as failed:
         check_adapter_source(builder.for_model("gone", input="i", output="o"))
     assert str(failed.value) == f"LoRA adapter 'gone' ({str(tmp_path / 'gone')!r}): no adapter_config.json there"
+
+
+def test_the_replica_refuses_an_adapter_vllm_would_fail_to_load_in_its_engine_core(tmp_path):
+    """vLLM 0.32 loads an adapter inside its engine core, where a failed load kills the
+    engine: its own checks run first, and such an adapter fails only its rows."""
+    from vllm.config.lora import LoRAConfig
+
+    from raybatch.tiny_model import build_tiny_model
+    from raybatch.tiny_adapter import build_tiny_adapter
+
+    base = build_tiny_model(tmp_path / "base")
+    build_tiny_adapter(base, tmp_path / "rank-8", rank=8)
+    build_tiny_adapter(base, tmp_path / "rank-32", rank=32)
+    adapters = AdapterRequests(LoRAConfig(max_lora_rank=16))
+
+    def request(name):
+        return adapters.request(EngineRequest(custom_id="c", kind="chat", sampling={}, adapter=name,
+                                              adapter_path=str(tmp_path / name)))
+
+    assert request("rank-8").lora_int_id == 1
+    with pytest.raises(RowError) as refused:
+        request("rank-32")
+    assert refused.value.code == "engine_error"
+    assert refused.value.message == "LoRA adapter 'rank-32' cannot be loaded: LoRA rank 32 is greater than max_lora_rank 16."
