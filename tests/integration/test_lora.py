@@ -31,6 +31,7 @@ def _mixed() -> InputBuilder:
             built.ok("in.jsonl", f"{kind}-{i}", chat(PROMPT, **({"model": model} if model else {}), **SAMPLING))
     built.ok("in.jsonl", "sql-completion", {"prompt": PROMPT, "model": "tiny-sql", **SAMPLING}, url="/v1/completions")
     built.add("in.jsonl", {"custom_id": "prose", "body": chat(PROMPT, model="tiny-prose")}, "prose", "model_not_found")
+    built.add("in.jsonl", {"custom_id": "gone", "body": chat(PROMPT, model="tiny-gone")}, "gone", "engine_error")
     return built
 
 
@@ -96,11 +97,21 @@ def test_rows_of_the_base_and_of_each_adapter_are_answered_by_their_own_weights(
 
 
 def test_an_unknown_adapter_in_a_row_is_an_error_row_saying_what_is_served(lora_jobs):
-    [row] = lora_jobs[0]["mixed-errors"]
-    assert row["custom_id"] == "prose" and row["response"] is None
+    row = {r["custom_id"]: r for r in lora_jobs[0]["mixed-errors"]}["prose"]
+    assert row["response"] is None
     assert row["error"] == {"code": "model_not_found", "line": 14, "file": "in.jsonl", "message":
                             "model 'tiny-prose' is neither the job's base model 'tiny-lora' nor one of its "
-                            "adapters (tiny-poet, tiny-sql)"}
+                            "adapters (tiny-gone, tiny-poet, tiny-sql)"}
+
+
+def test_an_adapter_whose_files_are_missing_fails_its_rows_not_the_engine(lora_jobs, service):
+    """vLLM would load it inside its engine core and die (engines/lora.py); the other
+    rows of the job were answered by the same engine (the first test)."""
+    row = {r["custom_id"]: r for r in lora_jobs[0]["mixed-errors"]}["gone"]
+    folder = os.path.join(os.path.dirname(service.storage), "adapters", "gone")
+    assert row["response"] is None
+    assert row["error"] == {"code": "engine_error", "line": 15, "file": "in.jsonl", "message":
+                            f"LoRA adapter 'tiny-gone' cannot be loaded: no adapter_config.json in {folder!r} on this node"}
 
 
 def test_a_job_on_an_adapter_uses_it_unless_a_row_names_another_model(lora_jobs):
