@@ -7,6 +7,7 @@ from typing import Any, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from raybatch.adapters import AdapterRouting
 from raybatch.protocol import (
     DEFAULT_MAX_CUSTOM_ID_BYTES,
     DEFAULT_MAX_JSON_SCHEMA_BYTES,
@@ -154,6 +155,11 @@ class RunConfig(BaseModel):
         "service sets the job's model name, so a catalog path never shows."
     )
     inference_parameters: InferenceParameters = Field(default_factory=InferenceParameters)
+    lora: Optional[AdapterRouting] = Field(
+        None, description="LoRA adapters of `model` that rows may name in `body.model` "
+        "(raybatch/adapters.py); engine_args get enable_lora and max_loras. None: the "
+        "model has none and `body.model` is ignored."
+    )
     precision: Precision = Precision.PRECISION_UNSPECIFIED
     output_cap_bytes: int = Field(8 * GIB, ge=1, description="Committed output never passes this.")
     max_line_bytes: int = Field(MIB, ge=64, description="Longer input lines are error rows.")
@@ -243,6 +249,17 @@ class ModelEntry(BaseModel):
                                "Fireworks table (raybatch/jobs/model_names.py), which already "
                                "serves an entry keyed by a Hugging Face ID under its "
                                "Fireworks name.")
+    adapters: dict[str, str] = Field(default_factory=dict, description="LoRA adapters of "
+                                     "this model: name → path (a folder every node can "
+                                     "read, or a Hugging Face ID) in PEFT's layout. A job's "
+                                     "`model` or a row's `body.model` may name one; the "
+                                     "base model's replicas load it on first use and serve "
+                                     "every adapter's rows and the base's alike. Set "
+                                     "`max_lora_rank` in engine_args for adapters of rank "
+                                     "above 16, and `max_loras` (default: the number of "
+                                     "adapters, at most 4) for how many a replica holds at "
+                                     "once; on CPU it is at least one more than the number "
+                                     "of adapters (raybatch/adapters.py says why).")
 
 
 class AccountQuota(BaseModel):
@@ -423,6 +440,12 @@ class ServiceConfig(BaseModel):
                     other = alias if alias in self.models else claimed[alias]
                     raise ValueError(f"model alias {alias!r} of {name!r} is already the name of {other!r}")
                 claimed[alias] = name
+        for name, entry in self.models.items():
+            for adapter in entry.adapters:
+                if adapter in self.models or adapter in claimed:
+                    other = adapter if adapter in self.models else claimed[adapter]
+                    raise ValueError(f"adapter {adapter!r} of {name!r} is already the name of {other!r}")
+                claimed[adapter] = name
         engine_args = (self.run_defaults.get("engine") or {}).get("engine_args") or {}
         if engine_args.get("trust_remote_code"):
             raise ValueError("run_defaults cannot turn on trust_remote_code: set it in the engine_args "

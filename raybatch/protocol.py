@@ -56,6 +56,9 @@ class ErrorCode(str, enum.Enum):
     JSON_SCHEMA_TOO_LARGE = "json_schema_too_large"
     CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"
     ENGINE_ERROR = "engine_error"
+    # body.model names neither the job's base model nor one of its LoRA adapters
+    # (raybatch/adapters.py); OpenAI's code for a model it does not serve.
+    MODEL_NOT_FOUND = "model_not_found"
 
 
 class Precision(str, enum.Enum):
@@ -171,7 +174,9 @@ class _Body(BaseModel):
 
     model_config = ConfigDict(extra="ignore", strict=True)
 
-    model: Optional[str] = Field(None, description="Ignored: the job's model serves every row.")
+    model: Optional[str] = Field(None, description="A LoRA adapter of the job's base model, or the "
+                                 "base model itself (raybatch/adapters.py); ignored for a "
+                                 "model without adapters: the job's model serves every row.")
     max_tokens: Optional[int] = Field(None, ge=1)
     max_completion_tokens: Optional[int] = Field(None, ge=1)
     temperature: Optional[float] = Field(None, ge=0, allow_inf_nan=False)

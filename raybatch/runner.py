@@ -26,6 +26,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from pydantic import BaseModel
 
 from raybatch import metrics
+from raybatch.adapters import lora_engine_args
 from raybatch.config import RunConfig
 from raybatch.exceptions import InputTooLarge
 from raybatch.engines.pool_handle import NAMESPACE, pool_handle
@@ -95,6 +96,8 @@ def cluster_plan(config: RunConfig) -> EnginePlan:
 
 def job_pool_model(config: RunConfig, plan: EnginePlan, fixed: bool) -> PoolModel:
     """What the job asks the engine pool for (`fixed`: a run's own pool)."""
+    if config.lora is not None:  # the base model's replicas serve its adapters' rows too
+        plan = plan.model_copy(update={"engine_args": lora_engine_args(config.lora, plan.engine_args, plan.device)})
     return pool_model_for(
         config.engine, plan, config.model, config.served_model_name or config.model, fixed=fixed
     )
@@ -128,6 +131,8 @@ def _claim_output(output: Location, config: RunConfig) -> None:
             "input", "model", "inference_parameters", "precision", "max_line_bytes", "max_n", "skip_succeeded_in"
         }
     )
+    if config.lora is not None:  # which adapter a row gets is part of what answered it
+        identity["lora"] = config.lora.model_dump(mode="json")
     if output.exists(RUN_FILE):
         earlier = json.loads(output.read_bytes(RUN_FILE))
         if earlier != identity:
@@ -217,6 +222,7 @@ def _prepare_args(config: RunConfig, scan: InputScan) -> dict:
         "job_defaults": config.inference_parameters.row_defaults(),
         "duplicates": frozenset(scan.duplicates),
         "max_custom_id_bytes": config.max_custom_id_bytes,
+        "lora": config.lora.model_dump() if config.lora is not None else None,
         **row_bounds(config),
     }
 

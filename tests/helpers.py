@@ -340,6 +340,29 @@ SERVICE_MODEL_ALIASES = {
     "meta-llama/Llama-3.1-8B-Instruct": "accounts/fireworks/models/llama-v3p1-8b-instruct",
     "scripted-aliased": "accounts/fireworks/models/qwen2p5-72b-instruct, house-model",
 }
+# LoRA adapters (test_lora.py): the tiny model with two adapters, which that test builds
+# under {home}/adapters before its jobs. A catalog entry of its own, so that the warm
+# "tiny" replica of the other tests keeps running without LoRA; its replica starts when
+# the LoRA test needs it and goes 20 s after (run_defaults' idle_seconds).
+SERVICE_MODELS["tiny-lora"] = {
+    "source": "{tiny}", "engine": {"engine_args": {"enforce_eager": True, "max_lora_rank": 8}},
+    # tiny-gone's folder is never built: its rows fail, the engine goes on.
+    "adapters": {"tiny-sql": "{home}/adapters/sql", "tiny-poet": "{home}/adapters/poet",
+                 "tiny-gone": "{home}/adapters/gone"},
+}
+
+
+def catalog_listing() -> str:
+    """What a refusal lists as the models served (jobs/model_access.py)."""
+    named = []
+    for name in sorted(SERVICE_MODELS):
+        notes = [f"also {SERVICE_MODEL_ALIASES[name]}"] if name in SERVICE_MODEL_ALIASES else []
+        adapters = sorted(SERVICE_MODELS[name].get("adapters", {}))
+        notes += [f"adapters {', '.join(adapters)}"] if adapters else []
+        named.append(f"{name} ({'; '.join(notes)})" if notes else name)
+    return ", ".join(named)
+
+
 # Shared by several jobs at once (test_engine_pool.py): a replica takes 3 rows at a time
 # (1.25 x max_num_seqs 2), each job keeps 6 at the pool, so rows of different jobs
 # compete for the same slots; every call recorded under {home}/pool-calls.

@@ -9,6 +9,7 @@ import os
 import uuid
 from typing import Any, Optional, Protocol
 
+from raybatch.engines.lora import AdapterRequests
 from raybatch.exceptions import EngineFailure, RowError
 from raybatch.pipeline.rows import Choice, EngineRequest, EngineResult, TokenLogprob, TopLogprob
 from raybatch.protocol import ErrorCode
@@ -38,6 +39,7 @@ class VllmEngine:
         self._llm = AsyncLLM.from_engine_args(AsyncEngineArgs(model=model, **args))
         self._tokenizer = self._llm.tokenizer
         self.max_model_len = self._llm.model_config.max_model_len
+        self._adapters = AdapterRequests(self._llm.vllm_config.lora_config)
 
     def _prompt_ids(self, request: EngineRequest) -> list[int]:
         tokenizer = self._tokenizer
@@ -102,10 +104,12 @@ class VllmEngine:
             params = SamplingParams(max_tokens=self._max_tokens(request, len(prompt_ids)), **sampling)
         except (ValueError, TypeError) as exc:
             raise RowError(ErrorCode.INVALID_REQUEST, str(exc)) from None
+        lora_request = self._adapters.request(request) if request.adapter else None
         final = None
         try:
             async for output in self._llm.generate(
-                TokensPrompt(prompt_token_ids=prompt_ids), params, f"{request.custom_id}-{uuid.uuid4().hex}"
+                TokensPrompt(prompt_token_ids=prompt_ids), params, f"{request.custom_id}-{uuid.uuid4().hex}",
+                lora_request=lora_request,
             ):
                 final = output
         except EngineDeadError as exc:  # the whole engine is gone: no row is to blame
@@ -130,6 +134,7 @@ class VllmEngine:
             cached_tokens=final.num_cached_tokens or 0,
             prompt_text=self._tokenizer.decode(prompt_ids) if request.echo else None,
             choices=choices,
+            adapter=request.adapter,
         )
 
     def shutdown(self) -> None:

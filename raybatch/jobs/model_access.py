@@ -47,5 +47,8 @@ def _listing(config: ServiceConfig, served: list[str], account: Optional[str]) -
     named = []
     for name in served:
         others = names_of(config, name)
-        named.append(f"{name} (also {', '.join(others)})" if others else name)
+        notes = [f"also {', '.join(others)}"] if others else []
+        adapters = sorted(config.models[name].adapters)  # LoRA adapters a job may name too
+        notes += [f"adapters {', '.join(adapters)}"] if adapters else []
+        named.append(f"{name} ({'; '.join(notes)})" if notes else name)
     return f"models served{whose}: {', '.join(named)}"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+from raybatch.adapters import adapter_owner
 from raybatch.config import ServiceConfig
 
 FIREWORKS_PREFIX = "accounts/fireworks/models/"
@@ -84,10 +85,14 @@ def aliases(config: ServiceConfig) -> dict[str, str]:
 
 def resolve_model(config: ServiceConfig, name: str) -> Optional[str]:
     """The catalog name a job's `model` stands for, or None if it names no catalog entry.
-    A catalog name is itself; an alias is followed once (a catalog alias may point at a
-    Hugging Face ID that the shipped table also knows: no chains beyond that)."""
+    A catalog name is itself; a LoRA adapter's name is the entry that lists it; an alias
+    is followed once (a catalog alias may point at a Hugging Face ID that the shipped
+    table also knows: no chains beyond that)."""
     if name in config.models:
         return name
+    owner = adapter_owner(config, name)  # a LoRA adapter runs on its base model's entry
+    if owner is not None:
+        return owner
     target = aliases(config).get(name)
     return target if target in config.models else None
 

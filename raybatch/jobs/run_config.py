@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 
+from raybatch.adapters import adapter_files_missing, routing_for
 from raybatch.config import ModelEntry, RunConfig, ServiceConfig
 from raybatch.exceptions import ConfigError
 from raybatch.jobs.model_names import hub_id, resolve_model
@@ -35,6 +36,8 @@ class RunConfigBuilder:
     def for_model(self, name: str, **job_fields) -> RunConfig:
         """The catalog model `name` under the run defaults, with `job_fields` on top."""
         model = self._model(name)
+        resolved = resolve_model(self._config, name)
+        routing = routing_for(self._config, resolved, name) if resolved is not None else None
         fields = dict(self._config.run_defaults)
         defaults = fields.get("engine", {})
         engine = {**defaults, **model.engine}
@@ -42,7 +45,10 @@ class RunConfigBuilder:
         fields.update(
             **job_fields,
             model=model.source,
-            served_model_name=name,
+            # A job on an adapter serves under its base's name: rows of the base model
+            # show that, its adapter's rows the adapter's (EngineResult.adapter).
+            served_model_name=resolved if routing is not None and routing.default else name,
+            lora=routing,
             engine=engine,
             engine_pool=self._pool_name,
             # The dataset limit again while reading: a shard that expands past it (a
@@ -82,3 +88,15 @@ def check_model_source(source: str) -> None:
     looks_local = source.startswith(("/", ".", "~", "file://")) or os.path.exists(source)
     if looks_local and not os.path.isfile(os.path.join(os.path.expanduser(source), "config.json")):
         raise ConfigError(f"model {source!r}: no config.json there")
+
+
+def check_adapter_source(config: RunConfig) -> None:
+    """The job's own adapter, when its model is one, must exist like a model must.
+    Other adapters are checked as rows name them: a broken one fails those rows, not
+    the jobs that never use it (raybatch/engines/lora.py)."""
+    lora = config.lora
+    if lora is None or lora.default is None:
+        return
+    source = lora.adapters[lora.default]
+    if adapter_files_missing(source):
+        raise ConfigError(f"LoRA adapter {lora.default!r} ({source!r}): no adapter_config.json there")

@@ -46,7 +46,7 @@ from raybatch.jobs.driver_control import DriverControl
 from raybatch.jobs.creation import claim_output_dataset, job_fields, refuse_second_continuation
 from raybatch.jobs.handoff import DriverAssignment, OutcomeState, delete_assignment, read_outcome, write_run_config
 from raybatch.jobs.model_access import model_refusal
-from raybatch.jobs.run_config import RunConfigBuilder, check_model_source
+from raybatch.jobs.run_config import RunConfigBuilder, check_adapter_source, check_model_source
 from raybatch.jobs.spares import SpareDrivers
 from raybatch.jobs.states import transition
 from raybatch.output_layout import load_commits, progress_of, publish_files, read_progress
@@ -286,6 +286,7 @@ class JobScheduler:
                 config = self._configs.for_job(record)
                 if config.engine.kind == "vllm":
                     check_model_source(config.model)
+                    check_adapter_source(config)
                 plan = cluster_plan(config)
                 # A cold model's engine starts now, while the job waits for a slot.
                 self._pool.warm.remote(job_pool_model(config, plan, fixed=False))

@@ -122,7 +122,8 @@ def finish_rows(batch: pa.Table, *, model: str) -> pa.Table:
             )
         else:
             result = EngineResult.model_validate_json(result_json)
-            body = build_response_body(result, chat=kind == "chat", model=model, created=created)
+            # An adapter's row names its adapter, as OpenAI and vLLM name a fine-tune.
+            body = build_response_body(result, chat=kind == "chat", model=result.adapter or model, created=created)
             envelope = BatchOutputLine(
                 id=f"batch_req_{uuid.uuid4().hex}",
                 custom_id=custom_id,

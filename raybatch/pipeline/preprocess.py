@@ -12,6 +12,7 @@ from typing import Any, Optional
 
 import pyarrow as pa
 
+from raybatch.adapters import AdapterRouting, route_row
 from raybatch.exceptions import RowError
 from raybatch.pipeline.rows import REQUEST_SCHEMA, EngineRequest, column
 from raybatch.pipeline.validate import Body, ValidatedRequest, is_blank, validate_line
@@ -69,6 +70,19 @@ def to_engine_request(request: ValidatedRequest, max_output_tokens: Optional[int
     )
 
 
+def with_adapter(request: EngineRequest, routing: AdapterRouting, model: Optional[str]) -> EngineRequest:
+    """`request` routed to the adapter its row's `body.model` names (or the job's own).
+    Raises RowError(model_not_found) for a name the job does not serve."""
+    try:
+        adapter = route_row(routing, model)
+    except RowError as error:
+        error.custom_id = request.custom_id
+        raise
+    if adapter is None:
+        return request
+    return request.model_copy(update={"adapter": adapter, "adapter_path": routing.adapters[adapter]})
+
+
 def prepare_requests(
     batch: pa.Table,
     *,
@@ -77,13 +91,16 @@ def prepare_requests(
     job_defaults: dict[str, Any],
     duplicates: frozenset[tuple[str, int]],
     max_custom_id_bytes: int = DEFAULT_MAX_CUSTOM_ID_BYTES,
+    lora: Optional[dict[str, Any]] = None,
     **bounds: int,
 ) -> pa.Table:
     """Ray Data UDF for stages 2 and 3: raw lines in, engine requests or errors out.
     `bounds`: the job's limits on expensive rows other than max_n (`check_row_bounds`).
+    `lora`: the job's AdapterRouting (as a dict), when its model has LoRA adapters.
 
     Blank lines are dropped here (the input scan counts them)."""
     out: dict[str, list] = {name: [] for name in REQUEST_SCHEMA.names}
+    routing = AdapterRouting.model_validate(lora) if lora is not None else None
     for shard, line, raw in zip(column(batch, "shard"), column(batch, "line"), column(batch, "raw")):
         if is_blank(raw):
             continue
@@ -100,7 +117,10 @@ def prepare_requests(
             )
             custom_id = validated.custom_id
             cap = bounds.get("max_output_tokens", DEFAULT_MAX_OUTPUT_TOKENS)
-            request_json = to_engine_request(validated, cap).model_dump_json(exclude_none=True)
+            engine_request = to_engine_request(validated, cap)
+            if routing is not None:
+                engine_request = with_adapter(engine_request, routing, validated.body.model)
+            request_json = engine_request.model_dump_json(exclude_none=True)
         except RowError as error:
             custom_id, code, message = error.custom_id, error.code, error.message
         for name, value in zip(

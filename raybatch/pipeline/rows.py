@@ -87,6 +87,9 @@ class EngineRequest(BaseModel):
     max_tokens_cap: Optional[int] = None  # the job's bound, for a row that set no max_tokens
     structured_output: Optional[dict[str, Any]] = None
     echo: bool = False
+    # The LoRA adapter that answers this row (raybatch/adapters.py); None: the base model.
+    adapter: Optional[str] = None
+    adapter_path: Optional[str] = None
 
 
 # How much of a prompt's start names its prefix: about 128 tokens, the CPU engine's
@@ -127,4 +130,5 @@ class EngineResult(BaseModel):
     prompt_tokens: int
     cached_tokens: int
     prompt_text: Optional[str] = None  # only for completions with `echo`
+    adapter: Optional[str] = None  # the LoRA adapter that answered: the output's `model`
     choices: list[Choice]

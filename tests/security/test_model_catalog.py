@@ -9,11 +9,10 @@ import httpx
 import pytest
 
 from raybatch.store import Store
-from tests.helpers import SERVICE_MODEL_ALIASES, SERVICE_MODELS, wait_until
+from tests.helpers import catalog_listing, wait_until
 
 ACCOUNT = "attacker"
-SERVED = ", ".join(f"{name} (also {SERVICE_MODEL_ALIASES[name]})" if name in SERVICE_MODEL_ALIASES else name
-                   for name in sorted(SERVICE_MODELS))
+SERVED = catalog_listing()
 LINE = json.dumps({"custom_id": "a", "body": {"messages": [{"role": "user", "content": "hi"}]}}).encode() + b"\n"
 
 
