@@ -99,13 +99,14 @@ PREFIX_CHARS = 512
 
 def prompt_prefix(request_json: str) -> str:
     """The start of an EngineRequest's prompt, as text: rows whose prompts start alike
-    share KV-cache blocks on the replica that computed them."""
+    (and that use the same LoRA adapter, whose KV cache is its own) share KV-cache
+    blocks on the replica that computed them."""
     request = json.loads(request_json)
     if request.get("messages"):
         text = "\0".join(f"{m.get('role')}\0{m.get('content')}" for m in request["messages"])
     else:
         text = str(request.get("prompt"))
-    return text[:PREFIX_CHARS]
+    return f"{request.get('adapter') or ''}\0{text}"[:PREFIX_CHARS]
 
 
 # The JSON inside the `result` column: what an engine answered.
