@@ -1,0 +1,164 @@
+"""Rows per second where per-row overhead dominates: 100k tiny rows.
+
+Two measurements, each printed as a table line:
+
+- **pipeline**: `raybatch run`'s `run_job` over N tiny chat rows with the scripted
+  engine (it answers at once), local storage: read → validate → preprocess → engine
+  pool → postprocess → write → publish. Ray is started before the clock starts; the
+  run's own pool, scan, commits and publish are inside it. Target (issue 11): at least
+  20,000 rows/s on the project's 2-core machine.
+- **writer**: one `OutputWriter` in this process (no Ray), fed finished rows in batches
+  of 64 as the pipeline hands them over, on local storage and on S3 (moto's server on
+  loopback): the ceiling of one writer, commits and progress included.
+
+    .venv/bin/python benchmarks/tiny_rows.py [--rows 100000] [--profile FILE]
+    .venv/bin/python benchmarks/tiny_rows.py --smoke   # small sizes: does it work
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def write_input(path: Path, rows: int) -> Path:
+    with open(path, "w") as out:
+        for i in range(rows):
+            body = {"messages": [{"role": "user", "content": f"hi {i}"}], "max_tokens": 8}
+            out.write(json.dumps({"custom_id": f"r{i}", "body": body}) + "\n")
+    return path
+
+
+def pipeline_rows_per_second(work: Path, rows: int, profile: str | None, batch_size: int | None) -> dict:
+    from raybatch.config import RunConfig
+    from raybatch.runner import ensure_ray, run_job
+
+    write_input(work / "in.jsonl", rows)
+    config = RunConfig(
+        input=str(work / "in.jsonl"), output=str(work / "out"), model="scripted",
+        engine={"kind": "scripted", "replicas": 1, **({"batch_size": batch_size} if batch_size else {})},
+    )
+    ensure_ray()
+    profiler = None
+    if profile:
+        import cProfile
+
+        profiler = cProfile.Profile()
+        profiler.enable()
+    started = time.perf_counter()
+    summary = run_job(config)
+    seconds = time.perf_counter() - started
+    if profiler:
+        profiler.disable()
+        profiler.dump_stats(profile)
+    progress = summary.status.progress
+    assert summary.state == "completed", summary
+    assert progress.total_processed_requests == rows, progress
+    with open(work / "out" / "results.jsonl", "rb") as published:
+        assert sum(1 for _ in published) == rows
+    return {"rows": rows, "seconds": seconds, "rows_per_second": rows / seconds}
+
+
+def _finished_batches(rows: int, batch: int):
+    import pyarrow as pa
+
+    for start in range(0, rows, batch):
+        lines = list(range(start, min(rows, start + batch)))
+        yield pa.table({
+            "shard": ["in.jsonl"] * len(lines),
+            "line": lines,
+            "is_error": [False] * len(lines),
+            "output": [json.dumps({"custom_id": f"r{i}", "response": {"body": {"text": "ih"}}}) for i in lines],
+            "prompt_tokens": [4] * len(lines),
+            "completion_tokens": [2] * len(lines),
+            "cached_tokens": [0] * len(lines),
+        })
+
+
+def writer_rows_per_second(output_url: str, rows: int) -> dict:
+    from raybatch.output_layout import publish_files
+    from raybatch.pipeline.write import OutputWriter
+
+    batches = list(_finished_batches(rows, 64))  # made before the clock starts
+    started = time.perf_counter()
+    writer = OutputWriter(output_url, cap_bytes=1 << 40, part_max_rows=1000,
+                          part_max_bytes=16 << 20, part_max_seconds=5.0, total_input_requests=rows)
+    for table in batches:
+        writer.append(table)
+    status = writer.flush()
+    appended = time.perf_counter() - started
+    publish_files(_location(output_url))
+    seconds = time.perf_counter() - started
+    assert status.progress.total_processed_requests == rows
+    return {"rows": rows, "append_seconds": appended, "seconds": seconds, "rows_per_second": rows / appended}
+
+
+def _location(url: str):
+    from raybatch.storage import Location
+
+    return Location(url)
+
+
+def _moto() -> tuple[object, str]:
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    import logging
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # a line per request otherwise
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    os.environ.update(AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="testing",
+                      AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
+    import boto3
+
+    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="bench")
+    return server, "s3://bench"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="small sizes (2,000 rows): checks that it works")
+    parser.add_argument("--rows", type=int, help="rows through the pipeline (default 100,000)")
+    parser.add_argument("--profile", help="write a cProfile of the pipeline run (the driver) here")
+    parser.add_argument("--batch-size", type=int, help="engine.batch_size (default: the engine's default)")
+    parser.add_argument("--skip", choices=["pipeline", "writer"], action="append", default=[])
+    args = parser.parse_args()
+    rows = args.rows or (2_000 if args.smoke else 100_000)
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="raybatch-tiny-rows-") as work:
+        work = Path(work)
+        if "writer" not in args.skip:
+            results["writer, local"] = writer_rows_per_second(str(work / "writer-out"), rows)
+            server, bucket = _moto()
+            try:
+                results["writer, S3 (moto)"] = writer_rows_per_second(f"{bucket}/writer-out", rows)
+            finally:
+                server.stop()
+        if "pipeline" not in args.skip:
+            (work / "pipe").mkdir()
+            results["pipeline, scripted engine, local"] = pipeline_rows_per_second(work / "pipe", rows, args.profile, args.batch_size)
+    print(f"\n{'measured':<36} {'rows':>9} {'seconds':>8} {'rows/s':>9}")
+    for name, result in results.items():
+        print(f"{name:<36} {result['rows']:>9,} {result['seconds']:>8.2f} {result['rows_per_second']:>9,.0f}")
+    pipeline = results.get("pipeline, scripted engine, local")
+    if pipeline and not args.smoke and pipeline["rows_per_second"] < 20_000:
+        print("target missed: the pipeline is under 20,000 rows/s")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
