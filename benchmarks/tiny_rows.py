@@ -68,6 +68,67 @@ def pipeline_rows_per_second(work: Path, rows: int, profile: str | None, batch_s
     return {"rows": rows, "seconds": seconds, "rows_per_second": rows / seconds}
 
 
+def stages_rows_per_second(work: Path, rows: int, batch_size: int | None, profile: str | None) -> dict:
+    """The same stage functions and the same in-driver executor as the pipeline, in
+    this process and without Ray: the engine is the scripted engine called directly
+    (what a replica does with a row, minus the actor call), the writer an OutputWriter
+    here. What is left is the pipeline's own CPU per row."""
+    import asyncio
+
+    from raybatch.config import RunConfig
+    from raybatch.engines.scripted import ScriptedEngine
+    from raybatch.output_layout import publish_files
+    from raybatch.pipeline.engine import answer_batch
+    from raybatch.pipeline.in_driver import stream_in_driver
+    from raybatch.pipeline.postprocess import finish_rows
+    from raybatch.pipeline.preprocess import prepare_requests
+    from raybatch.pipeline.rows import EngineRequest
+    from raybatch.pipeline.write import OutputWriter
+    from raybatch.runner import _finish_args, _lines_here, _prepare_args, scan_input
+    from raybatch.storage import Location, list_shards
+
+    write_input(work / "in.jsonl", rows)
+    config = RunConfig(input=str(work / "in.jsonl"), output=str(work / "out"), model="scripted",
+                       engine={"kind": "scripted", **({"batch_size": batch_size} if batch_size else {})})
+    engine = ScriptedEngine({})
+
+    async def answer(request_json: str):
+        request = EngineRequest.model_validate_json(request_json)
+        result = await engine.generate(request)
+        return request.kind, result.model_dump_json(), None, None
+
+    async def submit(rows_):
+        return await asyncio.gather(*(answer(request) for _, _, request in rows_))
+
+    async def stage(batch):
+        return await answer_batch(batch, submit)
+
+    profiler = None
+    if profile:
+        import cProfile
+
+        profiler = cProfile.Profile()
+        profiler.enable()
+    started = time.perf_counter()
+    shards = list_shards(config.input)
+    scan = scan_input(shards, config)
+    writer = OutputWriter(config.output, cap_bytes=config.output_cap_bytes, part_max_rows=config.part_max_rows,
+                          part_max_bytes=config.part_max_bytes, part_max_seconds=config.part_max_seconds,
+                          total_input_requests=scan.lines)
+    prepare_args, finish_args = _prepare_args(config, scan), _finish_args(config)
+    for table in stream_in_driver(_lines_here(shards, config), lambda t: prepare_requests(t, **prepare_args), stage,
+                                  lambda t: finish_rows(t, **finish_args), config.engine.batch_size, 8):
+        writer.append(table)
+    status = writer.flush()
+    publish_files(Location(config.output))
+    seconds = time.perf_counter() - started
+    if profiler:
+        profiler.disable()
+        profiler.dump_stats(profile)
+    assert status.progress.total_processed_requests == rows, status
+    return {"rows": rows, "seconds": seconds, "rows_per_second": rows / seconds}
+
+
 def _finished_batches(rows: int, batch: int):
     import pyarrow as pa
 
@@ -134,7 +195,8 @@ def main() -> int:
     parser.add_argument("--rows", type=int, help="rows through the pipeline (default 100,000)")
     parser.add_argument("--profile", help="write a cProfile of the pipeline run (the driver) here")
     parser.add_argument("--batch-size", type=int, help="engine.batch_size (default: the engine's default)")
-    parser.add_argument("--skip", choices=["pipeline", "writer"], action="append", default=[])
+    parser.add_argument("--skip", choices=["pipeline", "writer", "stages"], action="append", default=[])
+    parser.add_argument("--profile-stages", help="write a cProfile of the stages without Ray here")
     args = parser.parse_args()
     rows = args.rows or (2_000 if args.smoke else 100_000)
     results = {}
@@ -147,6 +209,10 @@ def main() -> int:
                 results["writer, S3 (moto)"] = writer_rows_per_second(f"{bucket}/writer-out", rows)
             finally:
                 server.stop()
+        if "stages" not in args.skip:
+            (work / "stages").mkdir()
+            results["stages without Ray, local"] = stages_rows_per_second(
+                work / "stages", rows, args.batch_size, args.profile_stages)
         if "pipeline" not in args.skip:
             (work / "pipe").mkdir()
             results["pipeline, scripted engine, local"] = pipeline_rows_per_second(work / "pipe", rows, args.profile, args.batch_size)

@@ -100,3 +100,25 @@ def test_a_crash_mid_publish_is_finished_by_the_next_publish(tmp_path, step, rep
     publish_files(Location(str(out)))  # the restart (the scheduler's next pass, the re-run)
     expect_exactly(out, lines)
     assert parts(out) == []
+
+
+def test_on_s3_the_parts_are_removed_and_a_crash_mid_publish_is_finished(s3_endpoint, tmp_path):
+    """The same on S3 (moto): the files are multipart uploads made visible whole, the
+    parts go in DeleteObjects requests; the crash comes after the first file."""
+    import boto3
+    import fsspec
+
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket="publish")
+    out = "s3://publish/job-1"
+    commit(out, range(1, 11))
+    fs = fsspec.filesystem("s3", client_kwargs={"endpoint_url": s3_endpoint})
+    assert len(fs.ls("publish/job-1/_raybatch/parts")) == 6
+    faults = Faults(tmp_path / "faults")
+    faults.arm("publish.crash", after=1)
+    assert _publish_in_a_child(out, tmp_path / "faults") == 1
+    publish_files(Location(out))
+    fs.invalidate_cache()
+    assert not fs.exists("publish/job-1/_raybatch/parts") or fs.ls("publish/job-1/_raybatch/parts") == []
+    results = [json.loads(x)["line"] for x in fs.cat_file("publish/job-1/results.jsonl").splitlines()]
+    errors = [json.loads(x)["line"] for x in fs.cat_file("publish/job-1/errors.jsonl").splitlines()]
+    assert sorted(results + errors) == list(range(1, 11)) and errors == [3, 6, 9]
