@@ -116,12 +116,28 @@ def stages_rows_per_second(work: Path, rows: int, batch_size: int | None, profil
                           part_max_bytes=config.part_max_bytes, part_max_seconds=config.part_max_seconds,
                           total_input_requests=scan.lines)
     prepare_args, finish_args = _prepare_args(config, scan), _finish_args(config)
-    for table in stream_in_driver(_lines_here(shards, config), lambda t: prepare_requests(t, **prepare_args), stage,
-                                  lambda t: finish_rows(t, **finish_args), config.engine.batch_size, 8):
-        writer.append(table)
-    status = writer.flush()
-    publish_files(Location(config.output))
+    spent = {"scan": time.perf_counter() - started, "validate+preprocess": 0.0, "postprocess": 0.0,
+             "write": 0.0, "publish": 0.0}
+
+    def timed(name, function):
+        def call(*args):
+            began = time.perf_counter()
+            try:
+                return function(*args)
+            finally:
+                spent[name] += time.perf_counter() - began
+        return call
+
+    lines = _lines_here(shards, config)
+    for table in stream_in_driver(lines, timed("validate+preprocess", lambda t: prepare_requests(t, **prepare_args)),
+                                  stage, timed("postprocess", lambda t: finish_rows(t, **finish_args)),
+                                  config.engine.batch_size, 8):
+        timed("write", writer.append)(table)
+    status = timed("write", writer.flush)()
+    timed("publish", publish_files)(Location(config.output))
     seconds = time.perf_counter() - started
+    spent["the rest: read, engine, executor"] = seconds - sum(spent.values())
+    print("stages without Ray, seconds per stage:", ", ".join(f"{k} {v:.2f}" for k, v in spent.items()))
     if profiler:
         profiler.disable()
         profiler.dump_stats(profile)
