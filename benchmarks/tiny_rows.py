@@ -7,9 +7,13 @@ Two measurements, each printed as a table line:
   pool → postprocess → write → publish. Ray is started before the clock starts; the
   run's own pool, scan, commits and publish are inside it. Target (issue 11): at least
   20,000 rows/s on the project's 2-core machine.
-- **writer**: one `OutputWriter` in this process (no Ray), fed finished rows in batches
-  of 64 as the pipeline hands them over, on local storage and on S3 (moto's server on
-  loopback): the ceiling of one writer, commits and progress included.
+- **writer**: one `OutputWriter` in this process (no Ray), fed finished rows in appends
+  of 1,024 rows as the driver's `WriterFeed` sends them, default part settings (1,000
+  rows), on local storage and on S3 (moto's server on loopback): the ceiling of one
+  writer, commits and progress included; then the publish, timed apart.
+- **stages without Ray**: the pipeline's own stage functions and in-driver executor in
+  this process, the scripted engine called directly: the CPU per row that is left
+  without any actor call, with the seconds spent in each stage.
 
     .venv/bin/python benchmarks/tiny_rows.py [--rows 100000] [--profile FILE]
     .venv/bin/python benchmarks/tiny_rows.py --smoke   # small sizes: does it work
@@ -165,7 +169,8 @@ def writer_rows_per_second(output_url: str, rows: int) -> dict:
     from raybatch.output_layout import publish_files
     from raybatch.pipeline.write import OutputWriter
 
-    batches = list(_finished_batches(rows, 64))  # made before the clock starts
+    # Appends of 1,024 rows, as the driver's WriterFeed sends them; made before the clock starts.
+    batches = list(_finished_batches(rows, 1024))
     started = time.perf_counter()
     writer = OutputWriter(output_url, cap_bytes=1 << 40, part_max_rows=1000,
                           part_max_bytes=16 << 20, part_max_seconds=5.0, total_input_requests=rows)
@@ -176,7 +181,7 @@ def writer_rows_per_second(output_url: str, rows: int) -> dict:
     publish_files(_location(output_url))
     seconds = time.perf_counter() - started
     assert status.progress.total_processed_requests == rows
-    return {"rows": rows, "append_seconds": appended, "seconds": seconds, "rows_per_second": rows / appended}
+    return {"rows": rows, "seconds": appended, "publish_seconds": seconds - appended, "rows_per_second": rows / appended}
 
 
 def _location(url: str):
@@ -232,9 +237,10 @@ def main() -> int:
         if "pipeline" not in args.skip:
             (work / "pipe").mkdir()
             results["pipeline, scripted engine, local"] = pipeline_rows_per_second(work / "pipe", rows, args.profile, args.batch_size)
-    print(f"\n{'measured':<36} {'rows':>9} {'seconds':>8} {'rows/s':>9}")
+    print(f"\n{'measured':<36} {'rows':>9} {'seconds':>8} {'rows/s':>9}  publish")
     for name, result in results.items():
-        print(f"{name:<36} {result['rows']:>9,} {result['seconds']:>8.2f} {result['rows_per_second']:>9,.0f}")
+        publish = f"{result['publish_seconds']:.2f} s" if "publish_seconds" in result else "(in seconds)"
+        print(f"{name:<36} {result['rows']:>9,} {result['seconds']:>8.2f} {result['rows_per_second']:>9,.0f}  {publish}")
     pipeline = results.get("pipeline, scripted engine, local")
     if pipeline and not args.smoke and pipeline["rows_per_second"] < 20_000:
         print("target missed: the pipeline is under 20,000 rows/s")
