@@ -165,14 +165,14 @@ def _finished_batches(rows: int, batch: int):
         })
 
 
-def writer_rows_per_second(output_url: str, rows: int) -> dict:
+def writer_rows_per_second(output_url: str, rows: int, part_rows: int = 1000) -> dict:
     from raybatch.output_layout import publish_files
     from raybatch.pipeline.write import OutputWriter
 
     # Appends of 1,024 rows, as the driver's WriterFeed sends them; made before the clock starts.
     batches = list(_finished_batches(rows, 1024))
     started = time.perf_counter()
-    writer = OutputWriter(output_url, cap_bytes=1 << 40, part_max_rows=1000,
+    writer = OutputWriter(output_url, cap_bytes=1 << 40, part_max_rows=part_rows,
                           part_max_bytes=16 << 20, part_max_seconds=5.0, total_input_requests=rows)
     for table in batches:
         writer.append(table)
@@ -215,6 +215,7 @@ def main() -> int:
     parser.add_argument("--smoke", action="store_true", help="small sizes (2,000 rows): checks that it works")
     parser.add_argument("--rows", type=int, help="rows through the pipeline (default 100,000)")
     parser.add_argument("--profile", help="write a cProfile of the pipeline run (the driver) here")
+    parser.add_argument("--part-rows", type=int, default=1000, help="the writer's part_max_rows (default 1,000)")
     parser.add_argument("--batch-size", type=int, help="engine.batch_size (default: the engine's default)")
     parser.add_argument("--skip", choices=["pipeline", "writer", "stages"], action="append", default=[])
     parser.add_argument("--profile-stages", help="write a cProfile of the stages without Ray here")
@@ -224,10 +225,10 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="raybatch-tiny-rows-") as work:
         work = Path(work)
         if "writer" not in args.skip:
-            results["writer, local"] = writer_rows_per_second(str(work / "writer-out"), rows)
+            results["writer, local"] = writer_rows_per_second(str(work / "writer-out"), rows, args.part_rows)
             server, bucket = _moto()
             try:
-                results["writer, S3 (moto)"] = writer_rows_per_second(f"{bucket}/writer-out", rows)
+                results["writer, S3 (moto)"] = writer_rows_per_second(f"{bucket}/writer-out", rows, args.part_rows)
             finally:
                 server.stop()
         if "stages" not in args.skip:
