@@ -23,6 +23,9 @@ Points, and where they are checked:
                      pool's start timeout catches it); N counts starts, one per process
     writer.crash     OutputWriter: exit between writing a part and committing it
                      (N counts the parts this writer wrote)
+    publish.crash    output_layout.publish_files: exit at step N of a publish (1, 2:
+                     after each result file; 3: after published.json; 4 on: after
+                     each part removed)
     storage.error    storage.retrying: a transient ConnectionResetError, raised before the
                      storage call or after it took effect (a lost reply), at rate p
 

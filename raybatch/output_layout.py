@@ -6,7 +6,8 @@ tests read it through this module.
 Layout under the output location:
 
     results.jsonl, errors.jsonl        published from the committed parts at the end
-    _raybatch/parts/<seq>-<run>.{results,errors}.jsonl    part data
+    _raybatch/parts/<seq>-<run>.{results,errors}.jsonl    part data (removed once published)
+    _raybatch/published.json           which commits the published files hold (publish_files)
     _raybatch/commits/<seq>.json       commit record: which (shard, line)s the part holds
     _raybatch/progress.json            jobProgress, committed bytes, cap state
     _raybatch/run.json                 the input and settings this output belongs to (runner.py)
@@ -20,11 +21,15 @@ a re-run never writes a line twice.
 
 from __future__ import annotations
 
+import functools
 import itertools
-from typing import Iterator, Optional
+import os
+import posixpath
+from typing import Iterable, Iterator, Optional
 
 from pydantic import BaseModel, Field
 
+from raybatch import faults
 from raybatch.pipeline.read import LineSet
 from raybatch.protocol import CamelModel, JobProgress
 from raybatch.storage import Location, retrying
@@ -36,6 +41,7 @@ PROGRESS_FILE = f"{STATE_DIR}/progress.json"
 RESULTS_FILE = "results.jsonl"
 ERRORS_FILE = "errors.jsonl"
 RUN_FILE = f"{STATE_DIR}/run.json"
+PUBLISHED_FILE = f"{STATE_DIR}/published.json"
 ENGINE_FAILURES_DIR = f"{STATE_DIR}/engine-failures"
 
 
@@ -113,41 +119,127 @@ def succeeded_lines(commits: list[PartCommit], into: dict[str, LineSet]) -> dict
     return into
 
 
+class ProgressTotals:
+    """The counters of jobProgress, kept running: the writer adds each record as it
+    commits it, so a status costs the same at the 10th part as at the 10,000th."""
+
+    def __init__(self, commits: Iterable[PartCommit] = ()):
+        self.results = self.errors = self.bytes = 0
+        self.prompt_tokens = self.completion_tokens = self.cached_tokens = 0
+        for record in commits:
+            self.add(record)
+
+    def add(self, record: PartCommit) -> None:
+        self.results += record.results
+        self.errors += record.errors
+        self.bytes += record.bytes
+        self.prompt_tokens += record.prompt_tokens
+        self.completion_tokens += record.completion_tokens
+        self.cached_tokens += record.cached_tokens
+
+    def progress(self, total_input_requests: int) -> JobProgress:
+        processed = self.results + self.errors
+        return JobProgress(
+            # Whole percent, floored: 100 only when every line is in a file.
+            percent=100 * processed // total_input_requests if total_input_requests else 100,
+            total_input_requests=total_input_requests,
+            total_processed_requests=processed,
+            successfully_processed_requests=self.results,
+            failed_requests=self.errors,
+            output_rows=processed,
+            input_tokens=self.prompt_tokens,
+            output_tokens=self.completion_tokens,
+            cached_input_token_count=self.cached_tokens,
+        )
+
+
 def progress_of(commits: list[PartCommit], total_input_requests: int) -> JobProgress:
-    results = sum(r.results for r in commits)
-    errors = sum(r.errors for r in commits)
-    processed = results + errors
-    return JobProgress(
-        # Whole percent, floored: 100 only when every line is in a file.
-        percent=100 * processed // total_input_requests if total_input_requests else 100,
-        total_input_requests=total_input_requests,
-        total_processed_requests=processed,
-        successfully_processed_requests=results,
-        failed_requests=errors,
-        output_rows=processed,
-        input_tokens=sum(r.prompt_tokens for r in commits),
-        output_tokens=sum(r.completion_tokens for r in commits),
-        cached_input_token_count=sum(r.cached_tokens for r in commits),
-    )
+    return ProgressTotals(commits).progress(total_input_requests)
+
+
+class Published(BaseModel):
+    """What the last publish wrote (`_raybatch/published.json`), written after both
+    files and before any part is removed: the files hold every committed part up to
+    `through_seq`, and their first `sizes[name]` bytes are exactly those parts."""
+
+    through_seq: int
+    sizes: dict[str, int]
+
+
+def read_published(location: Location) -> Optional[Published]:
+    if not location.exists(PUBLISHED_FILE):
+        return None
+    return Published.model_validate_json(location.read_bytes(PUBLISHED_FILE))
+
+
+COPY_CHUNK = 8 * 1024 * 1024
 
 
 def publish_files(location: Location) -> None:
-    """Write results.jsonl and errors.jsonl from every committed part, in commit order.
+    """Write results.jsonl and errors.jsonl from every committed part, in commit order,
+    then remove the parts, so that the output is not kept twice.
 
-    Idempotent: each call rebuilds both files whole from the commit records, so a
-    re-run or a resumed run publishes every committed line exactly once.
+    Resumable, and exactly once: whatever point a crash stops it at, calling it again
+    finishes it, each committed line in its file once.
+    - The files are rewritten whole (streamed, visible only when complete) from what the
+      last finished publish wrote (the first `Published.sizes` bytes of each file,
+      which are the same whether or not a crashed attempt rewrote the file since) and
+      the parts committed after it. A part is removed only once `published.json` says
+      the files hold it, so every committed line is always in a part or in a file
+      that the record vouches for.
+    - A publish with nothing new committed since the last one writes nothing and only
+      finishes removing the parts (a crash may have stopped it midway).
+    - Lines committed after a publish (a re-run that commits more) are appended by the
+      next publish the same way.
+    Orphan parts (data without a commit record, from a writer that crashed between the
+    two) are left alone: they never count, and one may be a part being written now.
     """
     commits = load_commits(location)
-    for target, attribute in ((RESULTS_FILE, "results_file"), (ERRORS_FILE, "errors_file")):
+    last = commits[-1].seq if commits else 0
+    before = read_published(location)
+    if before is None or before.through_seq < last:
+        kept = before.sizes if before else {}
+        new = [record for record in commits if before is None or record.seq > before.through_seq]
+        sizes = {}
+        for step, (target, attribute) in enumerate(((RESULTS_FILE, "results_file"), (ERRORS_FILE, "errors_file")), 1):
+            # A streamed write is not retried inside the writer (see AtomicWriter), so a
+            # transient failure while uploading or closing is retried here, whole: a
+            # failed attempt published nothing, and the next one writes the same bytes.
+            sizes[target] = retrying("publish", location.where(target), functools.partial(
+                _publish_once, location, target, kept.get(target, 0), [getattr(r, attribute) for r in new]))
+            _crash_point(step)
+        location.write_atomic(PUBLISHED_FILE, Published(through_seq=last, sizes=sizes).model_dump_json().encode())
+        _crash_point(3)
+    present = set(location.list(PARTS_DIR))
+    published = [name for record in commits for name in (record.results_file, record.errors_file)
+                 if name and posixpath.basename(name) in present]
+    for step, _ in enumerate(location.delete_many(published), 4):
+        _crash_point(step)
 
-        def publish_once(target: str = target, attribute: str = attribute) -> None:
-            with location.open_atomic_writer(target) as writer:
-                for record in commits:
-                    part = getattr(record, attribute)
-                    if part:
-                        writer.write(location.read_bytes(part))
 
-        # A streamed write is not retried inside the writer (see AtomicWriter), so a
-        # transient failure while uploading or closing is retried here, whole: a failed
-        # attempt published nothing, and the next one writes the same bytes again.
-        retrying("publish", location.where(target), publish_once)
+def _publish_once(location: Location, target: str, kept: int, parts: list[Optional[str]]) -> int:
+    """One attempt at `target`: its first `kept` bytes as they are, then `parts`. Its size."""
+    size = 0
+    with location.open_atomic_writer(target) as writer:
+        if kept:
+            with location.open_read(target) as published:
+                while size < kept:
+                    chunk = published.read(min(COPY_CHUNK, kept - size))
+                    if not chunk:
+                        raise ValueError(f"{location.where(target)} is shorter than the {kept} bytes "
+                                         f"{PUBLISHED_FILE} says it holds")
+                    writer.write(chunk)
+                    size += len(chunk)
+        for part in parts:
+            if part:
+                data = location.read_bytes(part)
+                writer.write(data)
+                size += len(data)
+    return size
+
+
+def _crash_point(step: int) -> None:
+    """The reliability tests' crash in the middle of a publish (`publish.crash`): steps
+    1 and 2 after each file, 3 after published.json, 4 on after each part removed."""
+    if faults.fires("publish.crash", step):
+        os._exit(1)

@@ -47,7 +47,7 @@ from raybatch.pipeline.postprocess import finish_rows
 from raybatch.pipeline.preprocess import prepare_requests
 from raybatch.pipeline.read import read_shards
 from raybatch.pipeline.validate import DuplicateScan, scan_custom_ids, validate_body
-from raybatch.pipeline.write import OutputWriter
+from raybatch.pipeline.write import OutputWriter, WriterFeed
 from raybatch.precision import EnginePlan, cluster_nodes, plan_engines
 from raybatch.protocol import CHAT_URL, COMPLETIONS_URL
 from raybatch.storage import Location, Shard, list_shards
@@ -350,14 +350,20 @@ def _stream(
     # What the writer will find committed (it has read the same parts); a new writer has
     # never reached the cap.
     remaining = total - progress_of(commits, total).total_processed_requests
+    # Appends of many batches, not waited for one by one (bounded): see WriterFeed.
+    feed = WriterFeed(writer.append.remote, ray.get)
     if remaining > 0:
         try:
             for batch in answered_batches(shards, config, access, scan, skip):
-                if status is None and on_progress:
-                    on_progress(ray.get(begun))
-                status = ray.get(writer.append.remote(batch))
-                if on_progress:
-                    on_progress(status)
+                if status is None:
+                    status = ray.get(begun)
+                    if on_progress:
+                        on_progress(status)
+                received = feed.add(batch)
+                if received is not None:
+                    status = received
+                    if on_progress:
+                        on_progress(status)
                 if status.cap_reached:
                     break
         except Exception as error:
@@ -365,6 +371,7 @@ def _stream(
             if start_error is None:
                 raise
             raise EngineStartError(start_error) from None
+    feed.drain()
     status = ray.get(writer.flush.remote())
     if on_progress:
         on_progress(status)

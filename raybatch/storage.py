@@ -28,7 +28,7 @@ import random
 import time
 import uuid
 from dataclasses import dataclass
-from typing import IO, Callable, TypeVar
+from typing import IO, Callable, Iterator, TypeVar
 
 import aiohttp
 import botocore.exceptions
@@ -361,6 +361,29 @@ class Location:
                 self.fs.rm(target, recursive=True)
 
         retrying("delete", self.where(relative), delete_once)
+
+    def delete_many(self, relatives: list[str]) -> Iterator[int]:
+        """Remove these files (missing ones are no error), in steps: S3 removes up to
+        1,000 keys per DeleteObjects request, a local folder one file per step. Yields
+        how many are removed after each step. Each step repeats safely: a removed file
+        stays removed, and S3's DeleteObjects ignores missing keys."""
+        local = _is_local(self.fs)
+        step = 1 if local else 1000
+        for start in range(0, len(relatives), step):
+            paths = [self.path(relative) for relative in relatives[start:start + step]]
+
+            def delete_once(paths: list[str] = paths) -> None:
+                if local:
+                    for path in paths:
+                        try:
+                            os.remove(path)
+                        except FileNotFoundError:
+                            pass
+                else:
+                    self.fs.rm(paths)
+
+            retrying("delete", self.where(relatives[start]), delete_once)
+            yield start + len(paths)
 
 
 class AtomicWriter:

@@ -182,10 +182,21 @@ def committed_results(output_url: str) -> dict[str, float]:
     """custom_id → when the part holding its result was committed, read from the commit
     records (so it counts only committed parts, published or not)."""
     committed: dict[str, float] = {}
-    for record in _commit_records(output_url):
-        if record["results_file"]:
-            for row in read_jsonl(f"{output_url}/{record['results_file']}"):
-                committed[row["custom_id"]] = record["committed_at"]
+    records = sorted(_commit_records(output_url), key=lambda record: record["seq"])
+    # A published output has no parts any more: results.jsonl holds them in commit
+    # order, each record's `results` lines one after the other.
+    fs, published_path = fsspec.core.url_to_fs(f"{output_url}/_raybatch/published.json")
+    published = json.loads(fs.cat_file(published_path)) if fs.exists(published_path) else {"through_seq": 0}
+    published_rows = iter(read_jsonl(f"{output_url}/results.jsonl")) if published["through_seq"] else iter(())
+    for record in records:
+        if record["seq"] <= published["through_seq"]:
+            rows = [next(published_rows) for _ in range(record["results"])]
+        elif record["results_file"]:
+            rows = read_jsonl(f"{output_url}/{record['results_file']}")
+        else:
+            rows = []
+        for row in rows:
+            committed[row["custom_id"]] = record["committed_at"]
     return committed
 
 

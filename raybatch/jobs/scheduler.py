@@ -3,7 +3,8 @@
 The API asks it to create, cancel and delete jobs; a loop in the actor moves jobs
 along: VALIDATING (check input, model, precision) → PENDING (wait for a slot) → RUNNING
 (the job's pipeline runs as its own Ray Job, `jobs/driver.py`, so an API or scheduler
-restart leaves it alone) → WRITING_RESULTS (publish results.jsonl/errors.jsonl) →
+restart leaves it alone) → WRITING_RESULTS (publish results.jsonl/errors.jsonl, in a
+thread of `publishing.Publisher`, so that no other job waits for it) →
 COMPLETED; or EXPIRED / CANCELLED with the committed part published, or RE_QUEUEING
 when its driver died (it resumes from its committed parts).
 
@@ -49,7 +50,8 @@ from raybatch.jobs.model_access import model_refusal
 from raybatch.jobs.run_config import RunConfigBuilder, check_adapter_source, check_model_source
 from raybatch.jobs.spares import SpareDrivers
 from raybatch.jobs.states import transition
-from raybatch.output_layout import load_commits, progress_of, publish_files, read_progress
+from raybatch.jobs.publishing import Publisher
+from raybatch.output_layout import load_commits, progress_of, read_progress
 from raybatch.quotas import AccountQuotas
 from raybatch.resources import (
     DATASETS,
@@ -97,6 +99,7 @@ class JobScheduler:
             config.spare_drivers, config.spare_driver_idle_seconds,
         )
         self._stop = threading.Event()
+        self._publisher = Publisher(self._wake)
         self._loop = threading.Thread(target=self._run_loop, name="scheduler-loop", daemon=True)
         self._loop.start()
 
@@ -399,10 +402,14 @@ class JobScheduler:
                 self._store.put_job(fresh)
 
     def _finish(self, record: JobRecord, target: JobState, message: str) -> None:
-        """Publish what was committed, mark the output dataset READY, then `target`."""
+        """Publish what was committed, mark the output dataset READY, then `target`.
+
+        The publish runs off the loop (`Publisher`): until it has ended this returns at
+        once and the job keeps its stored state, so a later pass comes back here."""
         output = Location(self._configs.files_url(record.job.output_dataset_id))
+        if not self._publisher.published(output.url):
+            return
         commits = load_commits(output)
-        publish_files(output)
         account = record.runtime.account
         _, output_id = parse_reference(record.job.output_dataset_id, DATASETS, account)
         with self._lock:

@@ -5,10 +5,11 @@ is read and published are defined in `raybatch/output_layout.py`.
 
 from __future__ import annotations
 
+import collections
 import os
 import time
 import uuid
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import pyarrow as pa
 
@@ -19,9 +20,9 @@ from raybatch.output_layout import (
     PROGRESS_FILE,
     OutputStatus,
     PartCommit,
+    ProgressTotals,
     committed_lines,
     load_commits,
-    progress_of,
 )
 from raybatch.pipeline.read import LineSet
 from raybatch.pipeline.rows import column
@@ -62,11 +63,12 @@ class OutputWriter:
         self._total = total_input_requests
         self._metric_labels = metric_labels or metrics.job_labels(None, "local")
         self._run = uuid.uuid4().hex[:8]
-        self._commits = load_commits(self._out)
-        self._done = committed_lines(self._commits)
-        self._seq = max((r.seq for r in self._commits), default=0)
+        commits = load_commits(self._out)
+        self._done = committed_lines(commits)
+        self._seq = max((r.seq for r in commits), default=0)
         self._first_seq = self._seq
-        self._committed_bytes = sum(r.bytes for r in self._commits)
+        # Running: each commit adds its record (not a sum over every record per status).
+        self._totals = ProgressTotals(commits)
         self._buffer: list[tuple] = []
         self._buffered: set[tuple[str, int]] = set()
         self._buffer_bytes = 0
@@ -115,15 +117,15 @@ class OutputWriter:
 
     def status(self) -> OutputStatus:
         return OutputStatus(
-            progress=progress_of(self._commits, self._total),
-            committed_bytes=self._committed_bytes,
+            progress=self._totals.progress(self._total),
+            committed_bytes=self._totals.bytes,
             cap_reached=self._cap_reached,
         )
 
     def _commit(self) -> None:
         self._last_commit = time.monotonic()
         rows, self._buffer, self._buffered, self._buffer_bytes = self._buffer, [], set(), 0
-        room = self._cap_bytes - self._committed_bytes
+        room = self._cap_bytes - self._totals.bytes
         kept, size = [], 0
         for row in rows:
             if size + len(row[3]) > room:
@@ -173,8 +175,7 @@ class OutputWriter:
         self._out.write_atomic(f"{COMMITS_DIR}/{seq:08d}.json", record.model_dump_json().encode())
         metrics.record_commit(self._metric_labels, record, [r[3] for r in rows if r[2]], time.monotonic() - started)
         self._seq = seq
-        self._commits.append(record)
-        self._committed_bytes += size
+        self._totals.add(record)
         for shard, numbers in lines.items():
             line_set = self._done.setdefault(shard, LineSet())
             for number in numbers:
@@ -182,3 +183,66 @@ class OutputWriter:
 
     def _write_progress(self) -> None:
         self._out.write_atomic(PROGRESS_FILE, self.status().model_dump_json(by_alias=True).encode())
+
+
+class WriterFeed:
+    """The driver's side of the writer: finished batches go to the writer in appends of
+    about `append_rows` rows, with up to `in_flight` appends sent and not yet answered,
+    so that the driver goes on with the pipeline while the writer commits.
+
+    Why: one append per engine batch (16 rows by default) was one actor call, and a wait
+    for the writer's commit, every 16 rows. Rows are held here only while batches come
+    faster than one per `append_seconds` (a slow stream sends each batch at once, so
+    commits are not delayed), and nothing is lost by holding them: rows the writer has
+    not committed are not committed wherever they wait, and the next run answers them
+    again. The bound keeps the writer's queue (and memory) fixed: when it is full the
+    driver waits for the oldest append, as it waited for each one before. The writer
+    answers appends in the order they were sent (an actor runs one call at a time), so
+    the last status received is the newest.
+
+    `send(table)` starts an append and returns a handle; `wait(handle)` returns its
+    OutputStatus (Ray: `writer.append.remote` and `ray.get`).
+    """
+
+    def __init__(
+        self,
+        send: Callable[[pa.Table], Any],
+        wait: Callable[[Any], OutputStatus],
+        *,
+        append_rows: int = 1024,
+        append_seconds: float = 0.1,
+        in_flight: int = 2,
+    ):
+        self._send, self._wait = send, wait
+        self._append_rows, self._append_seconds, self._in_flight = append_rows, append_seconds, in_flight
+        self._held: list[pa.Table] = []
+        self._held_rows = 0
+        self._last_send = float("-inf")  # the first batch goes at once: the first commit
+        self._sent: collections.deque = collections.deque()
+        self.status: Optional[OutputStatus] = None
+
+    def add(self, table: pa.Table) -> Optional[OutputStatus]:
+        """Take a finished batch. Returns a status when the writer answered one meanwhile."""
+        self._held.append(table)
+        self._held_rows += table.num_rows
+        if self._held_rows >= self._append_rows or time.monotonic() - self._last_send >= self._append_seconds:
+            self._send_held()
+        received = None
+        while len(self._sent) > self._in_flight:
+            received = self.status = self._wait(self._sent.popleft())
+        return received
+
+    def drain(self) -> Optional[OutputStatus]:
+        """Send what is held and wait for every append; the last status."""
+        self._send_held()
+        while self._sent:
+            self.status = self._wait(self._sent.popleft())
+        return self.status
+
+    def _send_held(self) -> None:
+        if not self._held:
+            return
+        table = self._held[0] if len(self._held) == 1 else pa.concat_tables(self._held)
+        self._sent.append(self._send(table))
+        self._last_send = time.monotonic()
+        self._held, self._held_rows = [], 0

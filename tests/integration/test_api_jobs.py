@@ -134,6 +134,27 @@ def test_restarting_the_serve_app_and_the_scheduler_mid_job_loses_nothing(client
     assert _record(service, "survivor").runtime.attempts == 1  # its driver went on untouched
 
 
+def test_a_scheduler_that_dies_mid_publish_is_restarted_and_finishes_the_publish(client, service, faults, tmp_path):
+    """publish.crash: the scheduler's process exits in the middle of publishing a
+    finished job (both files written, published.json not yet). Ray restarts it; it finds
+    the job WRITING_RESULTS in the store and publishes again: every line once, the
+    parts removed, no second attempt of the job."""
+    import os
+
+    built = _upload(client, tmp_path, "to-publish", 40, bad_every=7)
+    faults.arm("publish.crash", after=2)
+    client.batch_inference_jobs.create(batch_inference_job_id="publish-crash", model="scripted", input_dataset_id="to-publish")
+    job, _ = wait_job(client, "publish-crash", timeout=180)
+    assert job.state == "JOB_STATE_COMPLETED", job.status
+    assert faults.fired("publish.crash")
+    with pytest.raises(ProcessLookupError):
+        os.kill(faults.fired_in("publish.crash"), 0)  # the process that published first is gone
+    check_run(_output(service, job), built.expected)
+    parts = os.path.join(_output(service, job), "_raybatch", "parts")
+    assert not os.path.exists(parts) or os.listdir(parts) == []  # no second copy of the output
+    assert _record(service, "publish-crash").runtime.attempts == 1
+
+
 @pytest.mark.parametrize("model,lines", [("scripted-slow", 40), pytest.param("tiny", 1000, marks=pytest.mark.engine)])
 def test_a_dead_driver_is_requeued_and_resumes_from_committed_parts(client, service, ray_cluster, tmp_path, model, lines):
     from ray.job_submission import JobSubmissionClient

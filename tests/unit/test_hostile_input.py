@@ -335,7 +335,7 @@ def test_hostile_custom_ids_round_trip_exactly_and_never_become_paths(tmp_path):
     # Nothing outside the known layout was created, here or anywhere near.
     assert sorted(p.name for p in tmp_path.iterdir()) == ["calls", "in", "out"]
     layout = re.compile(
-        r"(results|errors)\.jsonl|_raybatch/(progress\.json|commits/\d{8}\.json"
+        r"(results|errors)\.jsonl|_raybatch/(progress\.json|published\.json|commits/\d{8}\.json"
         r"|parts/\d{8}-[0-9a-f]{8}\.(results|errors)\.jsonl)"
     )
     for path in (tmp_path / "out").rglob("*"):
