@@ -79,13 +79,17 @@ class EngineRequest(BaseModel):
 
     custom_id: str
     kind: str  # "chat" | "completion"
-    messages: Optional[list[dict[str, str]]] = None
+    messages: Optional[list[dict[str, Any]]] = None  # role, content; tool_calls, tool_call_id, name when given
     prompt: Optional[Union[str, list[int]]] = None
     sampling: dict[str, Any]
     max_tokens: Optional[int] = None  # None: whatever the context leaves, up to the cap
     max_tokens_cap: Optional[int] = None  # the job's bound, for a row that set no max_tokens
     structured_output: Optional[dict[str, Any]] = None
     echo: bool = False
+    # Chat rows with tools: as the body gave them (engines/chat_frontend.py reads them).
+    tools: Optional[list[dict[str, Any]]] = None
+    tool_choice: Optional[Union[str, dict[str, Any]]] = None
+    parallel_tool_calls: Optional[bool] = None
 
 
 # The JSON inside the `result` column: what an engine answered.
@@ -100,10 +104,14 @@ class TokenLogprob(TopLogprob):
 
 
 class Choice(BaseModel):
-    text: str
+    text: Optional[str]  # a chat choice's content: null when it is only tool calls
     finish_reason: Optional[str]
     completion_tokens: int
     logprobs: Optional[list[TokenLogprob]] = None
+    # Set by models served with a reasoning or tool-call parser (engines/chat_frontend.py).
+    reasoning_content: Optional[str] = None
+    reasoning_tokens: Optional[int] = None
+    tool_calls: Optional[list[dict[str, Any]]] = None
 
 
 class EngineResult(BaseModel):
