@@ -118,7 +118,8 @@ class ChatFrontend:
             from vllm.sampling_params import StructuredOutputsParams
 
             structured = StructuredOutputsParams(**request.structured_output)
-        if self._parser_cls is None and not request.tools:
+        if not request.tools and not self.has_reasoning_parser:
+            # Nothing to parse: a plain row is what it would be with no parsers at all.
             return PreparedChat(prompt_ids, structured, True, {}, None)
         vllm_request = self._vllm_request(request, structured)
         parser = None
@@ -174,7 +175,7 @@ class ChatFrontend:
     def finish(self, prepared: PreparedChat, text: str, token_ids: Any, finish_reason: Optional[str]) -> ParsedChoice:
         """One choice of the output, read back as OpenAI's message fields."""
         request = prepared.request
-        if request is None or self._parser_cls is None:
+        if request is None or self._parser_cls is None:  # no tools, or tools and tool_choice "none" without parsers
             return ParsedChoice(text, None, None, finish_reason, None)
         from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionNamedToolChoiceParam
 
