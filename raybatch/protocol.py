@@ -54,6 +54,9 @@ class ErrorCode(str, enum.Enum):
     N_TOO_LARGE = "n_too_large"
     LOGPROBS_TOO_LARGE = "logprobs_too_large"
     JSON_SCHEMA_TOO_LARGE = "json_schema_too_large"
+    # tools with tool_choice other than "none" for a model whose catalog entry names no
+    # tool-call parser (engine_args.tool_call_parser): its calls could not be read back.
+    TOOLS_NOT_SUPPORTED = "tools_not_supported"
     CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"
     ENGINE_ERROR = "engine_error"
     # body.model names neither the job's base model nor one of its LoRA adapters
@@ -225,12 +228,70 @@ class TextPart(BaseModel):
     text: str
 
 
+class FunctionDefinition(BaseModel):
+    """A tool's function, as the chat template and the tool-call grammar receive it."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: Optional[str] = None
+    parameters: Optional[dict[str, Any]] = None
+    strict: Optional[bool] = None
+
+
+class ToolDefinition(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class CalledFunction(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    name: str
+    arguments: str = Field(description="The arguments as a JSON string, as OpenAI writes them.")
+
+
+class ToolCall(BaseModel):
+    """A call the assistant made: in an earlier turn of the input, or in the output."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    id: str
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Optional[Union[str, list[TextPart]]] = None
     name: Optional[str] = None
+    tool_calls: Optional[list[ToolCall]] = None  # an assistant turn's calls
+    tool_call_id: Optional[str] = None  # which call a tool turn answers
+
+    @model_validator(mode="after")
+    def _tool_fields_fit_the_role(self) -> "ChatMessage":
+        if self.tool_calls is not None and self.role != "assistant":
+            raise ValueError("only assistant messages may carry tool_calls")
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a tool message needs the tool_call_id of the call it answers")
+        return self
 
     def text(self) -> str:
         if self.content is None:
@@ -239,11 +300,40 @@ class ChatMessage(BaseModel):
             return self.content
         return "".join(part.text for part in self.content)
 
+    def template_fields(self) -> dict[str, Any]:
+        """The message as the chat template reads it: text content, and the tool fields
+        only where set (a plain message stays {role, content})."""
+        fields: dict[str, Any] = {"role": self.role, "content": self.text()}
+        if self.tool_calls is not None:
+            fields["tool_calls"] = [call.model_dump() for call in self.tool_calls]
+            if self.content is None:
+                fields["content"] = None
+        if self.tool_call_id is not None:
+            fields["tool_call_id"] = self.tool_call_id
+        return fields
+
 
 class ChatCompletionBody(_Body):
     messages: list[ChatMessage] = Field(min_length=1)
     logprobs: Optional[bool] = None
     top_logprobs: Optional[int] = Field(None, ge=0, le=20)
+    tools: Optional[list[ToolDefinition]] = Field(None, min_length=1)
+    tool_choice: Optional[Union[Literal["none", "auto", "required"], NamedToolChoice]] = None
+    parallel_tool_calls: Optional[bool] = None
+
+    @model_validator(mode="after")
+    def _tool_choice_fits_tools(self) -> "ChatCompletionBody":
+        # OpenAI's rules (vLLM's ChatCompletionRequest checks the same).
+        choice = self.tool_choice
+        if choice is not None and choice != "none" and not self.tools:
+            raise ValueError("tool_choice needs tools")
+        if isinstance(choice, NamedToolChoice):
+            names = [tool.function.name for tool in self.tools]
+            if choice.function.name not in names:
+                raise ValueError(
+                    f"tool_choice names function {choice.function.name!r}, which is not in tools ({', '.join(names)})"
+                )
+        return self
 
 
 class CompletionBody(_Body):
@@ -277,16 +367,27 @@ class CompletionTokensDetails(BaseModel):
     cached_tokens: int = 0
 
 
+class OutputTokensDetails(BaseModel):
+    """OpenAI's `usage.completion_tokens_details`: of the completion tokens, how many
+    were reasoning. Only for models served with a reasoning parser."""
+
+    reasoning_tokens: int
+
+
 class Usage(BaseModel):
     prompt_tokens: int
-    completion_tokens: int
+    completion_tokens: int  # reasoning tokens included, as OpenAI counts them
     total_tokens: int
     prompt_tokens_details: CompletionTokensDetails
+    completion_tokens_details: Optional[OutputTokensDetails] = Field(None, exclude_if=lambda v: v is None)
 
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: Optional[str]
+    # Present only when there is one, as OpenAI and vLLM write them.
+    reasoning_content: Optional[str] = Field(None, exclude_if=lambda v: v is None)
+    tool_calls: Optional[list[ToolCall]] = Field(None, exclude_if=lambda v: not v)
 
 
 class ChatChoice(BaseModel):

@@ -15,13 +15,41 @@ import os
 from pathlib import Path
 
 # A ChatML-style template, so chat rows are rendered the way real chat models render them.
+# With `tools` it adds a Hermes/Qwen-style tools block, renders an assistant turn's calls
+# as <tool_call> JSON and a tool turn as a <tool_response>, as Qwen2.5's template does:
+# the tiny model is served with vLLM's "hermes" tool-call parser. Without tools, every
+# message renders as it always did.
 CHAT_TEMPLATE = (
+    "{% if tools %}"
+    "{{ '<|im_start|>system\n' }}"
+    "{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] + '\n\n' }}{% endif %}"
+    "{{ '# Tools\nFunction signatures within <tools></tools>:\n<tools>' }}"
+    "{% for tool in tools %}{{ '\n' + (tool | tojson) }}{% endfor %}"
+    "{{ '\n</tools>\nReturn each call as <tool_call>{\"name\": ..., \"arguments\": {...}}</tool_call>'"
+    " + '<|im_end|>\n' }}"
+    "{% endif %}"
     "{% for message in messages %}"
+    "{% if tools and loop.first and message['role'] == 'system' %}"
+    "{% elif message['role'] == 'assistant' and message['tool_calls'] %}"
+    "{{ '<|im_start|>assistant\n' + (message['content'] or '') }}"
+    "{% for call in message['tool_calls'] %}"
+    "{{ '<tool_call>{\"name\": ' + (call['function']['name'] | tojson) + ', \"arguments\": '"
+    " + call['function']['arguments'] + '}</tool_call>' }}"
+    "{% endfor %}{{ '<|im_end|>\n' }}"
+    "{% elif message['role'] == 'tool' %}"
+    "{{ '<|im_start|>tool\n<tool_response>' + message['content'] + '</tool_response><|im_end|>\n' }}"
+    "{% else %}"
     "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endif %}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+# The markup of vLLM's "hermes" tool-call parser and of the <think> reasoning parsers
+# ("deepseek_r1", "qwen3"), which look these up in the vocabulary. Added after training,
+# so every other token keeps its id, and not special (as in Qwen's tokenizers), so the
+# decoded text keeps them for the parsers.
+MARKUP_TOKENS = ["<tool_call>", "</tool_call>", "<think>", "</think>"]
 VOCAB_SIZE = 1024
 MAX_POSITION_EMBEDDINGS = 2048
 
@@ -77,12 +105,14 @@ def build_tiny_model(path: str | os.PathLike, seed: int = 0, shape: str = "tiny"
         pad_token="<|endoftext|>",
         unk_token="<|endoftext|>",
     )
+    trained_vocab = len(fast)
+    fast.add_tokens(MARKUP_TOKENS)
     fast.chat_template = CHAT_TEMPLATE
     fast.model_max_length = MAX_POSITION_EMBEDDINGS
     fast.save_pretrained(out)
 
     config = LlamaConfig(
-        vocab_size=len(fast),
+        vocab_size=trained_vocab,
         **SHAPES[shape],  # head dimension 64 in both: vLLM CPU needs >= 32
         num_key_value_heads=SHAPES[shape]["num_attention_heads"],
         max_position_embeddings=MAX_POSITION_EMBEDDINGS,
@@ -93,6 +123,10 @@ def build_tiny_model(path: str | os.PathLike, seed: int = 0, shape: str = "tiny"
         torch_dtype="bfloat16",
     )
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model = LlamaForCausalLM(config)
+    # Rows for MARKUP_TOKENS appended to the seeded weights: the trained tokens' weights
+    # are those the model had before it had these tokens.
+    model.resize_token_embeddings(len(fast))
+    model = model.to(torch.bfloat16)
     model.save_pretrained(out, safe_serialization=True)
     return out

@@ -225,7 +225,8 @@ MAX_LINE_BYTES = 4096
 MAX_MODEL_LEN = 512
 # Eager mode starts the CPU engine in ~25 s instead of ~75 s; decoding is slower, which
 # these small inputs do not notice.
-ENGINE = EngineConfig(max_model_len=MAX_MODEL_LEN, engine_args={"enforce_eager": True})
+# vLLM's "hermes" tool-call parser, which the tiny model's template and tokens are made for.
+ENGINE = EngineConfig(max_model_len=MAX_MODEL_LEN, engine_args={"enforce_eager": True, "tool_call_parser": "hermes"})
 SCHEMA = {
     "type": "object",
     "properties": {"color": {"enum": ["red", "green", "blue"]}},
@@ -236,6 +237,41 @@ SCHEMA = {
 
 def chat(text: str, **sampling) -> dict:
     return {"messages": [{"role": "user", "content": text}], **sampling}
+
+
+# Tools (tests/integration/test_run_engine.py): `strict` pins the arguments to the
+# schema, as OpenAI and vLLM do, so a forced call of the random model is a valid one.
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather of a city",
+        "parameters": {"type": "object", "properties": {"city": {"enum": ["Paris", "Rome"]}},
+                       "required": ["city"], "additionalProperties": False},
+        "strict": True,
+    },
+}
+CLOCK_TOOL = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}}
+TOOL_HISTORY = [
+    {"role": "user", "content": "Weather in Paris?"},
+    {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+    {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
+]
+
+
+def tool_rows(b: InputBuilder, shard: str) -> None:
+    tools = [WEATHER_TOOL, CLOCK_TOOL]
+    # The tools block takes ~375 of the 512-token context.
+    forced = {"max_tokens": 100, "temperature": 1.0, "parallel_tool_calls": False}
+    b.ok(shard, "tool-required", chat("Weather in Paris?", tools=tools, tool_choice="required", seed=1, **forced))
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    b.ok(shard, "tool-named", chat("Weather in Rome?", tools=tools, tool_choice=named, seed=2, **forced))
+    b.ok(shard, "tool-history", {"messages": TOOL_HISTORY, "tools": tools, "tool_choice": "none", "max_tokens": 6, "ignore_eos": True})
+    b.ok(shard, "tool-auto", chat("Weather?", tools=tools, max_tokens=6, seed=3))
+    b.add(shard, {"custom_id": "tool-unknown", "body": chat("x", tools=tools, tool_choice={"type": "function", "function": {"name": "nope"}})},
+          "tool-unknown", "invalid_request")
+    b.add(shard, {"custom_id": "tools-not-list", "body": chat("x", tools=WEATHER_TOOL)}, "tools-not-list", "invalid_request")
 
 
 def mixed_input() -> InputBuilder:
@@ -255,6 +291,7 @@ def mixed_input() -> InputBuilder:
     b.ok(a, "schema", chat("A color as JSON.", max_tokens=40, seed=3, response_format={"type": "json_schema", "json_schema": {"name": "c", "schema": SCHEMA}}))
     b.ok(a, "json-object", chat("Any JSON object.", max_tokens=60, temperature=0, response_format={"type": "json_object"}))
     b.ok(a, "logprobs", chat("With logprobs.", max_tokens=4, logprobs=True, top_logprobs=2))
+    tool_rows(b, a)
     b.add(a, b"", blank=True)
     b.add(a, b'{"custom_id": "cut", "body": {', None, "invalid_json")
     b.add(a, b'{"custom_id": "bad-utf8", "body": "\xff\xfe"}', None, "invalid_json")
@@ -318,7 +355,7 @@ def dataset_files_url(storage: str, account: str, dataset_name: str) -> str:
 SERVICE_MODELS = {
     # The real engine: vLLM CPU on the tiny model (eager: starts in ~25 s, not ~70 s),
     # kept warm from service start, as an operator would keep a busy model.
-    "tiny": {"source": "{tiny}", "engine": {"min_replicas": 1, "engine_args": {"enforce_eager": True}}},
+    "tiny": {"source": "{tiny}", "engine": {"min_replicas": 1, "engine_args": {"enforce_eager": True, "tool_call_parser": "hermes"}}},
     # The deterministic test engine, one row at a time, so a job takes a known time.
     "scripted-slow": {
         "source": "scripted",

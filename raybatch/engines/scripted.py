@@ -70,7 +70,7 @@ class ScriptedEngine:
             os.kill(os.getpid(), signal.SIGKILL)
         if self._seconds:
             await asyncio.sleep(self._seconds)
-        text = request.messages[-1]["content"] if request.messages else str(request.prompt)
+        text = (request.messages[-1]["content"] or "") if request.messages else str(request.prompt)
         answer = text[::-1][: request.max_tokens or 16]
         n = int(request.sampling.get("n") or 1)
         choices = [Choice(text=answer, finish_reason="stop", completion_tokens=len(answer)) for _ in range(n)]

@@ -9,6 +9,7 @@ import os
 import uuid
 from typing import Any, Optional, Protocol
 
+from raybatch.engines.chat_frontend import FRONTEND_ARGS, ChatFrontend, PreparedChat
 from raybatch.engines.lora import AdapterRequests
 from raybatch.exceptions import EngineFailure, RowError
 from raybatch.pipeline.rows import Choice, EngineRequest, EngineResult, TokenLogprob, TopLogprob
@@ -31,6 +32,8 @@ class VllmEngine:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         args = dict(engine_args)
+        # vllm serve's front-end flags ride in engine_args too; the engine must not see them.
+        frontend = {name: args.pop(name, None) for name in FRONTEND_ARGS}
         if args.get("tensor_parallel_size", 1) > 1 and args.get("pipeline_parallel_size", 1) == 1:
             # One node: the actor holds all of the replica's GPUs; workers are its own
             # processes. Pipeline parallel spans nodes: the plan asks for vLLM's Ray
@@ -40,17 +43,15 @@ class VllmEngine:
         self._tokenizer = self._llm.tokenizer
         self.max_model_len = self._llm.model_config.max_model_len
         self._adapters = AdapterRequests(self._llm.vllm_config.lora_config)
+        self._chat = ChatFrontend(
+            self._tokenizer,
+            self._llm.model_config,
+            reasoning_parser=args.get("reasoning_parser"),
+            **frontend,
+        )
 
     def _prompt_ids(self, request: EngineRequest) -> list[int]:
         tokenizer = self._tokenizer
-        if request.kind == "chat":
-            try:
-                text = tokenizer.apply_chat_template(
-                    request.messages, add_generation_prompt=True, tokenize=False
-                )
-            except Exception as exc:  # a template may refuse e.g. a role order
-                raise RowError(ErrorCode.INVALID_REQUEST, f"chat template refused: {exc}") from None
-            return tokenizer.encode(text, add_special_tokens=False)
         if isinstance(request.prompt, str):
             return tokenizer.encode(request.prompt)
         vocab = len(tokenizer)
@@ -96,10 +97,18 @@ class VllmEngine:
         from vllm.sampling_params import StructuredOutputsParams
         from vllm.v1.engine.exceptions import EngineDeadError
 
-        prompt_ids = self._prompt_ids(request)
+        chat: Optional[PreparedChat] = None
         sampling = dict(request.sampling)
-        if request.structured_output:
-            sampling["structured_outputs"] = StructuredOutputsParams(**request.structured_output)
+        if request.kind == "chat":
+            chat = self._chat.prepare(request)
+            prompt_ids = chat.prompt_ids
+            sampling["structured_outputs"] = chat.structured_outputs
+            if not chat.skip_special_tokens:  # a tool parser whose markup is special tokens
+                sampling["skip_special_tokens"] = False
+        else:
+            prompt_ids = self._prompt_ids(request)
+            if request.structured_output:
+                sampling["structured_outputs"] = StructuredOutputsParams(**request.structured_output)
         try:
             params = SamplingParams(max_tokens=self._max_tokens(request, len(prompt_ids)), **sampling)
         except (ValueError, TypeError) as exc:
@@ -108,8 +117,11 @@ class VllmEngine:
         final = None
         try:
             async for output in self._llm.generate(
-                TokensPrompt(prompt_token_ids=prompt_ids), params, f"{request.custom_id}-{uuid.uuid4().hex}",
+                TokensPrompt(prompt_token_ids=prompt_ids),
+                params,
+                f"{request.custom_id}-{uuid.uuid4().hex}",
                 lora_request=lora_request,
+                **(chat.engine_kwargs if chat else {}),
             ):
                 final = output
         except EngineDeadError as exc:  # the whole engine is gone: no row is to blame
@@ -118,8 +130,9 @@ class VllmEngine:
             raise RowError(ErrorCode.INVALID_REQUEST, str(exc)) from None
         except Exception as exc:  # EngineGenerateError and kin: this request alone failed
             raise RowError(ErrorCode.ENGINE_ERROR, f"{type(exc).__name__}: {exc}") from None
-        choices = [
-            Choice(
+        choices = []
+        for completion in sorted(final.outputs, key=lambda c: c.index):
+            choice = Choice(
                 text=completion.text,
                 finish_reason=completion.finish_reason,
                 completion_tokens=len(completion.token_ids),
@@ -127,8 +140,12 @@ class VllmEngine:
                     completion.token_ids, completion.logprobs, request.sampling.get("logprobs") or 0
                 ),
             )
-            for completion in sorted(final.outputs, key=lambda c: c.index)
-        ]
+            if chat is not None:
+                parsed = self._chat.finish(chat, completion.text, completion.token_ids, completion.finish_reason)
+                choice.text, choice.finish_reason = parsed.content, parsed.finish_reason
+                choice.reasoning_content, choice.reasoning_tokens = parsed.reasoning_content, parsed.reasoning_tokens
+                choice.tool_calls = parsed.tool_calls
+            choices.append(choice)
         return EngineResult(
             prompt_tokens=len(prompt_ids),
             cached_tokens=final.num_cached_tokens or 0,

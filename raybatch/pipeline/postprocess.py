@@ -19,6 +19,7 @@ from raybatch.protocol import (
     ChatChoice,
     ChatCompletion,
     CompletionTokensDetails,
+    OutputTokensDetails,
     TextChoice,
     TextCompletion,
     Usage,
@@ -56,6 +57,13 @@ def _text_logprobs(entries: Optional[list[TokenLogprob]], offset: int) -> Option
     }
 
 
+def _reasoning_details(result: EngineResult) -> Optional[OutputTokensDetails]:
+    """Set for a model served with a reasoning parser (its choices count reasoning
+    tokens), as vLLM's server does; absent otherwise."""
+    counts = [c.reasoning_tokens for c in result.choices if c.reasoning_tokens is not None]
+    return OutputTokensDetails(reasoning_tokens=sum(counts)) if counts else None
+
+
 def build_response_body(result: EngineResult, *, chat: bool, model: str, created: int):
     completion_tokens = sum(c.completion_tokens for c in result.choices)
     usage = Usage(
@@ -63,6 +71,7 @@ def build_response_body(result: EngineResult, *, chat: bool, model: str, created
         completion_tokens=completion_tokens,
         total_tokens=result.prompt_tokens + completion_tokens,
         prompt_tokens_details=CompletionTokensDetails(cached_tokens=result.cached_tokens),
+        completion_tokens_details=_reasoning_details(result),
     )
     if chat:
         return ChatCompletion(
@@ -72,7 +81,9 @@ def build_response_body(result: EngineResult, *, chat: bool, model: str, created
             choices=[
                 ChatChoice(
                     index=i,
-                    message=AssistantMessage(content=c.text),
+                    message=AssistantMessage(
+                        content=c.text, reasoning_content=c.reasoning_content, tool_calls=c.tool_calls
+                    ),
                     logprobs=_chat_logprobs(c.logprobs),
                     finish_reason=c.finish_reason,
                 )
@@ -88,7 +99,7 @@ def build_response_body(result: EngineResult, *, chat: bool, model: str, created
         choices=[
             TextChoice(
                 index=i,
-                text=prefix + c.text,
+                text=prefix + (c.text or ""),
                 logprobs=_text_logprobs(c.logprobs, len(prefix)),
                 finish_reason=c.finish_reason,
             )

@@ -53,6 +53,17 @@ def _structured_output(body: Body) -> Optional[dict[str, Any]]:
     return {"json": response_format.json_schema.schema_, "disable_any_whitespace": True}
 
 
+def _tool_fields(body: ChatCompletionBody) -> dict[str, Any]:
+    if not body.tools:
+        return {}
+    choice = body.tool_choice
+    return {
+        "tools": [tool.model_dump(exclude_none=True) for tool in body.tools],
+        "tool_choice": choice.model_dump() if hasattr(choice, "model_dump") else choice,
+        "parallel_tool_calls": body.parallel_tool_calls,
+    }
+
+
 def to_engine_request(request: ValidatedRequest, max_output_tokens: Optional[int] = None) -> EngineRequest:
     """`max_output_tokens`: the job's bound, the most a row that sets no max_tokens gets."""
     body = request.body
@@ -60,13 +71,14 @@ def to_engine_request(request: ValidatedRequest, max_output_tokens: Optional[int
     return EngineRequest(
         custom_id=request.custom_id,
         kind="chat" if chat else "completion",
-        messages=[{"role": m.role, "content": m.text()} for m in body.messages] if chat else None,
+        messages=[m.template_fields() for m in body.messages] if chat else None,
         prompt=None if chat else body.prompt,
         sampling=_sampling(body),
         max_tokens=body.output_limit,
         max_tokens_cap=None if body.output_limit else max_output_tokens,
         structured_output=_structured_output(body),
         echo=bool(getattr(body, "echo", False)),
+        **(_tool_fields(body) if chat else {}),
     )
 
 

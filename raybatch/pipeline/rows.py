@@ -80,7 +80,7 @@ class EngineRequest(BaseModel):
 
     custom_id: str
     kind: str  # "chat" | "completion"
-    messages: Optional[list[dict[str, str]]] = None
+    messages: Optional[list[dict[str, Any]]] = None  # role, content; tool_calls, tool_call_id, name when given
     prompt: Optional[Union[str, list[int]]] = None
     sampling: dict[str, Any]
     max_tokens: Optional[int] = None  # None: whatever the context leaves, up to the cap
@@ -90,6 +90,10 @@ class EngineRequest(BaseModel):
     # The LoRA adapter that answers this row (raybatch/adapters.py); None: the base model.
     adapter: Optional[str] = None
     adapter_path: Optional[str] = None
+    # Chat rows with tools: as the body gave them (engines/chat_frontend.py reads them).
+    tools: Optional[list[dict[str, Any]]] = None
+    tool_choice: Optional[Union[str, dict[str, Any]]] = None
+    parallel_tool_calls: Optional[bool] = None
 
 
 # How much of a prompt's start names its prefix: about 128 tokens, the CPU engine's
@@ -121,10 +125,14 @@ class TokenLogprob(TopLogprob):
 
 
 class Choice(BaseModel):
-    text: str
+    text: Optional[str]  # a chat choice's content: null when it is only tool calls
     finish_reason: Optional[str]
     completion_tokens: int
     logprobs: Optional[list[TokenLogprob]] = None
+    # Set by models served with a reasoning or tool-call parser (engines/chat_frontend.py).
+    reasoning_content: Optional[str] = None
+    reasoning_tokens: Optional[int] = None
+    tool_calls: Optional[list[dict[str, Any]]] = None
 
 
 class EngineResult(BaseModel):

@@ -187,13 +187,19 @@ def check_row_bounds(
             f"{name} must be at most {max_top_logprobs}, this job's limit; this request asks for {alternatives}",
         )
     response_format = body.response_format
+    schemas = {}
     if response_format is not None and response_format.json_schema is not None:
+        schemas["json_schema is"] = response_format.json_schema.schema_
+    if isinstance(body, ChatCompletionBody) and body.tools and body.tool_choice != "none":
+        # The tools' parameter schemas become the tool-call grammar, compiled as one.
+        schemas["tools' parameter schemas are"] = [tool.function.parameters for tool in body.tools]
+    for what, schema in schemas.items():
         # Compact, as the engine receives it: spacing in the line costs nothing.
-        size = len(json.dumps(response_format.json_schema.schema_, separators=(",", ":"), ensure_ascii=False).encode())
+        size = len(json.dumps(schema, separators=(",", ":"), ensure_ascii=False).encode())
         if size > max_json_schema_bytes:
             raise RowError(
                 ErrorCode.JSON_SCHEMA_TOO_LARGE,
-                f"json_schema is {size} bytes, over this job's limit of {max_json_schema_bytes}",
+                f"{what} {size} bytes, over this job's limit of {max_json_schema_bytes}",
             )
 
 

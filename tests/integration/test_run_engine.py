@@ -11,7 +11,7 @@ import pytest
 from raybatch.config import RunConfig
 from raybatch.protocol import InferenceParameters
 from raybatch.runner import run_job
-from tests.helpers import ENGINE, MAX_LINE_BYTES, MAX_MODEL_LEN, SCHEMA, check_run, mixed_input, read_jsonl
+from tests.helpers import ENGINE, MAX_LINE_BYTES, MAX_MODEL_LEN, SCHEMA, WEATHER_TOOL, check_run, mixed_input, read_jsonl
 
 pytestmark = pytest.mark.engine
 
@@ -155,3 +155,50 @@ def test_rerun_commits_nothing_twice(mixed_run, tiny_model):
     assert again.status.progress == summary.status.progress
     check_run(str(root / "out"), builder.expected)
 
+
+
+def test_forced_tool_calls_come_back_as_openai_tool_calls(mixed_run):
+    """tool_choice "required" and a named function: vLLM's grammar forces a call even
+    from a random model; the row carries it as OpenAI does, and OpenAI's own types read it."""
+    from openai.types.chat import ChatCompletion
+
+    builder, out = mixed_run[0], str(mixed_run[1] / "out")
+    rows = check_run(out, builder.expected)
+    for custom_id, finish in (("tool-required", "tool_calls"), ("tool-named", "stop")):
+        body = rows[custom_id]["response"]["body"]
+        choice = body["choices"][0]
+        assert choice["finish_reason"] == finish, custom_id  # OpenAI: a named function keeps "stop"
+        message = choice["message"]
+        assert message["content"] is None
+        (call,) = message["tool_calls"]  # parallel_tool_calls false: one call
+        assert call["id"].startswith("call_") and call["type"] == "function"
+        assert call["function"]["name"] == "get_weather"
+        jsonschema.validate(json.loads(call["function"]["arguments"]), WEATHER_TOOL["function"]["parameters"])
+        parsed = ChatCompletion.model_validate(body)
+        assert parsed.choices[0].message.tool_calls[0].function.arguments == call["function"]["arguments"]
+
+
+def test_tool_turns_render_and_tool_choice_none_answers_in_text(mixed_run):
+    builder, out = mixed_run[0], str(mixed_run[1] / "out")
+    rows = check_run(out, builder.expected)
+    history = rows["tool-history"]["response"]["body"]
+    assert history["usage"]["completion_tokens"] == 6
+    assert isinstance(history["choices"][0]["message"]["content"], str)
+    assert "tool_calls" not in history["choices"][0]["message"]
+    # The rendered history (tools block, the call, the tool's answer) is the prompt.
+    assert history["usage"]["prompt_tokens"] > 100
+    auto = rows["tool-auto"]["response"]["body"]["choices"][0]
+    # auto: the random model may or may not call; either way the row is well formed.
+    if auto["message"].get("tool_calls"):
+        assert auto["finish_reason"] == "tool_calls"
+    else:
+        assert isinstance(auto["message"]["content"], str) and auto["finish_reason"] in ("length", "stop")
+
+
+def test_bad_tools_are_error_rows(mixed_run):
+    out = str(mixed_run[1] / "out")
+    errors = {r["custom_id"]: r["error"] for r in read_jsonl(f"{out}/errors.jsonl")}
+    assert errors["tool-unknown"]["code"] == "invalid_request"
+    assert "tool_choice names function 'nope', which is not in tools (get_weather, get_time)" in errors["tool-unknown"]["message"]
+    assert errors["tools-not-list"]["code"] == "invalid_request"
+    assert "tools: Input should be a valid list" in errors["tools-not-list"]["message"]
