@@ -9,6 +9,7 @@ import os
 import uuid
 from typing import Any, Optional, Protocol
 
+from raybatch.engines.vision import render_with_images
 from raybatch.exceptions import EngineFailure, RowError
 from raybatch.pipeline.rows import Choice, EngineRequest, EngineResult, TokenLogprob, TopLogprob
 from raybatch.protocol import ErrorCode
@@ -90,19 +91,21 @@ class VllmEngine:
         from vllm.sampling_params import StructuredOutputsParams
         from vllm.v1.engine.exceptions import EngineDeadError
 
-        prompt_ids = self._prompt_ids(request)
+        if request.images:
+            prompt, prompt_tokens = await render_with_images(self._llm, request)
+        else:
+            prompt_ids = self._prompt_ids(request)
+            prompt, prompt_tokens = TokensPrompt(prompt_token_ids=prompt_ids), len(prompt_ids)
         sampling = dict(request.sampling)
         if request.structured_output:
             sampling["structured_outputs"] = StructuredOutputsParams(**request.structured_output)
         try:
-            params = SamplingParams(max_tokens=self._max_tokens(request, len(prompt_ids)), **sampling)
+            params = SamplingParams(max_tokens=self._max_tokens(request, prompt_tokens), **sampling)
         except (ValueError, TypeError) as exc:
             raise RowError(ErrorCode.INVALID_REQUEST, str(exc)) from None
         final = None
         try:
-            async for output in self._llm.generate(
-                TokensPrompt(prompt_token_ids=prompt_ids), params, f"{request.custom_id}-{uuid.uuid4().hex}"
-            ):
+            async for output in self._llm.generate(prompt, params, f"{request.custom_id}-{uuid.uuid4().hex}"):
                 final = output
         except EngineDeadError as exc:  # the whole engine is gone: no row is to blame
             raise EngineFailure(f"vLLM engine died: {exc}") from exc
@@ -122,9 +125,9 @@ class VllmEngine:
             for completion in sorted(final.outputs, key=lambda c: c.index)
         ]
         return EngineResult(
-            prompt_tokens=len(prompt_ids),
+            prompt_tokens=prompt_tokens,
             cached_tokens=final.num_cached_tokens or 0,
-            prompt_text=self._tokenizer.decode(prompt_ids) if request.echo else None,
+            prompt_text=self._tokenizer.decode(prompt["prompt_token_ids"]) if request.echo else None,
             choices=choices,
         )
 
