@@ -92,6 +92,7 @@ def build_tiny_vision_model(path: str | os.PathLike, seed: int = 0) -> Path:
         text_config=text.to_dict(),
         image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
         scale_factor=SCALE_FACTOR,
+        pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=True,
         torch_dtype="bfloat16",
     )
