@@ -22,6 +22,7 @@ import base64
 import binascii
 import io
 import re
+import threading
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -94,28 +95,43 @@ def _from_data_url(url: str, limits: ImageLimits) -> bytes:
     return data
 
 
+_client = None
+_client_lock = threading.Lock()
+
+
+def _http_client():
+    """One client per process, shared by the fetch threads: a client builds its TLS
+    context (the CA bundle) once, and keeps connections to a host open across batches."""
+    global _client
+    import httpx
+
+    with _client_lock:
+        if _client is None:
+            _client = httpx.Client(follow_redirects=True, max_redirects=5)
+        return _client
+
+
 def _fetch_http(url: str, limits: ImageLimits) -> bytes:
     import httpx
 
     deadline = time.monotonic() + limits.fetch_timeout_seconds
     try:
-        with httpx.Client(timeout=limits.fetch_timeout_seconds, follow_redirects=True, max_redirects=5) as client:
-            with client.stream("GET", url) as response:
-                if response.status_code != 200:
-                    raise RowError(
-                        ErrorCode.IMAGE_FETCH_FAILED, f"fetching {_where(url)} answered HTTP {response.status_code}"
-                    )
-                declared = response.headers.get("content-length")
-                if declared and declared.isdigit() and int(declared) > limits.max_image_bytes:
-                    raise _too_large(declared, limits)
-                data = bytearray()
-                for chunk in response.iter_bytes(_CHUNK):
-                    data += chunk
-                    if len(data) > limits.max_image_bytes:
-                        raise _too_large(f"more than {limits.max_image_bytes}", limits)
-                    if time.monotonic() > deadline:  # httpx's timeout is per read, this is the whole fetch
-                        raise httpx.TimeoutException("the whole fetch")
-                return bytes(data)
+        with _http_client().stream("GET", url, timeout=limits.fetch_timeout_seconds) as response:
+            if response.status_code != 200:
+                raise RowError(
+                    ErrorCode.IMAGE_FETCH_FAILED, f"fetching {_where(url)} answered HTTP {response.status_code}"
+                )
+            declared = response.headers.get("content-length")
+            if declared and declared.isdigit() and int(declared) > limits.max_image_bytes:
+                raise _too_large(declared, limits)
+            data = bytearray()
+            for chunk in response.iter_bytes(_CHUNK):
+                data += chunk
+                if len(data) > limits.max_image_bytes:
+                    raise _too_large(f"more than {limits.max_image_bytes}", limits)
+                if time.monotonic() > deadline:  # httpx's timeout is per read, this is the whole fetch
+                    raise httpx.TimeoutException("the whole fetch")
+            return bytes(data)
     except httpx.TimeoutException:
         raise RowError(
             ErrorCode.IMAGE_FETCH_FAILED,

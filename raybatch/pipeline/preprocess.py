@@ -68,7 +68,7 @@ def to_engine_request(
         custom_id=request.custom_id,
         kind="chat" if chat else "completion",
         messages=messages if chat else None,
-        images=count_images(body),
+        images=count_images(body) or None,
         prompt=None if chat else body.prompt,
         sampling=_sampling(body),
         max_tokens=body.output_limit,

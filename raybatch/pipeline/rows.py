@@ -82,7 +82,7 @@ class EngineRequest(BaseModel):
     # Text content is a string; a message with images keeps OpenAI's list of parts, every
     # image a data: URL checked by preprocess (pipeline/images.py).
     messages: Optional[list[dict[str, Any]]] = None
-    images: int = 0  # image parts in `messages`: such a row is rendered by vLLM's chat path
+    images: Optional[int] = None  # image parts in `messages`: such a row is rendered by vLLM's chat path
     prompt: Optional[Union[str, list[int]]] = None
     sampling: dict[str, Any]
     max_tokens: Optional[int] = None  # None: whatever the context leaves, up to the cap

@@ -66,7 +66,7 @@ def test_data_url_passes_checked_with_its_parts_in_order():
 def test_text_rows_are_unchanged():
     [row] = prepare([{"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]}])
     assert row["request"].messages == [{"role": "user", "content": "hi"}]
-    assert row["request"].images == 0
+    assert row["request"].images is None
 
 
 def test_http_and_s3_urls_become_data_urls(server, s3_endpoint):
@@ -133,9 +133,9 @@ def test_slow_urls_of_one_batch_are_fetched_at_once(server):
     import time
 
     started = time.monotonic()
-    rows = prepare([image_chat(f"{server.url}/slow.png")] * 4)
+    rows = prepare([image_chat(f"{server.url}/slow.png")] * 6)
     assert all(row["error"][0] == "image_fetch_failed" for row in rows)
-    assert time.monotonic() - started < 3.0  # one timeout (1 s), not four
+    assert time.monotonic() - started < 4.0  # about one timeout (1 s), not six
 
 
 def test_a_presigned_urls_query_is_never_echoed(server):
