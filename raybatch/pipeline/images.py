@@ -83,9 +83,12 @@ def _from_data_url(url: str, limits: ImageLimits) -> bytes:
     match = _DATA_URL.fullmatch(url)
     if match is None or "base64" not in match["params"].split(";"):
         raise RowError(ErrorCode.INVALID_IMAGE, "a data: URL must be data:image/<format>;base64,<data>")
-    # Base64 holds 3 bytes per 4 characters: refuse before decoding what cannot fit.
-    if len(match["data"]) * 3 // 4 > limits.max_image_bytes + 2:
-        raise _too_large(f"about {len(match['data']) * 3 // 4}", limits)
+    # Base64 holds 3 bytes per 4 characters, less its padding: refuse before decoding
+    # what cannot fit.
+    encoded = match["data"]
+    size = len(encoded) * 3 // 4 - encoded.endswith("=") - encoded.endswith("==")
+    if size > limits.max_image_bytes:
+        raise _too_large(str(size), limits)
     try:
         data = base64.b64decode(match["data"], validate=True)
     except (binascii.Error, ValueError):

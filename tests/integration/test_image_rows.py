@@ -97,7 +97,7 @@ def test_error_messages_say_what_was_wrong(vision_run):
     assert messages["file"] == ("image 1: image URL scheme file:// is not fetched; "
                                 "use a data: URL (base64) or http://, https://, s3://")
     assert messages["three"] == "this request has 3 images; this job's limit is 2"
-    assert messages["data-big"] == "image 1: image is about 5000 bytes, over this job's limit of 4096"
+    assert messages["data-big"] == "image 1: image is 5000 bytes, over this job's limit of 4096"
 
 
 def test_prompt_tokens_count_the_image_tokens_as_the_models_processor_does(vision_run, vision_model):

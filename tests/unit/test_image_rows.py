@@ -98,7 +98,7 @@ def test_http_and_s3_urls_become_data_urls(server, s3_endpoint):
         ("data:image/png;base64,%%%", "invalid_image", "image 1: the data: URL's data is not valid base64"),
         ("data:image/png,rawbytes", "invalid_image", "image 1: a data: URL must be data:image/<format>;base64,<data>"),
         (data_url(b"GIF89a broken"), "invalid_image", "image 1: image cannot be decoded: cannot identify image file"),
-        (data_url(b"\0" * 3000), "image_too_large", "image 1: image is about 3000 bytes, over this job's limit of 2048"),
+        (data_url(b"\0" * 3000), "image_too_large", "image 1: image is 3000 bytes, over this job's limit of 2048"),
     ],
 )
 def test_each_bad_image_is_its_own_error(server, s3_endpoint, url, code, message):
