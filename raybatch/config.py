@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from raybatch.adapters import AdapterRouting
 from raybatch.protocol import (
+    DEFAULT_IMAGE_FETCH_TIMEOUT_SECONDS,
+    DEFAULT_IMAGE_URL_SCHEMES,
     DEFAULT_MAX_CUSTOM_ID_BYTES,
+    DEFAULT_MAX_IMAGE_BYTES,
+    DEFAULT_MAX_IMAGES_PER_ROW,
     DEFAULT_MAX_JSON_SCHEMA_BYTES,
     DEFAULT_MAX_N,
     DEFAULT_MAX_OUTPUT_TOKENS,
@@ -185,6 +189,28 @@ class RunConfig(BaseModel):
         DEFAULT_MAX_JSON_SCHEMA_BYTES, ge=2, description="Largest `response_format.json_schema."
         "schema` (compact JSON, UTF-8 bytes); larger is a json_schema_too_large row. The "
         "engine compiles a grammar from each schema, in its own loop, before any token."
+    )
+    # Bounds on images in chat rows (pipeline/images.py); each over-limit image is an
+    # error row with its own code.
+    max_image_bytes: int = Field(
+        DEFAULT_MAX_IMAGE_BYTES, ge=1, description="Largest image (bytes as fetched or decoded "
+        "from a data: URL); larger is an image_too_large row. An image travels with its row "
+        "through every stage as base64: this times max_images_per_row bounds a row's memory."
+    )
+    max_images_per_row: int = Field(
+        DEFAULT_MAX_IMAGES_PER_ROW, ge=0, description="Most `image_url` parts one chat row may "
+        "hold; more is a too_many_images row. 0 refuses every image."
+    )
+    image_fetch_timeout_seconds: float = Field(
+        DEFAULT_IMAGE_FETCH_TIMEOUT_SECONDS, gt=0, description="Longest one image URL's fetch "
+        "may take; longer is an image_fetch_failed row. A batch's fetches run at once, so a "
+        "slow URL holds up its own batch's preparation by about this much."
+    )
+    image_url_schemes: list[Literal["https", "http", "s3"]] = Field(
+        list(DEFAULT_IMAGE_URL_SCHEMES), description="URL schemes of images the job fetches "
+        "(of 'https', 'http', 's3'); data: URLs are always taken. Any other (file://...) is an "
+        "image_url_unsupported row. The service fetches with its own network position and "
+        "(s3) credentials: list only what its users may reach through it."
     )
     max_custom_id_bytes: int = Field(
         DEFAULT_MAX_CUSTOM_ID_BYTES, ge=1, description="Longest `custom_id` (UTF-8 bytes); a longer one is a "

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import enum
 import json
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import (
     BaseModel,
@@ -34,6 +34,14 @@ DEFAULT_MAX_OUTPUT_TOKENS = 4096
 DEFAULT_MAX_N = 16
 DEFAULT_MAX_TOP_LOGPROBS = 5
 DEFAULT_MAX_JSON_SCHEMA_BYTES = 32 << 10
+# Bounds on the images of one chat row (`image_url` parts), unless RunConfig says
+# otherwise. Each image travels with its row through every stage as base64, so the
+# bytes per image times the images per row bound what one row holds in memory; the
+# fetch timeout bounds how long one URL holds up its batch's preparation.
+DEFAULT_MAX_IMAGE_BYTES = 8 << 20
+DEFAULT_MAX_IMAGES_PER_ROW = 8
+DEFAULT_IMAGE_FETCH_TIMEOUT_SECONDS = 10.0
+DEFAULT_IMAGE_URL_SCHEMES = ("https", "s3")
 
 CHAT_URL = "/v1/chat/completions"
 COMPLETIONS_URL = "/v1/completions"
@@ -57,6 +65,17 @@ class ErrorCode(str, enum.Enum):
     # tools with tool_choice other than "none" for a model whose catalog entry names no
     # tool-call parser (engine_args.tool_call_parser): its calls could not be read back.
     TOOLS_NOT_SUPPORTED = "tools_not_supported"
+
+    # Images in chat rows (pipeline/images.py): a URL of a scheme the job does not fetch
+    # (file://, or http:// unless the operator allows it), a fetch that failed or timed
+    # out, an image past max_image_bytes, more images than max_images_per_row, bytes
+    # that are no image, and images sent to a model that takes text only.
+    IMAGE_URL_UNSUPPORTED = "image_url_unsupported"
+    IMAGE_FETCH_FAILED = "image_fetch_failed"
+    IMAGE_TOO_LARGE = "image_too_large"
+    TOO_MANY_IMAGES = "too_many_images"
+    INVALID_IMAGE = "invalid_image"
+    IMAGES_NOT_SUPPORTED = "images_not_supported"
     CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"
     ENGINE_ERROR = "engine_error"
     # body.model names neither the job's base model nor one of its LoRA adapters
@@ -276,11 +295,30 @@ class ToolCall(BaseModel):
     function: CalledFunction
 
 
+class ImageUrl(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    url: str = Field(description="A data: URL (base64), or a URL of a scheme the job fetches.")
+    detail: Optional[Literal["auto", "low", "high"]] = Field(
+        None, description="Accepted and ignored: the model's own processor sets the resolution."
+    )
+
+
+class ImagePart(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    type: Literal["image_url"]
+    image_url: ImageUrl
+
+
+ContentPart = Annotated[Union[TextPart, ImagePart], Field(discriminator="type")]
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: Optional[Union[str, list[TextPart]]] = None
+    content: Optional[Union[str, list[ContentPart]]] = None
     name: Optional[str] = None
     tool_calls: Optional[list[ToolCall]] = None  # an assistant turn's calls
     tool_call_id: Optional[str] = None  # which call a tool turn answers
@@ -298,7 +336,12 @@ class ChatMessage(BaseModel):
             return ""
         if isinstance(self.content, str):
             return self.content
-        return "".join(part.text for part in self.content)
+        return "".join(part.text for part in self.content if isinstance(part, TextPart))
+
+    def image_urls(self) -> list[str]:
+        if not isinstance(self.content, list):
+            return []
+        return [part.image_url.url for part in self.content if isinstance(part, ImagePart)]
 
     def template_fields(self) -> dict[str, Any]:
         """The message as the chat template reads it: text content, and the tool fields

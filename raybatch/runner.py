@@ -42,6 +42,7 @@ from raybatch.output_layout import (
     succeeded_lines,
 )
 from raybatch.pipeline.engine import EngineStage, PoolAccess
+from raybatch.pipeline.images import ImageLimits
 from raybatch.pipeline.in_driver import stream_in_driver
 from raybatch.pipeline.postprocess import finish_rows
 from raybatch.pipeline.preprocess import prepare_requests
@@ -223,6 +224,12 @@ def _prepare_args(config: RunConfig, scan: InputScan) -> dict:
         "duplicates": frozenset(scan.duplicates),
         "max_custom_id_bytes": config.max_custom_id_bytes,
         "lora": config.lora.model_dump() if config.lora is not None else None,
+        "images": ImageLimits(
+            max_image_bytes=config.max_image_bytes,
+            max_images_per_row=config.max_images_per_row,
+            fetch_timeout_seconds=config.image_fetch_timeout_seconds,
+            url_schemes=tuple(config.image_url_schemes),
+        ),
         **row_bounds(config),
     }
 

@@ -79,21 +79,17 @@ SHAPES = {
 }
 
 
-def build_tiny_model(path: str | os.PathLike, seed: int = 0, shape: str = "tiny") -> Path:
-    """Write the model to `path` (created if needed) and return it."""
-    import torch
+def train_tokenizer(special_tokens: list[str] = SPECIAL_TOKENS):
+    """The byte-level BPE tokenizer, trained on the fixed corpus, with the chat template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    out = Path(path)
-    out.mkdir(parents=True, exist_ok=True)
+    from transformers import PreTrainedTokenizerFast
 
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=VOCAB_SIZE,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=special_tokens,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -109,6 +105,17 @@ def build_tiny_model(path: str | os.PathLike, seed: int = 0, shape: str = "tiny"
     fast.add_tokens(MARKUP_TOKENS)
     fast.chat_template = CHAT_TEMPLATE
     fast.model_max_length = MAX_POSITION_EMBEDDINGS
+    return fast
+
+
+def build_tiny_model(path: str | os.PathLike, seed: int = 0, shape: str = "tiny") -> Path:
+    """Write the model to `path` (created if needed) and return it."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    fast = train_tokenizer()
     fast.save_pretrained(out)
 
     config = LlamaConfig(

@@ -71,6 +71,8 @@ class ScriptedEngine:
         if self._seconds:
             await asyncio.sleep(self._seconds)
         text = (request.messages[-1]["content"] or "") if request.messages else str(request.prompt)
+        if isinstance(text, list):  # a message with images: its text parts
+            text = "".join(part.get("text", "") for part in text)
         answer = text[::-1][: request.max_tokens or 16]
         n = int(request.sampling.get("n") or 1)
         choices = [Choice(text=answer, finish_reason="stop", completion_tokens=len(answer)) for _ in range(n)]

@@ -11,6 +11,7 @@ from typing import Any, Optional, Protocol
 
 from raybatch.engines.chat_frontend import FRONTEND_ARGS, ChatFrontend, PreparedChat
 from raybatch.engines.lora import AdapterRequests
+from raybatch.engines.vision import render_with_images
 from raybatch.exceptions import EngineFailure, RowError
 from raybatch.pipeline.rows import Choice, EngineRequest, EngineResult, TokenLogprob, TopLogprob
 from raybatch.protocol import ErrorCode
@@ -99,25 +100,33 @@ class VllmEngine:
 
         chat: Optional[PreparedChat] = None
         sampling = dict(request.sampling)
-        if request.kind == "chat":
-            chat = self._chat.prepare(request)
-            prompt_ids = chat.prompt_ids
-            sampling["structured_outputs"] = chat.structured_outputs
-            if not chat.skip_special_tokens:  # a tool parser whose markup is special tokens
-                sampling["skip_special_tokens"] = False
-        else:
-            prompt_ids = self._prompt_ids(request)
+        if request.images:  # vLLM's own chat path: the model's processor places the images
+            if request.tools:
+                raise RowError(ErrorCode.INVALID_REQUEST, "tools in a row with images are not supported")
+            prompt, prompt_tokens = await render_with_images(self._llm, request)
             if request.structured_output:
                 sampling["structured_outputs"] = StructuredOutputsParams(**request.structured_output)
+        else:
+            if request.kind == "chat":
+                chat = self._chat.prepare(request)
+                prompt_ids = chat.prompt_ids
+                sampling["structured_outputs"] = chat.structured_outputs
+                if not chat.skip_special_tokens:  # a tool parser whose markup is special tokens
+                    sampling["skip_special_tokens"] = False
+            else:
+                prompt_ids = self._prompt_ids(request)
+                if request.structured_output:
+                    sampling["structured_outputs"] = StructuredOutputsParams(**request.structured_output)
+            prompt, prompt_tokens = TokensPrompt(prompt_token_ids=prompt_ids), len(prompt_ids)
         try:
-            params = SamplingParams(max_tokens=self._max_tokens(request, len(prompt_ids)), **sampling)
+            params = SamplingParams(max_tokens=self._max_tokens(request, prompt_tokens), **sampling)
         except (ValueError, TypeError) as exc:
             raise RowError(ErrorCode.INVALID_REQUEST, str(exc)) from None
         lora_request = self._adapters.request(request) if request.adapter else None
         final = None
         try:
             async for output in self._llm.generate(
-                TokensPrompt(prompt_token_ids=prompt_ids),
+                prompt,
                 params,
                 f"{request.custom_id}-{uuid.uuid4().hex}",
                 lora_request=lora_request,
@@ -147,9 +156,9 @@ class VllmEngine:
                 choice.tool_calls = parsed.tool_calls
             choices.append(choice)
         return EngineResult(
-            prompt_tokens=len(prompt_ids),
+            prompt_tokens=prompt_tokens,
             cached_tokens=final.num_cached_tokens or 0,
-            prompt_text=self._tokenizer.decode(prompt_ids) if request.echo else None,
+            prompt_text=self._tokenizer.decode(prompt["prompt_token_ids"]) if request.echo else None,
             choices=choices,
             adapter=request.adapter,
         )

@@ -14,6 +14,7 @@ import pyarrow as pa
 
 from raybatch.adapters import AdapterRouting, route_row
 from raybatch.exceptions import RowError
+from raybatch.pipeline.images import ImageLimits, count_images, resolve_all
 from raybatch.pipeline.rows import REQUEST_SCHEMA, EngineRequest, column
 from raybatch.pipeline.validate import Body, ValidatedRequest, is_blank, validate_line
 from raybatch.protocol import DEFAULT_MAX_CUSTOM_ID_BYTES, DEFAULT_MAX_OUTPUT_TOKENS, ChatCompletionBody
@@ -64,14 +65,22 @@ def _tool_fields(body: ChatCompletionBody) -> dict[str, Any]:
     }
 
 
-def to_engine_request(request: ValidatedRequest, max_output_tokens: Optional[int] = None) -> EngineRequest:
-    """`max_output_tokens`: the job's bound, the most a row that sets no max_tokens gets."""
+def to_engine_request(
+    request: ValidatedRequest,
+    max_output_tokens: Optional[int] = None,
+    messages: Optional[list[dict[str, Any]]] = None,
+) -> EngineRequest:
+    """`max_output_tokens`: the job's bound, the most a row that sets no max_tokens gets.
+    `messages`: a row's messages with its images resolved (`images.resolve_all`)."""
     body = request.body
     chat = isinstance(body, ChatCompletionBody)
+    if messages is None and chat:
+        messages = [m.template_fields() for m in body.messages]
     return EngineRequest(
         custom_id=request.custom_id,
         kind="chat" if chat else "completion",
-        messages=[m.template_fields() for m in body.messages] if chat else None,
+        messages=messages if chat else None,
+        images=count_images(body) or None,
         prompt=None if chat else body.prompt,
         sampling=_sampling(body),
         max_tokens=body.output_limit,
@@ -104,19 +113,21 @@ def prepare_requests(
     duplicates: frozenset[tuple[str, int]],
     max_custom_id_bytes: int = DEFAULT_MAX_CUSTOM_ID_BYTES,
     lora: Optional[dict[str, Any]] = None,
+    images: Optional[ImageLimits] = None,
     **bounds: int,
 ) -> pa.Table:
     """Ray Data UDF for stages 2 and 3: raw lines in, engine requests or errors out.
-    `bounds`: the job's limits on expensive rows other than max_n (`check_row_bounds`).
-    `lora`: the job's AdapterRouting (as a dict), when its model has LoRA adapters.
+    `bounds`: the job's limits on expensive rows other than max_n (`check_row_bounds`);
+    `lora`: the job's AdapterRouting (as a dict), when its model has LoRA adapters;
+    `images`: the job's bounds on images in chat rows.
 
     Blank lines are dropped here (the input scan counts them)."""
     out: dict[str, list] = {name: [] for name in REQUEST_SCHEMA.names}
     routing = AdapterRouting.model_validate(lora) if lora is not None else None
+    rows = []  # (shard, line, custom_id, ValidatedRequest or RowError)
     for shard, line, raw in zip(column(batch, "shard"), column(batch, "line"), column(batch, "raw")):
         if is_blank(raw):
             continue
-        request_json = code = message = None
         try:
             validated = validate_line(
                 raw,
@@ -127,14 +138,28 @@ def prepare_requests(
                 max_custom_id_bytes=max_custom_id_bytes,
                 **bounds,
             )
-            custom_id = validated.custom_id
-            cap = bounds.get("max_output_tokens", DEFAULT_MAX_OUTPUT_TOKENS)
-            engine_request = to_engine_request(validated, cap)
-            if routing is not None:
-                engine_request = with_adapter(engine_request, routing, validated.body.model)
-            request_json = engine_request.model_dump_json(exclude_none=True)
+            rows.append((shard, line, validated.custom_id, validated))
         except RowError as error:
-            custom_id, code, message = error.custom_id, error.code, error.message
+            rows.append((shard, line, error.custom_id, error))
+    # Every image of the batch is fetched and checked at once (pipeline/images.py).
+    resolved = resolve_all(
+        [row[3].body if isinstance(row[3], ValidatedRequest) else None for row in rows], images or ImageLimits()
+    )
+    cap = bounds.get("max_output_tokens", DEFAULT_MAX_OUTPUT_TOKENS)
+    for (shard, line, custom_id, outcome), messages in zip(rows, resolved):
+        if isinstance(messages, RowError):
+            outcome = messages
+        request_json = code = message = None
+        if isinstance(outcome, RowError):
+            code, message = outcome.code, outcome.message
+        else:
+            try:
+                engine_request = to_engine_request(outcome, cap, messages)
+                if routing is not None:
+                    engine_request = with_adapter(engine_request, routing, outcome.body.model)
+                request_json = engine_request.model_dump_json(exclude_none=True)
+            except RowError as error:
+                code, message = error.code, error.message
         for name, value in zip(
             REQUEST_SCHEMA.names, (shard, line, custom_id, request_json, code, message)
         ):

@@ -80,7 +80,10 @@ class EngineRequest(BaseModel):
 
     custom_id: str
     kind: str  # "chat" | "completion"
+    # Text content is a string; a message with images keeps OpenAI's list of parts, every
+    # image a data: URL checked by preprocess (pipeline/images.py).
     messages: Optional[list[dict[str, Any]]] = None  # role, content; tool_calls, tool_call_id, name when given
+    images: Optional[int] = None  # image parts in `messages`: such a row is rendered by vLLM's chat path
     prompt: Optional[Union[str, list[int]]] = None
     sampling: dict[str, Any]
     max_tokens: Optional[int] = None  # None: whatever the context leaves, up to the cap
