@@ -101,7 +101,6 @@ def train_tokenizer(special_tokens: list[str] = SPECIAL_TOKENS):
         pad_token="<|endoftext|>",
         unk_token="<|endoftext|>",
     )
-    trained_vocab = len(fast)
     fast.add_tokens(MARKUP_TOKENS)
     fast.chat_template = CHAT_TEMPLATE
     fast.model_max_length = MAX_POSITION_EMBEDDINGS
@@ -117,6 +116,7 @@ def build_tiny_model(path: str | os.PathLike, seed: int = 0, shape: str = "tiny"
     out.mkdir(parents=True, exist_ok=True)
     fast = train_tokenizer()
     fast.save_pretrained(out)
+    trained_vocab = len(fast) - len(MARKUP_TOKENS)  # the markup tokens come last, added
 
     config = LlamaConfig(
         vocab_size=trained_vocab,

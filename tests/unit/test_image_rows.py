@@ -4,7 +4,6 @@ and to moto's S3."""
 
 from __future__ import annotations
 
-import base64
 import json
 
 import pyarrow as pa
