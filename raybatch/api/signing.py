@@ -28,7 +28,8 @@ from raybatch.store import Store
 SIGNED_PREFIX = "/v1/signed/"
 _ID = r"[a-z][a-z0-9-]{0,62}"
 _FILE = r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}\.jsonl"
-DOWNLOADABLE = re.compile(rf"accounts/{_ID}/datasets/{_ID}/files/{_FILE}")
+# A dataset's files; while a job writes one, also its committed parts (partial downloads).
+DOWNLOADABLE = re.compile(rf"accounts/{_ID}/datasets/{_ID}/files/(?:_raybatch/parts/)?{_FILE}")
 NONCE = re.compile(r"[0-9a-f]{32}")
 
 
