@@ -9,7 +9,7 @@ import boto3
 import httpx
 import pytest
 
-from tests.helpers import InputBuilder, chat, check_run, sdk_client, second_app, service_config, wait_job
+from tests.helpers import InputBuilder, chat, check_run, sdk_client, second_app, service_config, wait_job, wait_until
 
 ACCOUNT = "s3user"
 MIB = 1 << 20
@@ -37,7 +37,9 @@ def test_presigned_upload_job_and_download_on_s3(s3_service, s3_endpoint, tmp_pa
     httpx.put(url, content=data).raise_for_status()
     assert client.datasets.get("on-s3").state == "UPLOADING"
     client.datasets.validate_upload("on-s3", body={})
-    assert client.datasets.get("on-s3").example_count == "5"
+    # READY at once only within validation_wait_seconds (1 s); on a busy machine later.
+    ready = wait_until(lambda: (d := client.datasets.get("on-s3")).state == "READY" and d, timeout=60)
+    assert ready.example_count == "5"
 
     client.batch_inference_jobs.create(batch_inference_job_id="s3-job", model="scripted", input_dataset_id="on-s3")
     job, _ = wait_job(client, "s3-job", timeout=120)

@@ -134,5 +134,6 @@ def test_an_unknown_adapter_as_the_jobs_model_is_refused_at_create(service):
                        headers={"Authorization": f"Bearer {key}"}, timeout=30,
                        json={"model": "tiny-prose", "inputDatasetId": f"accounts/{ACCOUNT}/datasets/mixed"})
     assert reply.status_code == 400
-    assert reply.json() == {"error": {"code": 400, "status": "INVALID_ARGUMENT",
-                                      "message": f"model 'tiny-prose' is not served here; models served: {catalog_listing()}"}}
+    message = f"model 'tiny-prose' is not served here; models served: {catalog_listing()}"
+    assert reply.json() == {"code": 3, "message": message, "details": [],
+                            "error": {"code": 400, "status": "INVALID_ARGUMENT", "message": message}}
