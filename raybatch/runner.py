@@ -223,6 +223,7 @@ def _prepare_args(config: RunConfig, scan: InputScan) -> dict:
         "duplicates": frozenset(scan.duplicates),
         "max_custom_id_bytes": config.max_custom_id_bytes,
         "lora": config.lora.model_dump() if config.lora is not None else None,
+        "task": config.engine.task,
         **row_bounds(config),
     }
 

@@ -11,7 +11,9 @@ from typing import Any, Optional, Protocol
 
 from raybatch.engines.chat_frontend import FRONTEND_ARGS, ChatFrontend, PreparedChat
 from raybatch.engines.lora import AdapterRequests
+from raybatch.engines.vllm_embed import embed
 from raybatch.exceptions import EngineFailure, RowError
+from raybatch.pipeline.embeddings import EMBEDDING_KIND
 from raybatch.pipeline.rows import Choice, EngineRequest, EngineResult, TokenLogprob, TopLogprob
 from raybatch.protocol import ErrorCode
 
@@ -49,6 +51,7 @@ class VllmEngine:
             reasoning_parser=args.get("reasoning_parser"),
             **frontend,
         )
+        self._pooling = self._llm.model_config.runner_type == "pooling"
 
     def _prompt_ids(self, request: EngineRequest) -> list[int]:
         tokenizer = self._tokenizer
@@ -97,6 +100,14 @@ class VllmEngine:
         from vllm.sampling_params import StructuredOutputsParams
         from vllm.v1.engine.exceptions import EngineDeadError
 
+        if self._pooling != (request.kind == EMBEDDING_KIND):
+            # The validate stage refuses these by the job's task; this catches a pooling
+            # model started by engine_args alone, without task "embed".
+            kind = "an embedding" if self._pooling else "a generation"
+            raise RowError(ErrorCode.UNSUPPORTED_URL_FOR_MODEL, f"this job's model is {kind} model; "
+                           f"it cannot answer a {request.kind} row")
+        if self._pooling:
+            return await embed(self._llm, self._tokenizer, request, self.max_model_len)
         chat: Optional[PreparedChat] = None
         sampling = dict(request.sampling)
         if request.kind == "chat":

@@ -14,9 +14,10 @@ import pyarrow as pa
 
 from raybatch.adapters import AdapterRouting, route_row
 from raybatch.exceptions import RowError
+from raybatch.pipeline.embeddings import to_embedding_request
 from raybatch.pipeline.rows import REQUEST_SCHEMA, EngineRequest, column
 from raybatch.pipeline.validate import Body, ValidatedRequest, is_blank, validate_line
-from raybatch.protocol import DEFAULT_MAX_CUSTOM_ID_BYTES, DEFAULT_MAX_OUTPUT_TOKENS, ChatCompletionBody
+from raybatch.protocol import DEFAULT_MAX_CUSTOM_ID_BYTES, DEFAULT_MAX_OUTPUT_TOKENS, ChatCompletionBody, EmbeddingBody
 
 
 def _sampling(body: Body) -> dict[str, Any]:
@@ -67,6 +68,8 @@ def _tool_fields(body: ChatCompletionBody) -> dict[str, Any]:
 def to_engine_request(request: ValidatedRequest, max_output_tokens: Optional[int] = None) -> EngineRequest:
     """`max_output_tokens`: the job's bound, the most a row that sets no max_tokens gets."""
     body = request.body
+    if isinstance(body, EmbeddingBody):
+        return to_embedding_request(request.custom_id, body)
     chat = isinstance(body, ChatCompletionBody)
     return EngineRequest(
         custom_id=request.custom_id,
@@ -104,6 +107,7 @@ def prepare_requests(
     duplicates: frozenset[tuple[str, int]],
     max_custom_id_bytes: int = DEFAULT_MAX_CUSTOM_ID_BYTES,
     lora: Optional[dict[str, Any]] = None,
+    task: str = "generate",
     **bounds: int,
 ) -> pa.Table:
     """Ray Data UDF for stages 2 and 3: raw lines in, engine requests or errors out.
@@ -125,6 +129,7 @@ def prepare_requests(
                 job_defaults=job_defaults,
                 is_duplicate=(shard, line) in duplicates,
                 max_custom_id_bytes=max_custom_id_bytes,
+                task=task,
                 **bounds,
             )
             custom_id = validated.custom_id
