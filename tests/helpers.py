@@ -355,10 +355,19 @@ def dataset_files_url(storage: str, account: str, dataset_name: str) -> str:
 
 # The service the integration tests run against (the `service` fixture in conftest.py).
 
+# The tiny Llama as an embedding model (vLLM's pooling runner, last-token pooling),
+# claiming Matryoshka sizes so that `dimensions` is served. Started by the first
+# embeddings job (test_embeddings.py), whose `raybatch run` shares the service's
+# replica by asking for the same engine; it idles out a minute after its last row.
+EMBED_ENGINE = {
+    "task": "embed", "max_model_len": MAX_MODEL_LEN, "idle_seconds": 60,
+    "engine_args": {"enforce_eager": True, "hf_overrides": {"matryoshka_dimensions": [32, 64, 128, 256]}},
+}
 SERVICE_MODELS = {
     # The real engine: vLLM CPU on the tiny model (eager: starts in ~25 s, not ~70 s),
     # kept warm from service start, as an operator would keep a busy model.
     "tiny": {"source": "{tiny}", "engine": {"min_replicas": 1, "engine_args": {"enforce_eager": True, "tool_call_parser": "hermes"}}},
+    "tiny-embed": {"source": "{tiny}", "engine": EMBED_ENGINE},
     # The deterministic test engine, one row at a time, so a job takes a known time.
     "scripted-slow": {
         "source": "scripted",

@@ -28,6 +28,8 @@ class VllmEngine:
     """vLLM's async engine (v1 `AsyncLLM`): continuous batching over every request in
     flight, prefix caching on, the model's own chat template."""
 
+    _pooling = False  # set at start: a pooling model (EngineConfig.task "embed")
+
     def __init__(self, model: str, engine_args: dict[str, Any], cpu_kv_cache_gib: int):
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cpu_kv_cache_gib))
         from vllm.engine.arg_utils import AsyncEngineArgs

@@ -133,3 +133,77 @@ def test_task_embed_runs_vllm_as_a_pooling_model():
     args = plan_engines(EngineConfig(task="embed"), Precision.PRECISION_UNSPECIFIED, cpu).engine_args
     assert (args["runner"], args["convert"]) == ("pooling", "embed")
     assert "runner" not in plan_engines(EngineConfig(), Precision.PRECISION_UNSPECIFIED, cpu).engine_args
+
+
+class FakePoolingLLM:
+    """AsyncLLM.encode's shape: an async generator of outputs whose `outputs.data` is
+    the pooled vector. Each item's vector is [its first token id, 0]; id 13 fails."""
+
+    def __init__(self):
+        from types import SimpleNamespace
+
+        self.model_config = SimpleNamespace(pooler_config=None)
+        self.cancelled = 0
+
+    async def encode(self, prompt, params, request_id):
+        import asyncio
+        from types import SimpleNamespace
+
+        import torch
+
+        ids = prompt["prompt_token_ids"]
+        try:
+            await asyncio.sleep(0.01 * len(ids))  # later items may finish first
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+        if ids[0] == 13:
+            raise RuntimeError("pooler blew up")
+        yield SimpleNamespace(outputs=SimpleNamespace(data=torch.tensor([float(ids[0]), 0.0], dtype=torch.bfloat16)))
+
+
+def pooling_engine(llm):
+    from raybatch.engines.vllm_engine import VllmEngine
+
+    engine = object.__new__(VllmEngine)  # no real engine: only generate()'s routing
+    engine._llm, engine._pooling, engine.max_model_len = llm, True, 8
+    engine._tokenizer = type("Tokenizer", (), {"__len__": lambda self: 100, "encode": lambda self, t: [7] * len(t)})()
+    return engine
+
+
+def embedding_request(inputs, **fields):
+    return EngineRequest(custom_id="e", kind="embedding", inputs=inputs, sampling={}, encoding_format="float", **fields)
+
+
+def test_a_pooling_engine_keeps_the_items_order_and_counts_their_tokens():
+    import asyncio
+
+    result = asyncio.run(pooling_engine(FakePoolingLLM()).generate(embedding_request([[3, 1, 1, 1], [5], "ab"])))
+    assert result.embeddings == [[3.0, 0.0], [5.0, 0.0], [7.0, 0.0]]
+    assert result.prompt_tokens == 4 + 1 + 2
+
+
+def test_a_pooling_engine_refuses_generation_and_bad_items():
+    import asyncio
+
+    engine = pooling_engine(FakePoolingLLM())
+    chat = EngineRequest(custom_id="c", kind="chat", messages=[{"role": "user", "content": "hi"}], sampling={})
+    cases = [
+        (chat, "unsupported_url_for_model"),
+        (embedding_request([[1] * 9]), "context_length_exceeded"),
+        (embedding_request([[100]]), "invalid_request"),
+    ]
+    for request, code in cases:
+        with pytest.raises(RowError) as caught:
+            asyncio.run(engine.generate(request))
+        assert caught.value.code == code
+
+
+def test_one_failing_item_fails_the_row_and_cancels_the_others():
+    import asyncio
+
+    llm = FakePoolingLLM()
+    with pytest.raises(RowError) as caught:
+        asyncio.run(pooling_engine(llm).generate(embedding_request([[13], [1] * 8, [2] * 8])))
+    assert (caught.value.code, caught.value.message) == ("engine_error", "RuntimeError: pooler blew up")
+    assert llm.cancelled == 2
