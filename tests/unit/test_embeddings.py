@@ -207,3 +207,18 @@ def test_one_failing_item_fails_the_row_and_cancels_the_others():
         asyncio.run(pooling_engine(llm).generate(embedding_request([[13], [1] * 8, [2] * 8])))
     assert (caught.value.code, caught.value.message) == ("engine_error", "RuntimeError: pooler blew up")
     assert llm.cancelled == 2
+
+
+def test_an_adapter_cannot_answer_embeddings():
+    import asyncio
+
+    with pytest.raises(RowError) as caught:
+        asyncio.run(pooling_engine(FakePoolingLLM()).generate(embedding_request(["a"], adapter="sql", adapter_path="/a")))
+    assert caught.value.code == "invalid_request" and "'sql'" in caught.value.message
+
+
+def test_embeddings_rows_have_their_own_prefix_key():
+    from raybatch.pipeline.rows import prompt_prefix
+
+    keys = {prompt_prefix(embedding_request([text]).model_dump_json()) for text in ("a", "b")}
+    assert len(keys) == 2
