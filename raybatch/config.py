@@ -144,6 +144,13 @@ class EngineConfig(BaseModel):
     )
     kind: str = Field("vllm", description="'vllm', or 'scripted': the deterministic test "
                       "engine (engines/scripted.py), for fault injection only.")
+    task: Literal["generate", "embed"] = Field(
+        "generate", description="What the model's replicas answer. 'generate': chat and "
+        "completion rows. 'embed': /v1/embeddings rows only; vLLM runs the model as a "
+        "pooling model (engine args runner='pooling', convert='embed', which also turns "
+        "a generative checkpoint into an embedding model). A row for the other kind is an "
+        "unsupported_url_for_model error row, refused before it reaches an engine."
+    )
 
 
 class RunConfig(BaseModel):

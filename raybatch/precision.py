@@ -134,6 +134,8 @@ def plan_engines(config: EngineConfig, precision: Precision, nodes: list[NodeRes
     }
     if config.max_model_len:
         engine_args["max_model_len"] = config.max_model_len
+    if config.task == "embed":  # before config.engine_args, which may name another converter
+        engine_args.update(runner="pooling", convert="embed")
     gpu_nodes = [n for n in nodes if n.gpus >= 1]
 
     if not gpu_nodes:

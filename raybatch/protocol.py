@@ -45,7 +45,11 @@ DEFAULT_IMAGE_URL_SCHEMES = ("https", "s3")
 
 CHAT_URL = "/v1/chat/completions"
 COMPLETIONS_URL = "/v1/completions"
-SUPPORTED_URLS = (CHAT_URL, COMPLETIONS_URL)
+EMBEDDINGS_URL = "/v1/embeddings"  # answered only by a model whose engine.task is "embed"
+SUPPORTED_URLS = (CHAT_URL, COMPLETIONS_URL, EMBEDDINGS_URL)
+# Most inputs one embeddings row may carry, as OpenAI's embeddings API allows. They share
+# one row's pool slot and engine time, so the bound keeps one row from holding a replica.
+MAX_EMBEDDING_INPUTS = 2048
 
 
 class ErrorCode(str, enum.Enum):
@@ -77,6 +81,12 @@ class ErrorCode(str, enum.Enum):
     INVALID_IMAGE = "invalid_image"
     IMAGES_NOT_SUPPORTED = "images_not_supported"
     CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"
+    # The row's url is not what the job's model serves: a /v1/embeddings row on a
+    # generation model, or a chat or completion row on an embedding model.
+    UNSUPPORTED_URL_FOR_MODEL = "unsupported_url_for_model"
+    # An embeddings row's `dimensions` the model cannot give (no Matryoshka support, or
+    # a size it was not trained for).
+    DIMENSIONS_NOT_SUPPORTED = "dimensions_not_supported"
     ENGINE_ERROR = "engine_error"
     # body.model names neither the job's base model nor one of its LoRA adapters
     # (raybatch/adapters.py); OpenAI's code for a model it does not serve.
@@ -392,6 +402,37 @@ class CompletionBody(_Body):
         return value
 
 
+class EmbeddingBody(BaseModel):
+    """An OpenAI embeddings body. `input` is one text, a list of texts, one list of token
+    ids or a list of them; each is embedded on its own, in order. `user` is accepted and
+    ignored, as `model` is (the job's model serves every row)."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    model: Optional[str] = Field(None, description="Ignored: the job's model serves every row.")
+    input: Union[str, list[str], list[int], list[list[int]]]
+    dimensions: Optional[int] = Field(None, ge=1)
+    encoding_format: Literal["float", "base64"] = "float"
+    user: Optional[str] = None
+
+    @field_validator("input")
+    @classmethod
+    def _inputs_not_empty(cls, value):
+        inputs = [value] if isinstance(value, str) or value and isinstance(value[0], int) else value
+        if not inputs:
+            raise ValueError("input must not be an empty list")
+        if len(inputs) > MAX_EMBEDDING_INPUTS:
+            raise ValueError(f"input may hold at most {MAX_EMBEDDING_INPUTS} items; it holds {len(inputs)}")
+        if any(len(item) == 0 for item in inputs):
+            raise ValueError("input must not hold an empty string or an empty list of token ids")
+        return value
+
+    def inputs(self) -> list[Union[str, list[int]]]:
+        """The items to embed, in output order: a single text or token list is one."""
+        single = isinstance(self.input, str) or isinstance(self.input[0], int)
+        return [self.input] if single else list(self.input)
+
+
 class BatchInputLine(BaseModel):
     """One line of the input file."""
 
@@ -465,10 +506,30 @@ class TextCompletion(BaseModel):
     usage: Usage
 
 
+class Embedding(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: Union[list[float], str] = Field(description="Floats, or base64 of little-endian float32.")
+
+
+class EmbeddingUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingResponse(BaseModel):
+    """OpenAI's embeddings response (it has no id and no created time)."""
+
+    object: Literal["list"] = "list"
+    data: list[Embedding]
+    model: str
+    usage: EmbeddingUsage
+
+
 class BatchResponse(BaseModel):
     status_code: int
     request_id: str
-    body: Union[ChatCompletion, TextCompletion, dict[str, Any]]
+    body: Union[ChatCompletion, TextCompletion, EmbeddingResponse, dict[str, Any]]
 
 
 class BatchError(BaseModel):

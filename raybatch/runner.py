@@ -230,6 +230,7 @@ def _prepare_args(config: RunConfig, scan: InputScan) -> dict:
             fetch_timeout_seconds=config.image_fetch_timeout_seconds,
             url_schemes=tuple(config.image_url_schemes),
         ),
+        "task": config.engine.task,
         **row_bounds(config),
     }
 

@@ -153,9 +153,10 @@ def check_run(
     assert progress["totalInputRequests"] == len([e for e in expected if not e.blank])
     usage = [r["response"]["body"]["usage"] for r in results]
     assert progress["inputTokens"] == sum(u["prompt_tokens"] for u in usage)
-    assert progress["outputTokens"] == sum(u["completion_tokens"] for u in usage)
+    # An embedding's usage (OpenAI's shape) has prompt_tokens and total_tokens only.
+    assert progress["outputTokens"] == sum(u.get("completion_tokens", 0) for u in usage)
     assert progress["cachedInputTokenCount"] == sum(
-        u["prompt_tokens_details"]["cached_tokens"] for u in usage
+        u.get("prompt_tokens_details", {}).get("cached_tokens", 0) for u in usage
     )
     commits = _commit_records(output_url)
     published = sum(_size(f"{output_url}/{name}") for name in ("results.jsonl", "errors.jsonl"))
@@ -303,7 +304,9 @@ def mixed_input() -> InputBuilder:
     b.add(a, {"custom_id": "no-body"}, "no-body", "invalid_request")
     b.add(a, {"custom_id": "messages-string", "body": {"messages": "hello"}}, "messages-string", "invalid_request")
     b.add(a, {"custom_id": "prompt-object", "url": "/v1/completions", "body": {"prompt": {"x": 1}}}, "prompt-object", "invalid_request")
-    b.add(a, {"custom_id": "embeddings", "url": "/v1/embeddings", "body": {"input": "x"}}, "embeddings", "invalid_request")
+    b.add(a, {"custom_id": "moderations", "url": "/v1/moderations", "body": {"input": "x"}}, "moderations", "invalid_request")
+    # A chat model refuses embeddings rows (tests/integration/test_embeddings.py: the reverse).
+    b.add(a, {"custom_id": "embeddings", "url": "/v1/embeddings", "body": {"input": "x"}}, "embeddings", "unsupported_url_for_model")
     b.add(a, {"custom_id": "huge", "body": chat("x" * MAX_LINE_BYTES)}, None, "line_too_large")
     b.add(a, {"custom_id": "long-prompt", "body": chat("word " * 700, max_tokens=4)}, "long-prompt", "context_length_exceeded")
     b.add(a, {"custom_id": "too-many-tokens", "body": chat("hi", max_tokens=MAX_MODEL_LEN)}, "too-many-tokens", "context_length_exceeded")
@@ -352,10 +355,19 @@ def dataset_files_url(storage: str, account: str, dataset_name: str) -> str:
 
 # The service the integration tests run against (the `service` fixture in conftest.py).
 
+# The tiny Llama as an embedding model (vLLM's pooling runner, last-token pooling),
+# claiming Matryoshka sizes so that `dimensions` is served. Started by the first
+# embeddings job (test_embeddings.py), whose `raybatch run` shares the service's
+# replica by asking for the same engine; it idles out a minute after its last row.
+EMBED_ENGINE = {
+    "task": "embed", "max_model_len": MAX_MODEL_LEN, "idle_seconds": 60,
+    "engine_args": {"enforce_eager": True, "hf_overrides": {"matryoshka_dimensions": [32, 64, 128, 256]}},
+}
 SERVICE_MODELS = {
     # The real engine: vLLM CPU on the tiny model (eager: starts in ~25 s, not ~70 s),
     # kept warm from service start, as an operator would keep a busy model.
     "tiny": {"source": "{tiny}", "engine": {"min_replicas": 1, "engine_args": {"enforce_eager": True, "tool_call_parser": "hermes"}}},
+    "tiny-embed": {"source": "{tiny}", "engine": EMBED_ENGINE},
     # The deterministic test engine, one row at a time, so a job takes a known time.
     "scripted-slow": {
         "source": "scripted",

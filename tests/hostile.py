@@ -46,7 +46,7 @@ def bad_line(kind: str, custom_id: str, earlier: str, max_line_bytes: int = MAX_
         "non_string_custom_id": ({"custom_id": 7, "body": chat("hi")}, None, "missing_custom_id"),
         "missing_body": ({"custom_id": custom_id}, custom_id, "invalid_request"),
         "invalid_body": ({"custom_id": custom_id, "body": {"messages": []}}, custom_id, "invalid_request"),
-        "unknown_url": ({"custom_id": custom_id, "url": "/v1/embeddings", "body": chat("hi")}, custom_id, "invalid_request"),
+        "unknown_url": ({"custom_id": custom_id, "url": "/v1/moderations", "body": chat("hi")}, custom_id, "invalid_request"),
         "duplicate_custom_id": ({"custom_id": earlier, "body": chat("again")}, earlier, "duplicate_custom_id"),
         "line_too_large": ({"custom_id": custom_id, "body": chat("x" * max_line_bytes)}, None, "line_too_large"),
         "blank": (b"  \t", None, None),

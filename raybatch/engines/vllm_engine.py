@@ -12,7 +12,9 @@ from typing import Any, Optional, Protocol
 from raybatch.engines.chat_frontend import FRONTEND_ARGS, ChatFrontend, PreparedChat
 from raybatch.engines.lora import AdapterRequests
 from raybatch.engines.vision import render_with_images
+from raybatch.engines.vllm_embed import embed
 from raybatch.exceptions import EngineFailure, RowError
+from raybatch.pipeline.embeddings import EMBEDDING_KIND
 from raybatch.pipeline.rows import Choice, EngineRequest, EngineResult, TokenLogprob, TopLogprob
 from raybatch.protocol import ErrorCode
 
@@ -26,6 +28,8 @@ class Engine(Protocol):
 class VllmEngine:
     """vLLM's async engine (v1 `AsyncLLM`): continuous batching over every request in
     flight, prefix caching on, the model's own chat template."""
+
+    _pooling = False  # set at start: a pooling model (EngineConfig.task "embed")
 
     def __init__(self, model: str, engine_args: dict[str, Any], cpu_kv_cache_gib: int):
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cpu_kv_cache_gib))
@@ -50,6 +54,7 @@ class VllmEngine:
             reasoning_parser=args.get("reasoning_parser"),
             **frontend,
         )
+        self._pooling = self._llm.model_config.runner_type == "pooling"
 
     def _prompt_ids(self, request: EngineRequest) -> list[int]:
         tokenizer = self._tokenizer
@@ -98,6 +103,14 @@ class VllmEngine:
         from vllm.sampling_params import StructuredOutputsParams
         from vllm.v1.engine.exceptions import EngineDeadError
 
+        if self._pooling != (request.kind == EMBEDDING_KIND):
+            # The validate stage refuses these by the job's task; this catches a pooling
+            # model started by engine_args alone, without task "embed".
+            kind = "an embedding" if self._pooling else "a generation"
+            raise RowError(ErrorCode.UNSUPPORTED_URL_FOR_MODEL, f"this job's model is {kind} model; "
+                           f"it cannot answer a {request.kind} row")
+        if self._pooling:
+            return await embed(self._llm, self._tokenizer, request, self.max_model_len)
         chat: Optional[PreparedChat] = None
         sampling = dict(request.sampling)
         if request.images:  # vLLM's own chat path: the model's processor places the images

@@ -9,6 +9,7 @@ from typing import Any, Optional
 
 import pyarrow as pa
 
+from raybatch.pipeline.embeddings import EMBEDDING_KIND, build_embedding_body
 from raybatch.pipeline.rows import EngineResult, TokenLogprob
 from raybatch.pipeline.rows import OUTPUT_SCHEMA, column
 from raybatch.protocol import (
@@ -133,8 +134,11 @@ def finish_rows(batch: pa.Table, *, model: str) -> pa.Table:
             )
         else:
             result = EngineResult.model_validate_json(result_json)
-            # An adapter's row names its adapter, as OpenAI and vLLM name a fine-tune.
-            body = build_response_body(result, chat=kind == "chat", model=result.adapter or model, created=created)
+            if kind == EMBEDDING_KIND:
+                body = build_embedding_body(result, model=model)
+            else:
+                # An adapter's row names its adapter, as OpenAI and vLLM name a fine-tune.
+                body = build_response_body(result, chat=kind == "chat", model=result.adapter or model, created=created)
             envelope = BatchOutputLine(
                 id=f"batch_req_{uuid.uuid4().hex}",
                 custom_id=custom_id,
@@ -143,7 +147,11 @@ def finish_rows(batch: pa.Table, *, model: str) -> pa.Table:
                 ),
                 error=None,
             )
-            tokens = (body.usage.prompt_tokens, body.usage.completion_tokens, result.cached_tokens)
+            # An embedding's usage has no completion or cached tokens (OpenAI's has none
+            # either): jobProgress counts what the output lines show.
+            completion_tokens = getattr(body.usage, "completion_tokens", 0)
+            cached = 0 if kind == EMBEDDING_KIND else result.cached_tokens
+            tokens = (body.usage.prompt_tokens, completion_tokens, cached)
         values = (shard, line, code is not None, envelope.model_dump_json(), *tokens)
         for name, value in zip(OUTPUT_SCHEMA.names, values):
             out[name].append(value)

@@ -15,9 +15,10 @@ import pyarrow as pa
 from raybatch.adapters import AdapterRouting, route_row
 from raybatch.exceptions import RowError
 from raybatch.pipeline.images import ImageLimits, count_images, resolve_all
+from raybatch.pipeline.embeddings import to_embedding_request
 from raybatch.pipeline.rows import REQUEST_SCHEMA, EngineRequest, column
 from raybatch.pipeline.validate import Body, ValidatedRequest, is_blank, validate_line
-from raybatch.protocol import DEFAULT_MAX_CUSTOM_ID_BYTES, DEFAULT_MAX_OUTPUT_TOKENS, ChatCompletionBody
+from raybatch.protocol import DEFAULT_MAX_CUSTOM_ID_BYTES, DEFAULT_MAX_OUTPUT_TOKENS, ChatCompletionBody, EmbeddingBody
 
 
 def _sampling(body: Body) -> dict[str, Any]:
@@ -73,6 +74,8 @@ def to_engine_request(
     """`max_output_tokens`: the job's bound, the most a row that sets no max_tokens gets.
     `messages`: a row's messages with its images resolved (`images.resolve_all`)."""
     body = request.body
+    if isinstance(body, EmbeddingBody):
+        return to_embedding_request(request.custom_id, body)
     chat = isinstance(body, ChatCompletionBody)
     if messages is None and chat:
         messages = [m.template_fields() for m in body.messages]
@@ -114,6 +117,7 @@ def prepare_requests(
     max_custom_id_bytes: int = DEFAULT_MAX_CUSTOM_ID_BYTES,
     lora: Optional[dict[str, Any]] = None,
     images: Optional[ImageLimits] = None,
+    task: str = "generate",
     **bounds: int,
 ) -> pa.Table:
     """Ray Data UDF for stages 2 and 3: raw lines in, engine requests or errors out.
@@ -136,6 +140,7 @@ def prepare_requests(
                 job_defaults=job_defaults,
                 is_duplicate=(shard, line) in duplicates,
                 max_custom_id_bytes=max_custom_id_bytes,
+                task=task,
                 **bounds,
             )
             rows.append((shard, line, validated.custom_id, validated))

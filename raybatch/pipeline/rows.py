@@ -47,7 +47,7 @@ ENGINE_SCHEMA = pa.schema(
         ("shard", pa.string()),
         ("line", pa.int64()),
         ("custom_id", pa.string()),
-        ("kind", pa.string()),  # "chat" | "completion"; null on error rows
+        ("kind", pa.string()),  # "chat" | "completion" | "embedding"; null on error rows
         ("result", pa.string()),
         ("error_code", pa.string()),
         ("error_message", pa.string()),
@@ -79,7 +79,7 @@ class EngineRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     custom_id: str
-    kind: str  # "chat" | "completion"
+    kind: str  # "chat" | "completion" | "embedding"
     # Text content is a string; a message with images keeps OpenAI's list of parts, every
     # image a data: URL checked by preprocess (pipeline/images.py).
     messages: Optional[list[dict[str, Any]]] = None  # role, content; tool_calls, tool_call_id, name when given
@@ -97,6 +97,10 @@ class EngineRequest(BaseModel):
     tools: Optional[list[dict[str, Any]]] = None
     tool_choice: Optional[Union[str, dict[str, Any]]] = None
     parallel_tool_calls: Optional[bool] = None
+    # Embeddings (pipeline/embeddings.py): the items to embed, each on its own.
+    inputs: Optional[list[Union[str, list[int]]]] = None
+    dimensions: Optional[int] = None
+    encoding_format: Optional[str] = None  # "float" | "base64"
 
 
 # How much of a prompt's start names its prefix: about 128 tokens, the CPU engine's
@@ -111,6 +115,8 @@ def prompt_prefix(request_json: str) -> str:
     request = json.loads(request_json)
     if request.get("messages"):
         text = "\0".join(f"{m.get('role')}\0{m.get('content')}" for m in request["messages"])
+    elif request.get("inputs"):  # an embeddings row: its first item (else all would share "None")
+        text = str(request["inputs"][0])
     else:
         text = str(request.get("prompt"))
     return f"{request.get('adapter') or ''}\0{text}"[:PREFIX_CHARS]
@@ -143,4 +149,6 @@ class EngineResult(BaseModel):
     cached_tokens: int
     prompt_text: Optional[str] = None  # only for completions with `echo`
     adapter: Optional[str] = None  # the LoRA adapter that answered: the output's `model`
-    choices: list[Choice]
+    choices: list[Choice] = []
+    # Embeddings: one per input item, in the row's encoding (floats or a base64 string).
+    embeddings: Optional[list[Union[list[float], str]]] = None

@@ -26,6 +26,7 @@ import pyarrow.compute as pc
 from pydantic import ValidationError
 
 from raybatch.exceptions import RowError
+from raybatch.pipeline.embeddings import check_url_for_task
 from raybatch.pipeline.read import UNREADABLE
 from raybatch.pipeline.rows import CUSTOM_ID_DIGEST_BYTES, SCAN_SCHEMA, column
 from raybatch.protocol import (
@@ -35,14 +36,16 @@ from raybatch.protocol import (
     DEFAULT_MAX_JSON_SCHEMA_BYTES,
     DEFAULT_MAX_OUTPUT_TOKENS,
     DEFAULT_MAX_TOP_LOGPROBS,
+    EMBEDDINGS_URL,
     SUPPORTED_URLS,
     BatchInputLine,
     ChatCompletionBody,
     CompletionBody,
+    EmbeddingBody,
     ErrorCode,
 )
 
-Body = Union[ChatCompletionBody, CompletionBody]
+Body = Union[ChatCompletionBody, CompletionBody, EmbeddingBody]
 
 # Levels of arrays and objects a line may nest, the line itself being the first. Real
 # requests need a handful, a json_schema some dozens. Deeper ones would pass here and
@@ -207,12 +210,13 @@ def validate_body(url: str, body: dict[str, Any], *, max_n: int, **bounds: int) 
     """Validate a (merged) request body for its endpoint, then the job's bounds on
     expensive rows (`check_row_bounds`; `bounds` are its limits other than max_n).
     Raises RowError."""
-    model = ChatCompletionBody if url == CHAT_URL else CompletionBody
+    model = {CHAT_URL: ChatCompletionBody, EMBEDDINGS_URL: EmbeddingBody}.get(url, CompletionBody)
     try:
         validated = model.model_validate(body)
     except ValidationError as exc:
         raise RowError(ErrorCode.INVALID_REQUEST, f"invalid body: {_describe(exc)}") from None
-    check_row_bounds(validated, max_n=max_n, **bounds)
+    if not isinstance(validated, EmbeddingBody):  # the bounds are on generation
+        check_row_bounds(validated, max_n=max_n, **bounds)
     return validated
 
 
@@ -224,11 +228,12 @@ def validate_line(
     job_defaults: dict[str, Any],
     is_duplicate: bool = False,
     max_custom_id_bytes: int = DEFAULT_MAX_CUSTOM_ID_BYTES,
+    task: str = "generate",
     **bounds: int,
 ) -> ValidatedRequest:
     """Check one line. Raises RowError (with the custom_id attached when readable and
-    within its length limit). `bounds`: the job's limits on expensive rows other than
-    max_n (`check_row_bounds`)."""
+    within its length limit). `task`: what the job's model answers (EngineConfig.task).
+    `bounds`: the job's limits on expensive rows other than max_n (`check_row_bounds`)."""
     parsed = parse_json_line(raw, max_line_bytes)
     if not isinstance(parsed, dict):
         raise RowError(ErrorCode.INVALID_REQUEST, "line must be a JSON object")
@@ -251,8 +256,9 @@ def validate_line(
         if line.url not in SUPPORTED_URLS:
             raise RowError(
                 ErrorCode.INVALID_REQUEST,
-                f"unsupported url {line.url!r}; use {CHAT_URL} or {COMPLETIONS_URL}",
+                f"unsupported url {line.url!r}; use {CHAT_URL}, {COMPLETIONS_URL} or {EMBEDDINGS_URL}",
             )
+        check_url_for_task(line.url, task)
         merged = {**job_defaults, **line.body}
         return ValidatedRequest(custom_id, line.url, validate_body(line.url, merged, max_n=max_n, **bounds))
     except RowError as error:
