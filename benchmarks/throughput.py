@@ -177,7 +177,8 @@ def main() -> int:
     models = {"bench": build_model(shape), "bench-tiny": build_model("tiny")}
     work = Path(tempfile.mkdtemp(prefix="raybatch-throughput-"))
     files = {w: write_workload(w, work / f"{w}.jsonl", *sizes[w]) for w in workloads}
-    model_of = {w: "bench-tiny" if w == "tiny" else "bench" for w in workloads}
+    # The smoke's model is the tiny one already: one replica in the service, not two.
+    model_of = {w: "bench-tiny" if w == "tiny" and not smoke else "bench" for w in workloads}
     arguments = engine_args(shape)  # the same for both shapes
     extra = engine_extra(shape)
     print(f"{os.cpu_count()} cores; model {shape} (tiny rows: tiny); engine {arguments}; sizes {sizes}", flush=True)
