@@ -77,6 +77,7 @@ class EnginePool:
             # Its job was cancelled, expired or re-queued while its driver still runs:
             # nothing more of this attempt reaches an engine.
             raise asyncio.CancelledError(f"job {ticket.job} has ended")
+        first_batch = ticket.run_id not in self._runs
         job = await self._register(ticket, model)
         state = self._models[job.model]
         state.arriving.pop(ticket.account, None)  # its rows are here
@@ -89,7 +90,8 @@ class EnginePool:
         self._ensure_watcher()
         self.lifecycle.scale(state)
         self._dispatch(state)
-        metrics.report_pool(self._models.values(), self._runs)
+        if first_batch:  # a job shorter than the watcher's interval still gets its series
+            metrics.report_pool(self._models.values(), self._runs)
         return list(await asyncio.gather(*pending))
 
     async def warm(self, model: PoolModel) -> None:
