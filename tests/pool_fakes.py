@@ -25,35 +25,74 @@ def two_replica_model(slots_per_replica: int) -> PoolModel:
 
 
 class FakeReplica:
-    """`actor.generate.remote(request)` gives a future the test resolves."""
+    """A replica whose rows the test answers one by one: `submit`, `collect` and `abort`
+    as the pool calls them, each row a future in `calls` (cancelled when aborted)."""
 
     def __init__(self) -> None:
         self.calls: list[tuple[str, asyncio.Future]] = []
-        self.generate = type("Method", (), {"remote": staticmethod(self._call)})()
+        self._tokens: dict[asyncio.Future, int] = {}
+        self._answered: list = []
+        self._failure: Exception | None = None
+        self._polls: list[asyncio.Future] = []
+        self.submit = _Method(self._submit)
+        self.collect = _Method(self._collect)
+        self.abort = _Method(self._abort)
 
-    def _call(self, request_json: str) -> asyncio.Future:
-        future = asyncio.get_running_loop().create_future()
-        self.calls.append((json.loads(request_json)["custom_id"], future))
-        return future
+    def _submit(self, rows: list[tuple[int, str]]) -> None:
+        for token, request_json in rows:
+            future = asyncio.get_running_loop().create_future()
+            self.calls.append((json.loads(request_json)["custom_id"], future))
+            self._tokens[future] = token
+
+    def _collect(self) -> asyncio.Future:
+        poll = asyncio.get_running_loop().create_future()
+        self._polls.append(poll)
+        self._flush()
+        return poll
+
+    def _abort(self, tokens: list[int]) -> None:
+        for _, future in self.calls:
+            if self._tokens[future] in tokens and not future.done():
+                future.cancel()
+
+    def _flush(self) -> None:
+        while self._polls and (self._answered or self._failure):
+            poll = self._polls.pop(0)
+            if self._answered:
+                poll.set_result(self._answered)
+                self._answered = []
+            else:
+                poll.set_exception(self._failure)
 
     def answer(self, index: int = 0) -> str:
         custom_id, future = [c for c in self.calls if not c[1].done()][index]
-        future.set_result(("chat", json.dumps({"answer": custom_id}), None, None))
+        answer = ("chat", json.dumps({"answer": custom_id}), None, None)
+        future.set_result(answer)
+        self._answered.append((self._tokens[future], answer))
+        self._flush()
         return custom_id
 
     def fail_all(self) -> None:
+        """The replica dies with its rows in flight."""
         for _, future in self.calls:
             if not future.done():
                 future.set_exception(ray.exceptions.ActorDiedError())
+                future.exception()  # seen: nobody else awaits it
+        self._failure = ray.exceptions.ActorDiedError()
+        self._flush()
 
     def open(self) -> list[str]:
         return [custom_id for custom_id, future in self.calls if not future.done()]
 
 
+class _Method:
+    def __init__(self, call) -> None:
+        self.remote = call
+
+
 def no_ray(monkeypatch) -> None:
-    """Killing a replica and cancelling a call: nothing to do for a fake."""
+    """Killing a replica: nothing to do for a fake."""
     monkeypatch.setattr(ray, "kill", lambda actor, no_restart=True: None)
-    monkeypatch.setattr(ray, "cancel", lambda ref: ref.cancel())
 
 
 def fake_pool(monkeypatch, model: PoolModel, replicas: int = 2) -> tuple[EnginePool, list[FakeReplica]]:

@@ -10,8 +10,6 @@ from __future__ import annotations
 import time
 from typing import Callable, Iterable
 
-import ray
-
 from raybatch.engines.failures import budget_message, poison_message
 from raybatch.engines.pool_state import JobRun, ModelState, ReplicaState, Row
 from raybatch.exceptions import EngineStartError
@@ -131,15 +129,16 @@ def drop_runs(state: ModelState, runs: set[str]) -> int:
         row.answer.cancel()
     dropped = len(rows)
     for replica in state.replicas:
-        for token, entry in list(replica.in_flight.items()):
-            if entry.row.run_id in runs:
-                del replica.in_flight[token]
-                state.left(entry.row)
-                if entry.row.suspect:
-                    replica.running_suspect = False
-                entry.row.answer.cancel()
-                ray.cancel(entry.ref)  # aborts the request inside the engine
-                dropped += 1
+        aborted = [token for token, entry in replica.in_flight.items() if entry.row.run_id in runs]
+        for token in aborted:
+            entry = replica.in_flight.pop(token)
+            state.left(entry.row)
+            if entry.row.suspect:
+                replica.running_suspect = False
+            entry.row.answer.cancel()
+        if aborted:
+            replica.actor.abort.remote(aborted)  # aborts the requests inside the engine
+        dropped += len(aborted)
     return dropped
 
 

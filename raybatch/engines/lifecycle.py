@@ -24,10 +24,11 @@ from raybatch.engines.replica import EngineReplica, ReplicaSpec, placement
 
 logger = logging.getLogger(__name__)
 
-# Every replica call is one row, and an async actor takes them all at once.
 REPLICA_ACTOR_OPTIONS: dict[str, Any] = {
     "max_restarts": 0,  # the pool replaces replicas itself, knowing their rows
-    "max_concurrency": 10_000,  # async actor: every slot is one call
+    # An async actor: batches of rows (`submit`), the long poll (`collect`) and aborts
+    # run on its loop together.
+    "max_concurrency": 1_000,
 }
 
 
@@ -95,6 +96,8 @@ class ReplicaLifecycle:
         replica.state = "draining"
         if replica in state.replicas:
             state.replicas.remove(replica)
+        if replica.collector is not None:
+            replica.collector.cancel()  # its answers are no longer taken
         try:
             ray.kill(replica.actor, no_restart=True)
         except Exception:  # already gone

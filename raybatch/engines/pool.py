@@ -6,15 +6,18 @@ them:
                                             │ a replica's slot frees → next row by fair share
                                             ▼
                                           replicas, each ≤ admission_factor × max_num_seqs in flight
-    answers ◀───────────────────────────── one call per row, so a finished row frees its slot at once
+    answers ◀───────────────────────────── per replica, a long-poll `collect` of whatever finished,
+                                          so a finished row frees its slot at once
 
 Why one pool actor with named replica actors, not Ray Serve deployments: fairness,
 cancellation and fault handling all need one place that sees every row in flight on
 every replica. Here a replica's death or hang is noticed where its rows are known, each
 of them goes back to its own job's queue, poison rows are isolated across jobs, and a
 cancelled job's rows are dropped from the queue and aborted inside the engine, without
-a second bookkeeping layer beside Serve's router. The cost is one hop through this
-actor per row (an async call, ~0.1 ms); see docs/performance.md.
+a second bookkeeping layer beside Serve's router. Rows go to a replica in one call per
+dispatch pass (`submit`) and come back in one call per batch of finished rows
+(`collect`), not one Ray call per row: that capped the pool at about 600 rows/s (see
+docs/performance.md).
 
 Replicas start when rows wait and no replica can take them (or when a job being
 validated asks to `warm` its model), scale up to `max_replicas` while rows queue, and
@@ -173,39 +176,45 @@ class EnginePool:
         return state
 
     def _dispatch(self, state: ModelState) -> None:
-        dispatch(state, lambda replica, row: self._send(state, replica, row))
+        batches: dict[ReplicaState, list[tuple[int, str]]] = {}
 
-    def _send(self, state: ModelState, replica: ReplicaState, row: Row) -> None:
-        token = next(self._tokens)
-        ref = replica.actor.generate.remote(row.request_json)
-        replica.in_flight[token] = InFlight(row, ref, time.monotonic())
-        state.sent(row)
-        asyncio.ensure_future(self._receive(state, replica, token, ref))
+        def send(replica: ReplicaState, row: Row) -> None:
+            token = next(self._tokens)
+            replica.in_flight[token] = InFlight(row, time.monotonic())
+            state.sent(row)
+            batches.setdefault(replica, []).append((token, row.request_json))
 
-    async def _receive(self, state: ModelState, replica: ReplicaState, token: int, ref) -> None:
-        try:
-            answer = await ref
-        except (ray.exceptions.TaskCancelledError, asyncio.CancelledError):
-            return  # its job ended (end_job already freed the slot)
-        except ray.exceptions.RayTaskError as error:
-            cause = error.cause if isinstance(error.cause, Exception) else error
-            reason = str(cause) if isinstance(cause, EngineFailure) else f"{type(cause).__name__}: {cause}"
-            self._replica_failed(state, replica, reason)
-            return
-        except ray.exceptions.RayActorError as error:
-            self._replica_failed(state, replica, f"engine replica died: {str(error).splitlines()[0]}")
-            return
-        entry = replica.in_flight.pop(token, None)
-        if entry is None:
-            return  # its replica was given up on (failure) or its job ended meanwhile
-        state.left(entry.row)
-        if entry.row.suspect:
-            replica.running_suspect = False
-        if not entry.row.answer.done():
-            entry.row.answer.set_result(answer)
-        if not replica.in_flight:
-            replica.idle_since = time.time()
-        self._dispatch(state)
+        dispatch(state, send)
+        for replica, batch in batches.items():
+            replica.actor.submit.remote(batch)
+            if replica.collector is None:
+                replica.collector = asyncio.ensure_future(self._collect(state, replica))
+
+    async def _collect(self, state: ModelState, replica: ReplicaState) -> None:
+        """Take a replica's answers as they finish, for as long as it serves."""
+        while replica in state.replicas:
+            try:
+                answers = await replica.actor.collect.remote()
+            except ray.exceptions.RayTaskError as error:
+                cause = error.cause if isinstance(error.cause, Exception) else error
+                reason = str(cause) if isinstance(cause, EngineFailure) else f"{type(cause).__name__}: {cause}"
+                self._replica_failed(state, replica, reason)
+                return
+            except ray.exceptions.RayActorError as error:
+                self._replica_failed(state, replica, f"engine replica died: {str(error).splitlines()[0]}")
+                return
+            for token, answer in answers:
+                entry = replica.in_flight.pop(token, None)
+                if entry is None:
+                    continue  # its job ended meanwhile
+                state.left(entry.row)
+                if entry.row.suspect:
+                    replica.running_suspect = False
+                if not entry.row.answer.done():
+                    entry.row.answer.set_result(answer)
+            if not replica.in_flight:
+                replica.idle_since = time.time()
+            self._dispatch(state)
 
     # -------------------------------------------------------------- failures
 

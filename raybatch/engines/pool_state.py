@@ -93,7 +93,6 @@ class Row:
 @dataclass(eq=False)
 class InFlight:
     row: Row
-    ref: Any  # the ObjectRef of the replica call
     since: float  # when the replica got it: the hang watchdog counts from here
 
 
@@ -110,6 +109,7 @@ class ReplicaState:
     asked_at: float = field(default_factory=time.monotonic)  # the start timeout counts from here
     running_suspect: bool = False  # a suspect row runs here alone
     held_for_suspect: bool = False  # takes no new rows: a suspect waits for it to drain
+    collector: Any = None  # the pool's task taking its answers (`EnginePool._collect`)
 
 
 @dataclass(eq=False)

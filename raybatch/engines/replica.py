@@ -1,6 +1,7 @@
 """`EngineReplica`: one engine for one (model, precision, engine arguments), as a Ray
-actor on its GPUs, answering one request per call so that a finished row frees its
-slot at once. The pool (`engines/pool.py`) owns every replica: it decides where they
+actor on its GPUs. The pool sends it rows in batches (`submit`) and takes back whatever
+has finished (`collect`, a long poll), so a finished row frees its slot at once without
+one Ray call per row, which capped the pool at about 600 rows/s. The pool (`engines/pool.py`) owns every replica: it decides where they
 run, what they get and when they go.
 
 `ReplicaSpec` is what makes two replicas interchangeable: the same spec, the same
@@ -10,6 +11,7 @@ have different specs.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 from typing import Any, Optional
@@ -95,11 +97,17 @@ class ReplicaInfo(CamelModel):
 class EngineReplica:
     """The actor. Built by the pool with `ray.remote(EngineReplica).options(...)`."""
 
-    def __init__(self, spec: ReplicaSpec):
-        from raybatch.engines.vllm_engine import build_engine
+    def __init__(self, spec: ReplicaSpec, engine: Any = None):
+        if engine is None:
+            from raybatch.engines.vllm_engine import build_engine
 
-        self._engine = build_engine(spec.kind, spec.model, spec.engine_args, spec.cpu_kv_cache_gib)
-        _reap_children_when_gone()
+            engine = build_engine(spec.kind, spec.model, spec.engine_args, spec.cpu_kv_cache_gib)
+            _reap_children_when_gone()
+        self._engine = engine
+        self._running: dict[int, asyncio.Task] = {}  # the pool's token → the row's request
+        self._answered: list[tuple[int, Answer]] = []  # finished, not yet collected
+        self._failure: Optional[BaseException] = None
+        self._news: Optional[asyncio.Event] = None  # made on the actor's own loop
 
     def ready(self) -> dict:
         import ray
@@ -108,14 +116,57 @@ class EngineReplica:
 
     async def generate(self, request_json: str) -> Answer:
         """One row. A RowError is the row's answer; EngineFailure (or anything else)
-        leaves this call and tells the pool the engine is in trouble. Cancelling the
-        call (`ray.cancel`) aborts the request inside the engine."""
+        leaves this call: the engine is in trouble."""
         request = EngineRequest.model_validate_json(request_json)
         try:
             result = await self._engine.generate(request)
         except RowError as error:
             return request.kind, None, error.code, error.message
         return request.kind, result.model_dump_json(), None, None
+
+    async def submit(self, rows: list[tuple[int, str]]) -> None:
+        """Start rows (the pool's token, EngineRequest JSON) at once; their answers come
+        back through `collect`."""
+        for token, request_json in rows:
+            self._running[token] = asyncio.ensure_future(self._run(token, request_json))
+
+    async def collect(self) -> list[tuple[int, Answer]]:
+        """The answers finished since the last call, waiting for at least one. After a
+        row's engine failure, the answers finished before it, then the failure itself
+        (raised: the pool gives up on this replica and sends its rows elsewhere)."""
+        news = self._event()
+        while not self._answered and self._failure is None:
+            news.clear()
+            await news.wait()
+        if not self._answered:
+            raise self._failure
+        answered, self._answered = self._answered, []
+        return answered
+
+    async def abort(self, tokens: list[int]) -> None:
+        """Abort these rows inside the engine (their job ended); they are never answered."""
+        for token in tokens:
+            task = self._running.pop(token, None)
+            if task is not None:
+                task.cancel()
+
+    async def _run(self, token: int, request_json: str) -> None:
+        try:
+            answer = await self.generate(request_json)
+        except asyncio.CancelledError:
+            return  # aborted
+        except Exception as error:  # any failure but a row's own (RowError) is the engine's
+            self._failure = self._failure or error
+        else:
+            self._answered.append((token, answer))
+        finally:
+            self._running.pop(token, None)
+            self._event().set()
+
+    def _event(self) -> asyncio.Event:
+        if self._news is None:
+            self._news = asyncio.Event()
+        return self._news
 
 
 # Run beside a replica: waits until the replica's process is gone (this process is then

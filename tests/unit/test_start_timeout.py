@@ -41,22 +41,26 @@ class ThreadActor:
         self.built = self.loop.create_future()
         self.killed = False
         self.ready = _Method(lambda: asyncio.ensure_future(self._ready()))
-        self.generate = _Method(lambda request_json: asyncio.ensure_future(self._generate(request_json)))
+        # The actor's own batch calls, on a replica around the built engine.
+        self.submit, self.collect, self.abort = (
+            _Method(lambda *args, name=name: asyncio.ensure_future(self._call(name, *args)))
+            for name in ("submit", "collect", "abort")
+        )
         threading.Thread(target=self._build, args=(spec,), daemon=True).start()
         ThreadActor.started.append(self)
 
     def _build(self, spec: ReplicaSpec) -> None:
         engine = build_engine(spec.kind, spec.model, spec.engine_args, spec.cpu_kv_cache_gib)
-        self.loop.call_soon_threadsafe(lambda: self.built.done() or self.built.set_result(engine))
+        replica = EngineReplica(spec, engine=engine)
+        self.loop.call_soon_threadsafe(lambda: self.built.done() or self.built.set_result(replica))
 
     async def _ready(self) -> dict:
         await self.built
         return {"node": "this-process", "pid": 0}
 
-    async def _generate(self, request_json: str):
-        replica = object.__new__(EngineReplica)  # the actor's own generate, on the built engine
-        replica._engine = await self.built
-        return await replica.generate(request_json)
+    async def _call(self, name: str, *args):
+        replica = await self.built
+        return await getattr(replica, name)(*args)
 
     def kill(self) -> None:
         self.killed = True
