@@ -10,7 +10,7 @@ What it implements, as Go and Helm behave:
   define / include, `$` and `$var :=`;
 - `.a.b` on maps: a missing key is nil (printed as nothing, as Helm replaces
   "<no value>"), and a field of nil is an error, as in Go;
-- functions: include, toYaml, indent, nindent, quote, default, required, fail, eq, ne,
+- functions: include, toYaml, indent, nindent, trim, quote, default, required, fail, eq, ne,
   not, and, or, dict; `.Files.Get`.
 Anything else raises TemplateError, so a template that leaves this subset fails the
 tests instead of rendering wrongly. Not implemented: whitespace-exact toYaml (Go's yaml
@@ -314,6 +314,7 @@ class Renderer:
             "toYaml": lambda value: _to_yaml(value),
             "indent": lambda spaces, text: _indent(spaces, text),
             "nindent": lambda spaces, text: "\n" + _indent(spaces, text),
+            "trim": lambda text: _printed(text).strip(),
             "quote": lambda *values: " ".join(json.dumps(_printed(v)) for v in values if v is not None),
             "default": lambda fallback, value=None: value if _truthy(value) else fallback,
             "eq": lambda a, *others: any(a == b for b in others),

@@ -148,9 +148,14 @@ def test_rayjob_runs_raybatch_run_and_tears_down():
     job = yaml.safe_load((ROOT / "cluster" / "rayjob.yaml").read_text())
     schemas = json.loads(gzip.decompress((ROOT / "cluster" / "kuberay-v1.5.1-schemas.json.gz").read_bytes()))
     jsonschema.Draft7Validator(schemas["RayJob"]).validate(job)
-    from tests.unit.test_helm_chart import unknown_fields
+    from tests.unit.test_helm_chart import assert_valid_kubernetes, embedded_core_objects, unknown_fields
 
     assert unknown_fields(job, schemas["RayJob"]) == []
+    # The submitter's and the Ray pods' templates, against Kubernetes' own schema (strict).
+    embedded = embedded_core_objects(job)
+    assert len(embedded) == 1 + len(job["spec"]["rayClusterSpec"]["workerGroupSpecs"]) + 1
+    for document in embedded:
+        assert_valid_kubernetes(document)
     assert job["spec"]["shutdownAfterJobFinishes"] is True
     args = build_parser().parse_args(shlex.split(job["spec"]["entrypoint"])[1:])
     config = _build_config(args)
