@@ -65,6 +65,13 @@ class EngineConfig(BaseModel):
         "prompt), so it is computed once per replica instead of once per replica per "
         "wave. Off: always the least busy replica."
     )
+    lead_batch_seconds: float = Field(
+        5, ge=0, description="A job's first batch of rows goes to the engine ahead of the "
+        "rest, which wait until it is answered, at most this long. On an idle replica its "
+        "rows then decode in a small, fast batch, and the job's first results are visible "
+        "within seconds instead of after a whole wave of its rows (hundreds decoding in "
+        "lockstep). Costs the job at most this long of a fuller engine at its start. 0: off."
+    )
     max_start_failures: int = Field(
         3, ge=1, description="Engine starts that may fail in a row before the jobs waiting "
         "for this model fail with the engine's error."

@@ -80,10 +80,13 @@ class EnginePool:
             # Its job was cancelled, expired or re-queued while its driver still runs:
             # nothing more of this attempt reaches an engine.
             raise asyncio.CancelledError(f"job {ticket.job} has ended")
-        first_batch = ticket.run_id not in self._runs
         job = await self._register(ticket, model)
         state = self._models[job.model]
         state.arriving.pop(ticket.account, None)  # its rows are here
+        leading = not job.lead_sent
+        job.lead_sent = True
+        if not leading:
+            await self._behind_the_lead(job, state.policy.lead_batch_seconds)
         loop = asyncio.get_running_loop()
         pending = []
         for shard, line, request_json in rows:
@@ -93,9 +96,27 @@ class EnginePool:
         self._ensure_watcher()
         self.lifecycle.scale(state)
         self._dispatch(state)
-        if first_batch:  # a job shorter than the watcher's interval still gets its series
+        if leading:  # a job shorter than the watcher's interval still gets its series
             metrics.report_pool(self._models.values(), self._runs)
-        return list(await asyncio.gather(*pending))
+        try:
+            return list(await asyncio.gather(*pending))
+        finally:
+            if leading:
+                job.lead_answered.set()
+
+    async def _behind_the_lead(self, job: JobRun, seconds: float) -> None:
+        """Hold a batch until the job's first one is answered, at most `seconds` from
+        the job's first call: alone on an idle replica that batch decodes fast, where
+        with all of the job's rows beside it, it would come back with the first wave
+        (docs/engines.md, "A job's first results")."""
+        left = job.registered + seconds - time.monotonic()
+        if left > 0 and not job.lead_answered.is_set():
+            try:
+                await asyncio.wait_for(job.lead_answered.wait(), left)
+            except asyncio.TimeoutError:
+                pass
+        if job.ticket.run_id in self._ended_runs:
+            raise asyncio.CancelledError(f"job {job.ticket.job} has ended")
 
     async def warm(self, model: PoolModel) -> None:
         """Start a replica of this model now if it has none (a job is being validated)."""

@@ -37,6 +37,7 @@ class PoolPolicy(BaseModel):
     idle_seconds: float = 300
     slots_per_replica: int = 320  # admission_factor x max_num_seqs
     prefix_affinity: bool = True
+    lead_batch_seconds: float = 5
     request_timeout_seconds: float = 600
     max_failures_per_row: int = 2
     max_engine_failures_per_job: int = 5
@@ -157,6 +158,11 @@ class JobRun:
     ticket: JobTicket
     model: str  # key into the pool's models
     failures: FailureLog
+    # Its first batch goes ahead; the others wait (at most the policy's
+    # lead_batch_seconds from `registered`) until it is answered.
+    registered: float = field(default_factory=time.monotonic)
+    lead_sent: bool = False
+    lead_answered: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 def pool_model_for(engine: "EngineConfig", plan: "EnginePlan", model: str, served_name: str, fixed: bool) -> PoolModel:
@@ -183,6 +189,7 @@ def pool_model_for(engine: "EngineConfig", plan: "EnginePlan", model: str, serve
         idle_seconds=engine.idle_seconds,
         slots_per_replica=math.ceil(engine.admission_factor * max_num_seqs),
         prefix_affinity=engine.prefix_affinity,
+        lead_batch_seconds=engine.lead_batch_seconds,
         request_timeout_seconds=engine.request_timeout_seconds,
         max_failures_per_row=engine.max_failures_per_row,
         max_engine_failures_per_job=engine.max_engine_failures_per_job,

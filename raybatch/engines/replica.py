@@ -1,8 +1,9 @@
 """`EngineReplica`: one engine for one (model, precision, engine arguments), as a Ray
 actor on its GPUs. The pool sends it rows in batches (`submit`) and takes back whatever
 has finished (`collect`, a long poll), so a finished row frees its slot at once without
-one Ray call per row, which capped the pool at about 600 rows/s. The pool (`engines/pool.py`) owns every replica: it decides where they
-run, what they get and when they go.
+one Ray call per row, which capped the pool at about 600 rows/s. The pool
+(`engines/pool.py`) owns every replica: it decides where they run, what they get and
+when they go.
 
 `ReplicaSpec` is what makes two replicas interchangeable: the same spec, the same
 answers. Jobs whose specs are equal share replicas; a BF16 and an FP8 job on one model
