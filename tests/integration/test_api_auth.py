@@ -72,6 +72,81 @@ def test_missing_malformed_wrong_and_revoked_keys_get_401(world):
     _assert_error(_call(service, "GET", path, doomed), 401, "UNAUTHENTICATED")
 
 
+# Every keyed route of the API (each method verb apart), as a request on account A's
+# resources. `test_the_matrix_covers_every_route` holds this list to the app's routes.
+EVERY_ROUTE = [
+    ("GET", "/openapi.json", None),
+    ("POST", f"/v1/accounts/{A}/datasets", {"datasetId": "new-data", "dataset": {"userUploaded": {}}}),
+    ("GET", f"/v1/accounts/{A}/datasets", None),
+    ("GET", f"/v1/accounts/{A}/datasets/secret-data", None),
+    ("GET", f"/v1/accounts/{A}/datasets/secret-data:getDownloadEndpoint", None),
+    ("PATCH", f"/v1/accounts/{A}/datasets/secret-data", {"displayName": "mine now"}),
+    ("DELETE", f"/v1/accounts/{A}/datasets/secret-data", None),
+    ("POST", f"/v1/accounts/{A}/datasets/secret-data:upload", None),
+    ("POST", f"/v1/accounts/{A}/datasets/secret-data:getUploadEndpoint", {"filenameToSize": {"x.jsonl": 10}}),
+    ("POST", f"/v1/accounts/{A}/datasets/secret-data:validateUpload", {}),
+    ("POST", f"/v1/accounts/{A}/batchInferenceJobs", {"model": "scripted", "inputDatasetId": "secret-data"}),
+    ("POST", f"/v1/accounts/{A}/batchInferenceJobs:validate", {"model": "scripted", "inputDatasetId": "secret-data"}),
+    ("GET", f"/v1/accounts/{A}/batchInferenceJobs", None),
+    ("GET", f"/v1/accounts/{A}/batchInferenceJobs/secret-job", None),
+    ("POST", f"/v1/accounts/{A}/batchInferenceJobs/secret-job:cancel", None),
+    ("DELETE", f"/v1/accounts/{A}/batchInferenceJobs/secret-job", None),
+    ("GET", "/v1/admin/engines", None),
+]
+# Not keyed: the health check, and the signed file URLs, whose token is the credential
+# (tests/security/test_uploads.py attacks those).
+UNKEYED = {("GET", "/healthz"), ("PUT", "/v1/signed/{token}"), ("GET", "/v1/signed/{token}")}
+
+
+def test_the_matrix_covers_every_route():
+    from starlette.routing import Match
+
+    from raybatch.api.app import api
+
+    routes = {(method, route.path): route for route in api.routes for method in getattr(route, "methods", ())}
+    matched = set()
+    for method, path, _ in EVERY_ROUTE:
+        found = [key for key, route in routes.items() if key[0] == method
+                 and route.matches({"type": "http", "method": method, "path": path.partition("?")[0]})[0] == Match.FULL]
+        assert len(found) == 1, f"{method} {path} matches {found}"
+        matched |= set(found)
+    assert set(routes) - UNKEYED - {("HEAD", path) for _, path in routes} == matched
+
+
+def test_every_route_refuses_every_bad_key_and_never_shows_data(world):
+    """The auth matrix: every keyed route x {no key, malformed, wrong secret, revoked,
+    another account's key}. A bad key gets 401 on every route, another account's key 404
+    on A's resources (403 on the admin route, for a non-admin), and nothing changes."""
+    service, key_a, key_b = world
+    from raybatch.api.auth import revoke_key
+    from raybatch.store import Store
+
+    revoked = service.key(A)
+    revoke_key(Store(service.storage), _key_parts(revoked)[0])
+    key_id, _ = _key_parts(key_a)
+    bad_keys = {"no key": None, "malformed": "rbk_nonsense", "wrong secret": f"rbk_{key_id}_{'x' * 43}",
+                "revoked": revoked}
+    for method, path, body in EVERY_ROUTE:
+        for name, key in bad_keys.items():
+            reply = _call(service, method, path, key, json=body)
+            assert reply.status_code == 401, (name, method, path, reply.text)
+            _assert_error(reply, 401, "UNAUTHENTICATED")
+        if path == "/openapi.json":
+            continue  # any valid key may read the schema: it lists routes, not data
+        reply = _call(service, method, path, key_b, json=body)
+        if path == "/v1/admin/engines":
+            _assert_error(reply, 403, "PERMISSION_DENIED")
+        else:
+            _assert_error(reply, 404, "NOT_FOUND")
+        assert "top secret" not in reply.text and "JOB_STATE" not in reply.text and "secret-data" not in reply.text.replace(path, "")
+    # Nothing of A's changed, and nothing was created in A's name.
+    job = _call(service, "GET", f"/v1/accounts/{A}/batchInferenceJobs/secret-job", key_a).json()
+    assert job["state"] == "JOB_STATE_COMPLETED"
+    data = _call(service, "GET", f"/v1/accounts/{A}/datasets/secret-data", key_a).json()
+    assert data["state"] == "READY" and data.get("displayName") != "mine now"
+    assert _call(service, "GET", f"/v1/accounts/{A}/datasets/new-data", key_a).status_code == 404
+
+
 @pytest.mark.parametrize(
     "method,path,body",
     [
