@@ -1,7 +1,8 @@
 """The Helm chart (helm/raybatch), rendered without helm by tests/unit/helm_render.py:
 with its defaults it is cluster/rayservice.yaml; with every option on it still renders
-valid KubeRay objects (field names checked against KubeRay 1.5.1's CRD schemas) and
-valid Kubernetes objects (Kubernetes' own schemas, strict, through kubernetes-validate:
+valid KubeRay objects (field names checked against KubeRay 1.5.1's CRD schemas), a valid
+PodMonitor (prometheus-operator 0.93.0's CRD schema, field names too) and valid
+Kubernetes objects (Kubernetes' own schemas, strict, through kubernetes-validate:
 the Ingress, the ConfigMap, and the pod templates and Service inside the RayService),
 pods run as non-root with resources set. Where `helm` is on PATH, `helm lint` and `helm
 template` run too. yamllint runs over the renderings in test_yamllint.py."""
@@ -30,6 +31,11 @@ DEFAULT_VALUES = yaml.safe_load((CHART / "values.yaml").read_text())
 # RayService and RayJob openAPIV3Schema of KubeRay v1.5.1's CRDs, descriptions removed
 # (docs/deploy.md says how it was made).
 KUBERAY_SCHEMAS = json.loads(gzip.decompress((CLUSTER / "kuberay-v1.5.1-schemas.json.gz").read_bytes()))
+# The v1 openAPIV3Schema of prometheus-operator v0.93.0's PodMonitor CRD (commit f8fafd4),
+# descriptions removed (docs/deploy.md says how it was made).
+PODMONITOR_SCHEMA = json.loads(
+    gzip.decompress((CLUSTER / "prometheus-operator-v0.93.0-podmonitor-schema.json.gz").read_bytes())
+)["PodMonitor"]
 
 
 def every_option_on() -> dict:
@@ -89,10 +95,13 @@ def unknown_fields(document, schema: dict, path: str = "") -> list[str]:
     return found
 
 
-def assert_valid_kuberay(document: dict) -> None:
-    schema = KUBERAY_SCHEMAS[document["kind"]]
+def assert_valid_custom_resource(document: dict, schema: dict) -> None:
     jsonschema.Draft7Validator(schema).validate(document)
     assert unknown_fields(document, schema) == []
+
+
+def assert_valid_kuberay(document: dict) -> None:
+    assert_valid_custom_resource(document, KUBERAY_SCHEMAS[document["kind"]])
     for embedded in embedded_core_objects(document):
         assert_valid_kubernetes(embedded)
 
@@ -101,8 +110,6 @@ def assert_valid_kuberay(document: dict) -> None:
 # version KubeRay 1.5 supports and managed clouds still run; a field newer than that
 # fails here. Strict: an unknown field fails (the API server would drop it silently).
 KUBERNETES_VERSION = "1.31"
-# Kinds with no schema offline: prometheus-operator's CRD is not on PyPI.
-NO_SCHEMA_OFFLINE = {"PodMonitor"}
 
 
 def assert_valid_kubernetes(document: dict) -> None:
@@ -176,7 +183,11 @@ def test_every_template_renders_valid_objects(values):
         assert doc["metadata"]["labels"]["app.kubernetes.io/instance"] == "raybatch"
         if doc["kind"] == "RayService":
             assert_valid_kuberay(doc)
-        elif doc["kind"] not in NO_SCHEMA_OFFLINE:
+        elif doc["kind"] == "PodMonitor":
+            # The vendored schema is the CRD's v1 version's.
+            assert doc["apiVersion"] == "monitoring.coreos.com/v1"
+            assert_valid_custom_resource(doc, PODMONITOR_SCHEMA)
+        else:
             assert_valid_kubernetes(doc)
 
 
