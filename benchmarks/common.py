@@ -82,13 +82,14 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def service(work: Path, catalog: dict, accounts: tuple[str, ...]) -> Iterator[dict]:
-    """`raybatch up` with this model catalog (name → entry); a client per account."""
+def service(work: Path, catalog: dict, accounts: tuple[str, ...], settings: dict | None = None) -> Iterator[dict]:
+    """`raybatch up` with this model catalog (name → entry) and any other service
+    settings; a client per account."""
     from raybatch.client import RaybatchClient
 
     home = work / "home"
     home.mkdir(parents=True, exist_ok=True)
-    config = {"storage": str(work / "storage"), "progress_interval_seconds": 0.5, "models": catalog}
+    config = {"storage": str(work / "storage"), "progress_interval_seconds": 0.5, "models": catalog, **(settings or {})}
     (home / "service.json").write_text(json.dumps(config))
     env = {**os.environ, "RAYBATCH_HOME": str(home)}
     env.pop("RAY_ADDRESS", None)
