@@ -38,11 +38,12 @@ class FakeReplica:
         self.collect = _Method(self._collect)
         self.abort = _Method(self._abort)
 
-    def _submit(self, rows: list[tuple[int, str]]) -> None:
+    def _submit(self, rows: list[tuple[int, str]]) -> asyncio.Future:
         for token, request_json in rows:
             future = asyncio.get_running_loop().create_future()
             self.calls.append((json.loads(request_json)["custom_id"], future))
             self._tokens[future] = token
+        return _done()
 
     def _collect(self) -> asyncio.Future:
         poll = asyncio.get_running_loop().create_future()
@@ -50,10 +51,11 @@ class FakeReplica:
         self._flush()
         return poll
 
-    def _abort(self, tokens: list[int]) -> None:
+    def _abort(self, tokens: list[int]) -> asyncio.Future:
         for _, future in self.calls:
             if self._tokens[future] in tokens and not future.done():
                 future.cancel()
+        return _done()
 
     def _flush(self) -> None:
         while self._polls and (self._answered or self._failure):
@@ -83,6 +85,13 @@ class FakeReplica:
 
     def open(self) -> list[str]:
         return [custom_id for custom_id, future in self.calls if not future.done()]
+
+
+def _done() -> asyncio.Future:
+    """What a call that answers nothing gives the caller to await."""
+    future = asyncio.get_running_loop().create_future()
+    future.set_result(None)
+    return future
 
 
 class _Method:

@@ -7,8 +7,11 @@ plain bookkeeping, unit-tested with fake replicas.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Callable, Iterable
+
+import ray
 
 from raybatch.engines.failures import budget_message, poison_message
 from raybatch.engines.pool_state import JobRun, ModelState, ReplicaState, Row
@@ -136,8 +139,8 @@ def drop_runs(state: ModelState, runs: set[str]) -> int:
             if entry.row.suspect:
                 replica.running_suspect = False
             entry.row.answer.cancel()
-        if aborted:
-            replica.actor.abort.remote(aborted)  # aborts the requests inside the engine
+        if aborted:  # aborts the requests inside the engine
+            asyncio.ensure_future(quietly(replica.actor.abort.remote(aborted)))
         dropped += len(aborted)
     return dropped
 
@@ -171,3 +174,12 @@ def _answer(rows: Iterable[Row], answer: Callable[[Row], None]) -> None:
     for row in rows:
         if not row.answer.done():
             answer(row)
+
+
+async def quietly(call) -> None:
+    """Await a replica call whose failure the pool learns from its `collect` anyway (a
+    dead replica's fails too), so that Ray does not log it as an unhandled error."""
+    try:
+        await call
+    except (ray.exceptions.RayError, asyncio.CancelledError):
+        pass

@@ -44,7 +44,7 @@ from typing import Optional
 import ray
 
 from raybatch import metrics
-from raybatch.engines.dispatch import answer_if_spent, dispatch, drop_runs, enqueue
+from raybatch.engines.dispatch import answer_if_spent, dispatch, drop_runs, enqueue, quietly
 from raybatch.engines.failures import FailureLog
 from raybatch.engines.lifecycle import ReplicaLifecycle
 from raybatch.engines.pool_state import InFlight, JobRun, JobTicket, ModelState, PoolModel, ReplicaState, Row
@@ -207,7 +207,7 @@ class EnginePool:
 
         dispatch(state, send)
         for replica, batch in batches.items():
-            replica.actor.submit.remote(batch)
+            asyncio.ensure_future(quietly(replica.actor.submit.remote(batch)))
             if replica.collector is None:
                 replica.collector = asyncio.ensure_future(self._collect(state, replica))
 
@@ -304,3 +304,4 @@ class EnginePool:
             if stuck:
                 custom_id = json.loads(stuck[0].row.request_json).get("custom_id")
                 self._replica_failed(state, replica, f"request {custom_id!r} ran over {timeout:g}s: engine hung")
+
