@@ -16,7 +16,7 @@ import pytest
 from raybatch.pipeline.embeddings import build_embedding_body
 from raybatch.pipeline.postprocess import build_response_body, finish_rows
 from raybatch.pipeline.rows import ENGINE_SCHEMA, Choice, EngineResult, TokenLogprob, TopLogprob
-from raybatch.protocol import BatchError, BatchOutputLine, BatchResponse
+from raybatch.protocol import DEFAULT_MAX_OUTPUT_TOKENS, BatchError, BatchOutputLine, BatchResponse
 
 HEX32 = re.compile(r"[0-9a-f]{32}")
 
@@ -147,3 +147,62 @@ def test_every_id_of_a_batch_is_its_own():
     lines = [json.loads(out["output"]) for out in _finished(rows)]
     ids = [x["id"] for x in lines] + [x["response"]["request_id"] for x in lines] + [x["response"]["body"]["id"] for x in lines]
     assert len(set(ids)) == 150
+
+
+# ------------------------------------------------------ engine requests (preprocess)
+
+CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hé\n"}]
+TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {}}}}
+SCHEMA = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object", "properties": {"a": {"type": "integer"}}}}}
+BODIES = {
+    "plain chat": ("/v1/chat/completions", {"messages": CHAT, "max_tokens": 8}),
+    "chat, every sampling field": ("/v1/chat/completions", {
+        "messages": CHAT, "max_completion_tokens": 9, "temperature": 0.0, "top_p": 0.5, "top_k": 3, "n": 2,
+        "stop": "x", "seed": 7, "presence_penalty": 0.1, "frequency_penalty": -0.1, "repetition_penalty": 1.1,
+        "min_tokens": 1, "ignore_eos": True, "logprobs": True, "top_logprobs": 2}),
+    "chat, no max_tokens (capped)": ("/v1/chat/completions", {"messages": CHAT}),
+    "chat, tools and a tool turn": ("/v1/chat/completions", {
+        "messages": [*CHAT, {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}]},
+            {"role": "tool", "content": "sunny", "tool_call_id": "c1"}],
+        "tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": "get_weather"}}, "parallel_tool_calls": False}),
+    "chat, json_schema": ("/v1/chat/completions", {"messages": CHAT, "response_format": SCHEMA}),
+    "chat, json_object, logprobs off": ("/v1/chat/completions", {"messages": CHAT, "response_format": {"type": "json_object"}, "logprobs": False}),
+    "completion, echo, logprobs, stop list": ("/v1/completions", {"prompt": "Once", "echo": True, "logprobs": 2, "stop": ["a", "b"], "max_tokens": 4}),
+    "completion, token ids": ("/v1/completions", {"prompt": [1, 2, 3]}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BODIES))
+@pytest.mark.parametrize("adapter", [None, "sql"])
+def test_an_engine_request_is_the_models_dump_byte_for_byte(name, adapter):
+    from raybatch.adapters import AdapterRouting
+    from raybatch.pipeline.preprocess import prepare_requests, to_engine_request
+    from raybatch.pipeline.validate import validate_line
+
+    url, body = BODIES[name]
+    raw = json.dumps({"custom_id": "r1", "url": url, "body": {**body, **({"model": adapter} if adapter else {})}}).encode()
+    routing = AdapterRouting(adapters={"sql": "/adapters/sql"}) if adapter else None
+    table = pa.table({"shard": ["in.jsonl"], "line": [1], "raw": [raw]})
+    [row] = prepare_requests(table, max_line_bytes=1 << 20, max_n=4, job_defaults={"temperature": 0.5},
+                             duplicates=frozenset(), lora=routing.model_dump() if routing else None).to_pylist()
+    assert row["error_code"] is None, row
+    # The model path: validated, built and dumped as pydantic models.
+    validated = validate_line(raw, max_line_bytes=1 << 20, max_n=4, job_defaults={"temperature": 0.5})
+    model = to_engine_request(validated, DEFAULT_MAX_OUTPUT_TOKENS)
+    if adapter:
+        model = model.model_copy(update={"adapter": "sql", "adapter_path": "/adapters/sql"})
+    assert row["request"] == model.model_dump_json(exclude_none=True)
+
+
+def test_an_embedding_request_is_the_models_dump_byte_for_byte():
+    from raybatch.pipeline.preprocess import prepare_requests, to_engine_request
+    from raybatch.pipeline.validate import validate_line
+
+    raw = json.dumps({"custom_id": "e", "url": "/v1/embeddings", "body": {"input": ["a", "b"], "dimensions": 8,
+                                                                          "encoding_format": "base64"}}).encode()
+    table = pa.table({"shard": ["in.jsonl"], "line": [1], "raw": [raw]})
+    [row] = prepare_requests(table, max_line_bytes=1 << 20, max_n=4, job_defaults={}, duplicates=frozenset(),
+                             task="embed").to_pylist()
+    validated = validate_line(raw, max_line_bytes=1 << 20, max_n=4, job_defaults={}, task="embed")
+    assert row["request"] == to_engine_request(validated).model_dump_json(exclude_none=True)
