@@ -199,13 +199,23 @@ def scan_input(shards: list[Shard], config: RunConfig) -> InputScan:
 
 
 def _confirm(shards: list[Shard], config: RunConfig) -> Callable[[set], set]:
-    """DuplicateScan's `confirm`: reads again, here, the shards of the claims it names
-    (only where a custom_id repeats after a line the scan did not parse) and parses those."""
+    """DuplicateScan's `confirm`: reads again, here, each shard that holds a claim it
+    names, up to its last such line (only ids that repeat are named), and parses those."""
 
     def confirm(wanted: set[tuple[str, int]]) -> set[tuple[str, int]]:
-        names = {name for name, _ in wanted}
-        lines = _lines_here([s for s in shards if s.name in names], config)
-        return claims_among(lines, wanted, max_line_bytes=config.max_line_bytes,
+        last: dict[str, int] = {}
+        for name, line in wanted:
+            last[name] = max(line, last.get(name, 0))
+
+        def lines() -> Iterator[pa.Table]:
+            for shard in shards:
+                if shard.name in last:
+                    for batch in _lines_here([shard], config):
+                        yield batch
+                        if batch["line"][-1].as_py() >= last[shard.name]:
+                            break
+
+        return claims_among(lines(), wanted, max_line_bytes=config.max_line_bytes,
                             max_custom_id_bytes=config.max_custom_id_bytes)
 
     return confirm

@@ -221,3 +221,19 @@ def test_an_input_without_repeated_ids_parses_no_line_in_the_scan(monkeypatch):
     scan.add(validate.scan_custom_ids(pa.table({"shard": ["in.jsonl"] * 100, "line": list(range(1, 101)), "raw": lines}),
                                       max_line_bytes=1 << 20))
     assert scan.duplicates(lambda wanted: pytest.fail("nothing to ask")) == set() and parsed == []
+
+
+def test_scan_input_parses_again_only_what_decides_a_duplicate(tmp_path):
+    """The runner's scan: a broken line that starts with an id claims nothing, so the
+    valid line after it is the first "x"; the later shard's "x" is the duplicate."""
+    from raybatch.config import RunConfig
+    from raybatch.runner import scan_input
+
+    data = tmp_path / "in"
+    data.mkdir()
+    valid = json.dumps({"custom_id": "x", "body": {"messages": []}})
+    (data / "a.jsonl").write_text('{"custom_id": "x", "body": \n' + valid + "\n" + valid.replace('"x"', '"y"') + "\n")
+    (data / "b.jsonl").write_text(valid + "\n")
+    config = RunConfig(input=str(data), output=str(tmp_path / "out"), model="m")
+    scan = scan_input(list_shards(str(data)), config)
+    assert (scan.lines, scan.duplicates) == (4, {("b.jsonl", 1)})
