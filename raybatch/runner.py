@@ -47,7 +47,7 @@ from raybatch.pipeline.in_driver import stream_in_driver
 from raybatch.pipeline.postprocess import finish_rows
 from raybatch.pipeline.preprocess import prepare_requests
 from raybatch.pipeline.read import read_shards
-from raybatch.pipeline.validate import DuplicateScan, scan_custom_ids, validate_body
+from raybatch.pipeline.validate import DuplicateScan, claims_among, scan_custom_ids, validate_body
 from raybatch.pipeline.write import OutputWriter, WriterFeed
 from raybatch.precision import EnginePlan, cluster_nodes, plan_engines
 from raybatch.protocol import CHAT_URL, COMPLETIONS_URL
@@ -184,7 +184,9 @@ def scan_input(shards: list[Shard], config: RunConfig) -> InputScan:
     try:
         for batch in batches:
             found.add(batch)
-        return InputScan(lines=found.lines, blank_lines=found.blank_lines, duplicates=found.duplicates())
+        return InputScan(
+            lines=found.lines, blank_lines=found.blank_lines, duplicates=found.duplicates(_confirm(shards, config))
+        )
     except Exception as error:
         too_large = _cause_of_type(error, InputTooLarge)
         if too_large is None:
@@ -194,6 +196,29 @@ def scan_input(shards: list[Shard], config: RunConfig) -> InputScan:
         raise InputTooLarge(too_large) from None
     finally:
         found.close()  # its spill folder, if it made one, whatever happened
+
+
+def _confirm(shards: list[Shard], config: RunConfig) -> Callable[[set], set]:
+    """DuplicateScan's `confirm`: reads again, here, each shard that holds a claim it
+    names, up to its last such line (only ids that repeat are named), and parses those."""
+
+    def confirm(wanted: set[tuple[str, int]]) -> set[tuple[str, int]]:
+        last: dict[str, int] = {}
+        for name, line in wanted:
+            last[name] = max(line, last.get(name, 0))
+
+        def lines() -> Iterator[pa.Table]:
+            for shard in shards:
+                if shard.name in last:
+                    for batch in _lines_here([shard], config):
+                        yield batch
+                        if batch["line"][-1].as_py() >= last[shard.name]:
+                            break
+
+        return claims_among(lines(), wanted, max_line_bytes=config.max_line_bytes,
+                            max_custom_id_bytes=config.max_custom_id_bytes)
+
+    return confirm
 
 
 def _cause_of_type(error: BaseException, kind: type) -> Optional[str]:

@@ -48,7 +48,7 @@ def dry_run(store: Store, config: ServiceConfig, account: str, request: CreateJo
     from raybatch.engines.pool_handle import pool_name
     from raybatch.pipeline.preprocess import prepare_requests
     from raybatch.pipeline.validate import DuplicateScan, scan_custom_ids
-    from raybatch.runner import _check_job_defaults, _lines_here, _prepare_args
+    from raybatch.runner import _check_job_defaults, _confirm, _lines_here, _prepare_args
 
     configs = RunConfigBuilder(config, store, pool_name(config.storage))
     fields, _ = job_fields(store, config, configs, account, request)
@@ -77,7 +77,8 @@ def dry_run(store: Store, config: ServiceConfig, account: str, request: CreateJo
             scan_state.add(scan_custom_ids(lines, **scan_args))
         from raybatch.runner import InputScan
 
-        scan = InputScan(lines=scan_state.lines, blank_lines=scan_state.blank_lines, duplicates=scan_state.duplicates())
+        scan = InputScan(lines=scan_state.lines, blank_lines=scan_state.blank_lines,
+                         duplicates=scan_state.duplicates(_confirm(shards, run_config)))
     count, method = _token_counter(run_config.model)
     bad: collections.Counter = collections.Counter()
     valid = tokens = 0

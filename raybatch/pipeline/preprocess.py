@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import pyarrow as pa
+from pydantic_core import to_json
 
 from raybatch.adapters import AdapterRouting, route_row
 from raybatch.exceptions import RowError
@@ -66,45 +67,60 @@ def _tool_fields(body: ChatCompletionBody) -> dict[str, Any]:
     }
 
 
+def engine_request_fields(
+    request: ValidatedRequest,
+    max_output_tokens: Optional[int] = None,
+    messages: Optional[list[dict[str, Any]]] = None,
+) -> dict[str, Any]:
+    """The EngineRequest's fields, in its order, those that are None left out: what
+    `EngineRequest(**fields).model_dump(exclude_none=True)` holds, without building the
+    model for every row (its fields come from a body validated already).
+    `max_output_tokens`: the job's bound, the most a row that sets no max_tokens gets.
+    `messages`: a row's messages with its images resolved (`images.resolve_all`)."""
+    body = request.body
+    if isinstance(body, EmbeddingBody):
+        return to_embedding_request(request.custom_id, body).model_dump(exclude_none=True)
+    chat = isinstance(body, ChatCompletionBody)
+    if messages is None and chat:
+        messages = [m.template_fields() for m in body.messages]
+    output_limit = body.output_limit
+    fields = {
+        "custom_id": request.custom_id,
+        "kind": "chat" if chat else "completion",
+        "messages": messages if chat else None,
+        "images": count_images(body) or None,
+        "prompt": None if chat else body.prompt,
+        "sampling": _sampling(body),
+        "max_tokens": output_limit,
+        "max_tokens_cap": None if output_limit else max_output_tokens,
+        "structured_output": _structured_output(body),
+        "echo": not chat and bool(body.echo),
+        **(_tool_fields(body) if chat else {}),
+    }
+    return {name: value for name, value in fields.items() if value is not None}
+
+
 def to_engine_request(
     request: ValidatedRequest,
     max_output_tokens: Optional[int] = None,
     messages: Optional[list[dict[str, Any]]] = None,
 ) -> EngineRequest:
-    """`max_output_tokens`: the job's bound, the most a row that sets no max_tokens gets.
-    `messages`: a row's messages with its images resolved (`images.resolve_all`)."""
-    body = request.body
-    if isinstance(body, EmbeddingBody):
-        return to_embedding_request(request.custom_id, body)
-    chat = isinstance(body, ChatCompletionBody)
-    if messages is None and chat:
-        messages = [m.template_fields() for m in body.messages]
-    return EngineRequest(
-        custom_id=request.custom_id,
-        kind="chat" if chat else "completion",
-        messages=messages if chat else None,
-        images=count_images(body) or None,
-        prompt=None if chat else body.prompt,
-        sampling=_sampling(body),
-        max_tokens=body.output_limit,
-        max_tokens_cap=None if body.output_limit else max_output_tokens,
-        structured_output=_structured_output(body),
-        echo=bool(getattr(body, "echo", False)),
-        **(_tool_fields(body) if chat else {}),
-    )
+    """`engine_request_fields` as the model."""
+    return EngineRequest(**engine_request_fields(request, max_output_tokens, messages))
 
 
-def with_adapter(request: EngineRequest, routing: AdapterRouting, model: Optional[str]) -> EngineRequest:
-    """`request` routed to the adapter its row's `body.model` names (or the job's own).
-    Raises RowError(model_not_found) for a name the job does not serve."""
+def with_adapter(fields: dict[str, Any], routing: AdapterRouting, model: Optional[str]) -> dict[str, Any]:
+    """An engine request's `fields` routed to the adapter its row's `body.model` names
+    (or the job's own). Raises RowError(model_not_found) for a name the job does not serve."""
     try:
         adapter = route_row(routing, model)
     except RowError as error:
-        error.custom_id = request.custom_id
+        error.custom_id = fields["custom_id"]
         raise
     if adapter is None:
-        return request
-    return request.model_copy(update={"adapter": adapter, "adapter_path": routing.adapters[adapter]})
+        return fields
+    routed = {**fields, "adapter": adapter, "adapter_path": routing.adapters[adapter]}
+    return {name: routed[name] for name in EngineRequest.model_fields if name in routed}  # the model's order
 
 
 def prepare_requests(
@@ -159,10 +175,12 @@ def prepare_requests(
             code, message = outcome.code, outcome.message
         else:
             try:
-                engine_request = to_engine_request(outcome, cap, messages)
+                fields = engine_request_fields(outcome, cap, messages)
                 if routing is not None:
-                    engine_request = with_adapter(engine_request, routing, outcome.body.model)
-                request_json = engine_request.model_dump_json(exclude_none=True)
+                    fields = with_adapter(fields, routing, outcome.body.model)
+                # As EngineRequest(**fields).model_dump_json(exclude_none=True) writes it
+                # (tests/unit/test_output_lines.py); the replica validates it as the model.
+                request_json = to_json(fields).decode()
             except RowError as error:
                 code, message = error.code, error.message
         for name, value in zip(

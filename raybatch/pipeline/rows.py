@@ -26,6 +26,10 @@ SCAN_SCHEMA = pa.schema(
         ("line", pa.int64()),
         ("custom_id_digest", pa.binary(CUSTOM_ID_DIGEST_BYTES)),
         ("blank", pa.bool_()),
+        # True: the id was read off the line's start without parsing the line
+        # (validate.leading_custom_id), so it is a claim only if the line is valid JSON;
+        # DuplicateScan checks that where it matters. Null counts as False.
+        ("unparsed", pa.bool_()),
     ]
 )
 

@@ -18,7 +18,7 @@ import os
 import re
 import tempfile
 from dataclasses import dataclass
-from typing import Any, Optional, Union
+from typing import Any, Callable, Iterable, Optional, Union
 
 import numpy as np
 import pyarrow as pa
@@ -266,6 +266,44 @@ def validate_line(
         raise
 
 
+# A line whose first key is "custom_id" with a plain string value (no escapes, no
+# control characters): the input scan reads the id off it without parsing the line.
+_LEADING_CUSTOM_ID = re.compile(rb'[ \t\r\n]*\{[ \t\r\n]*"custom_id"[ \t\r\n]*:[ \t\r\n]*"([^"\\\x00-\x1f]*)"')
+# An escape that could spell a letter of "custom_id" (\u005f, \u006X, \u007X): a second
+# key so written would override the first, as json.loads keeps a repeated key's last value.
+_KEY_LETTER_ESCAPE = re.compile(rb"\\u00[5-7]")
+
+
+def leading_custom_id(raw: bytes) -> Optional[bytes]:
+    """The custom_id of a line whose first key is "custom_id" with a plain string value
+    and that names no other key "custom_id", as UTF-8, read without parsing the line;
+    None when that cannot be told so (then the line must be parsed). It is the id
+    json.loads would find, if the line is valid JSON at all: only parsing tells that."""
+    found = _LEADING_CUSTOM_ID.match(raw)
+    if found is None or raw.count(b'"custom_id"') != 1 or _KEY_LETTER_ESCAPE.search(raw):
+        return None
+    return found.group(1)
+
+
+def _claim(raw: Optional[bytes], max_line_bytes: int, max_custom_id_bytes: int) -> tuple[Optional[bytes], bool]:
+    """(digest of the custom_id the line claims or None, whether it was read without
+    parsing the line). Parsing it costs as much as validating it does later; most lines
+    start with their custom_id, and are parsed only once, by validate."""
+    if raw is not None and not raw.startswith(UNREADABLE):
+        leading = leading_custom_id(raw)
+        if leading is not None:
+            if not leading or len(leading) > max_custom_id_bytes:
+                return None, False  # empty or too long: no claim, valid line or not
+            return hashlib.blake2b(leading, digest_size=CUSTOM_ID_DIGEST_BYTES).digest(), True
+    try:
+        custom_id = readable_custom_id(parse_json_line(raw, max_line_bytes))
+    except RowError:
+        custom_id = None
+    if custom_id is not None and custom_id_too_long(custom_id, max_custom_id_bytes) is None:
+        return custom_id_digest(custom_id), False
+    return None, False
+
+
 def scan_custom_ids(
     batch: pa.Table, *, max_line_bytes: int, max_custom_id_bytes: int = DEFAULT_MAX_CUSTOM_ID_BYTES
 ) -> pa.Table:
@@ -273,29 +311,48 @@ def scan_custom_ids(
     null for a line whose id is missing, unreadable or too long: it claims nothing, it
     is an error row), and which lines are blank. The scan runs before the main pass so
     that "the first occurrence wins" holds whatever order the parallel main pass reaches
-    the lines in."""
-    digests, blanks = [], []
+    the lines in. A line that starts with its custom_id is not parsed here (`unparsed`):
+    `DuplicateScan.duplicates` asks for the few such lines whose validity decides
+    another line's fate (`claims_among`)."""
+    digests, blanks, unparsed = [], [], []
     for raw in column(batch, "raw"):
         blank = is_blank(raw)
-        digest = None
-        if not blank:
-            try:
-                custom_id = readable_custom_id(parse_json_line(raw, max_line_bytes))
-            except RowError:
-                custom_id = None
-            if custom_id is not None and custom_id_too_long(custom_id, max_custom_id_bytes) is None:
-                digest = custom_id_digest(custom_id)
+        digest, leading = (None, False) if blank else _claim(raw, max_line_bytes, max_custom_id_bytes)
         digests.append(digest)
         blanks.append(blank)
+        unparsed.append(leading)
     return pa.Table.from_pydict(
         {
             "shard": column(batch, "shard"),
             "line": column(batch, "line"),
             "custom_id_digest": digests,
             "blank": blanks,
+            "unparsed": unparsed,
         },
         schema=SCAN_SCHEMA,
     )
+
+
+def claims_among(
+    batches: Iterable[pa.Table],
+    wanted: set[tuple[str, int]],
+    *,
+    max_line_bytes: int,
+    max_custom_id_bytes: int = DEFAULT_MAX_CUSTOM_ID_BYTES,
+) -> set[tuple[str, int]]:
+    """Of the `wanted` (shard, line)s, those whose line, parsed, claims a custom_id.
+    `batches`: read-stage batches holding at least those lines."""
+    found = set()
+    for batch in batches:
+        for shard, line, raw in zip(column(batch, "shard"), column(batch, "line"), column(batch, "raw")):
+            if (shard, line) in wanted and not is_blank(raw):
+                try:
+                    custom_id = readable_custom_id(parse_json_line(raw, max_line_bytes))
+                except RowError:
+                    continue
+                if custom_id is not None and custom_id_too_long(custom_id, max_custom_id_bytes) is None:
+                    found.add((shard, line))
+    return found
 
 
 class DuplicateScan:
@@ -313,6 +370,7 @@ class DuplicateScan:
     """
 
     _LINE_BITS = 40  # a position is shard index << 40 | line number
+    _UNPARSED = np.uint64(1 << 63)  # set in a position: its claim was read off an unparsed line
     _BUCKETS = 256  # one per value of a digest byte
     DEFAULT_MEMORY_ENTRIES = 1 << 18  # 6 MB of claims: small next to the driver itself
 
@@ -326,6 +384,9 @@ class DuplicateScan:
         self._spill: Optional[tempfile.TemporaryDirectory] = None  # made at the first spill
         self.lines = 0  # non-blank lines: the job's totalInputRequests
         self.blank_lines = 0
+        # Claims of digests whose first claim was read off an unparsed line that may not
+        # be JSON at all: settled by `confirm` at the end (only where a digest repeats).
+        self._doubtful: list[np.ndarray] = []
 
     def __enter__(self) -> "DuplicateScan":
         return self
@@ -335,7 +396,7 @@ class DuplicateScan:
 
     def close(self) -> None:
         """Drop what is held and remove the spill folder, if any."""
-        self._chunks, self._held = [], 0
+        self._chunks, self._held, self._doubtful = [], 0, []
         if self._spill is not None:
             self._spill.cleanup()
             self._spill = None
@@ -352,6 +413,9 @@ class DuplicateScan:
         shards = np.array([self._index[s] for s in claimed["shard"].to_pylist()], dtype=np.uint64)
         lines = claimed["line"].to_numpy().astype(np.uint64)
         positions = (shards << np.uint64(self._LINE_BITS)) | lines
+        if "unparsed" in claimed.column_names:
+            unparsed = claimed["unparsed"].fill_null(False).to_numpy(zero_copy_only=False)
+            positions[unparsed] |= self._UNPARSED
         self._chunks.append(np.column_stack((digests.reshape(-1, 2), positions)))
         self._held += claimed.num_rows
         if self._held >= self._memory_entries:
@@ -359,19 +423,55 @@ class DuplicateScan:
                 self._spill = tempfile.TemporaryDirectory(prefix="raybatch-scan-", dir=self._spill_dir)
             self._spill_held()
 
-    def duplicates(self) -> set[tuple[str, int]]:
-        """(shard name, line) of every claim that is not the first of its custom_id."""
+    def duplicates(
+        self, confirm: Optional[Callable[[set[tuple[str, int]]], set[tuple[str, int]]]] = None
+    ) -> set[tuple[str, int]]:
+        """(shard name, line) of every claim that is not the first of its custom_id.
+
+        `confirm`: given (shard, line)s of claims read off unparsed lines, those whose
+        line is valid JSON (`claims_among`). Asked only about digests claimed more than
+        once: nothing in an input without repeated ids, one line per repeat otherwise.
+        """
         try:
             if self._spill is None:  # it all fit in memory
-                return self._later_claims(np.concatenate(self._chunks)) if self._chunks else set()
-            self._spill_held()
-            folder = self._spill.name
-            found: set[tuple[str, int]] = set()
-            for name in sorted(os.listdir(folder)):
-                found |= self._bucket_claims(os.path.join(folder, name), 0)
+                found = self._later_claims(np.concatenate(self._chunks)) if self._chunks else set()
+            else:
+                self._spill_held()
+                folder = self._spill.name
+                found = set()
+                for name in sorted(os.listdir(folder)):
+                    found |= self._bucket_claims(os.path.join(folder, name), 0)
+            if self._doubtful:
+                found |= self._settle(np.concatenate(self._doubtful), confirm)
             return found
         finally:
             self.close()
+
+    def _name(self, position: int) -> tuple[str, int]:
+        position &= ~int(self._UNPARSED)
+        return self._names[position >> self._LINE_BITS], position & ((1 << self._LINE_BITS) - 1)
+
+    def _settle(self, entries: np.ndarray, confirm) -> set[tuple[str, int]]:
+        """The later claims among `entries`: whole groups of claims of one digest, sorted,
+        each with an unparsed claim. An unparsed claim counts only if `confirm` says its
+        line is valid JSON; the first claim that counts wins its group."""
+        same = np.zeros(len(entries), dtype=bool)
+        same[1:] = (entries[1:, :2] == entries[:-1, :2]).all(axis=1)
+        unparsed = (entries[:, 2] & self._UNPARSED) != 0
+        wanted = {self._name(p) for p in entries[unparsed, 2].tolist()}
+        if confirm is None:
+            raise ValueError("DuplicateScan.duplicates needs `confirm` for claims read off unparsed lines")
+        valid = confirm(wanted)
+        found, winner = set(), False
+        for position, is_later, is_unparsed in zip(entries[:, 2].tolist(), same.tolist(), unparsed.tolist()):
+            winner = winner and is_later
+            key = self._name(position)
+            if is_unparsed and key not in valid:
+                continue  # no claim: its line is no JSON
+            if winner:
+                found.add(key)
+            winner = True
+        return found
 
     def _spill_held(self) -> None:
         if self._chunks:
@@ -399,11 +499,19 @@ class DuplicateScan:
 
     def _later_claims(self, entries: np.ndarray) -> set[tuple[str, int]]:
         # Sorted by digest, then position: each digest's first line leads its run.
-        entries = entries[np.lexsort((entries[:, 2], entries[:, 1], entries[:, 0]))]
+        positions = entries[:, 2] & ~self._UNPARSED
+        order = np.lexsort((positions, entries[:, 1], entries[:, 0]))
+        entries, positions = entries[order], positions[order]
         later = np.zeros(len(entries), dtype=bool)
         later[1:] = (entries[1:, :2] == entries[:-1, :2]).all(axis=1)
+        # A run of several claims, one of them unparsed, waits for `_settle`.
+        group = np.cumsum(~later) - 1
+        repeated = np.isin(group, group[later])
+        doubtful = np.isin(group, group[repeated & ((entries[:, 2] & self._UNPARSED) != 0)])
+        if doubtful.any():
+            self._doubtful.append(entries[doubtful])
         mask = (1 << self._LINE_BITS) - 1
-        return {(self._names[p >> self._LINE_BITS], p & mask) for p in entries[later, 2].tolist()}
+        return {(self._names[p >> self._LINE_BITS], p & mask) for p in positions[later & ~doubtful].tolist()}
 
 
 def _append_by_bucket(entries: np.ndarray, folder: str, level: int) -> None:

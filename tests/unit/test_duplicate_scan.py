@@ -125,3 +125,115 @@ def test_scan_input_removes_the_spill_when_the_input_is_too_large(tmp_path, monk
     with pytest.raises(InputTooLarge):
         scan_input(shards, limited)
     assert list(spill.iterdir()) == []
+
+
+# ------------------------------------------------- claims read off unparsed lines
+
+
+def _hostile_line(rng: random.Random, pool: list[str]) -> bytes:
+    """A line of one of many shapes, valid or not, claiming an id of `pool` or not."""
+    a, b = rng.choice(pool), rng.choice(pool)
+    body = '{"messages": [{"role": "user", "content": "hi"}]}'
+    shapes = [
+        f'{{"custom_id": "{a}", "body": {body}}}',  # the usual: read unparsed
+        f'  {{ "custom_id" :"{a}","body":{body}}}',  # spacing
+        f'{{"body": {body}, "custom_id": "{a}"}}',  # not first: parsed
+        f'{{"custom_id": "{a}", "body": {body}',  # unclosed: no JSON, no claim
+        f'{{"custom_id": "{a}", "body": [1,]}}',  # no JSON
+        f'{{"custom_id": "{a}", "body": ' + "[" * 70 + "]" * 70 + "}",  # too deep
+        f'{{"custom_id": "{a}", "body": "\\ud800"}}',  # lone surrogate
+        f'{{"custom_id": "{a}", "custom_id": "{b}", "body": {body}}}',  # the last key wins
+        f'{{"custom_id": "{a}", "custom\\u005fid": "{b}"}}',  # so, escaped
+        f'{{"custom_id": "{a}", "body": {{"custom_id": "{b}"}}}}',  # nested: not the line's
+        f'{{"custom_id": "\\u00{ord(a[0]):02x}{a[1:]}", "body": {body}}}',  # escaped id: parsed
+        '{"custom_id": "", "body": {}}',
+        '{"custom_id": "' + "z" * 600 + '", "body": {}}',  # past the limit: no claim
+        f'{{"custom_id": 7, "body": {body}}}',
+        f'["custom_id", "{a}"]',
+        "",
+        "   ",
+        f'{{"custom_id": "{a}", "body": {body}}} trailing',
+    ]
+    line = rng.choice(shapes).encode()
+    return line if rng.random() > 0.03 else line.replace(b"hi", b"\xff")  # no UTF-8
+
+
+def _reference_claims(raws: dict[tuple[str, int], bytes], names: list[str]) -> set:
+    """Every line parsed, as the scan did before it read ids off unparsed lines."""
+    from raybatch.pipeline.validate import custom_id_too_long, is_blank, parse_json_line, readable_custom_id
+    from raybatch.exceptions import RowError
+
+    seen, later = set(), set()
+    for (shard, line) in sorted(raws, key=lambda key: (names.index(key[0]), key[1])):
+        raw = raws[(shard, line)]
+        if is_blank(raw):
+            continue
+        try:
+            custom_id = readable_custom_id(parse_json_line(raw, 1 << 20))
+        except RowError:
+            continue
+        if custom_id is None or custom_id_too_long(custom_id, 512):
+            continue
+        if custom_id in seen:
+            later.add((shard, line))
+        seen.add(custom_id)
+    return later
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_ids_read_off_unparsed_lines_find_exactly_what_parsing_every_line_finds(tmp_path, seed):
+    from raybatch.pipeline.validate import claims_among, scan_custom_ids
+
+    rng = random.Random(seed)
+    names = [f"part-{i}.jsonl" for i in range(3)]
+    pool = [f"r{i}" for i in range(rng.choice((3, 20, 200)))]
+    raws, tables = {}, []
+    for name in names:
+        lines = [_hostile_line(rng, pool) for _ in range(rng.randrange(1, 400))]
+        for start in range(0, len(lines), 50):
+            chunk = lines[start:start + 50]
+            numbers = list(range(start + 1, start + 1 + len(chunk)))
+            raws.update({(name, n): raw for n, raw in zip(numbers, chunk)})
+            tables.append(pa.table({"shard": [name] * len(chunk), "line": numbers, "raw": chunk}))
+    rng.shuffle(tables)
+    asked = []
+
+    def confirm(wanted):
+        asked.append(len(wanted))
+        return claims_among(tables, wanted, max_line_bytes=1 << 20)
+
+    expected = _reference_claims(raws, names)
+    for budget in (10**9, 7):
+        scan = DuplicateScan(names, memory_entries=budget, spill_dir=tmp_path)
+        for table in tables:
+            scan.add(scan_custom_ids(table, max_line_bytes=1 << 20))
+        assert scan.duplicates(confirm) == expected
+    assert expected and asked  # the corpus has duplicates, and some needed asking
+
+
+def test_an_input_without_repeated_ids_parses_no_line_in_the_scan(monkeypatch):
+    from raybatch.pipeline import validate
+
+    lines = [json.dumps({"custom_id": f"r{i}", "body": {"messages": []}}).encode() for i in range(100)]
+    parsed = []
+    monkeypatch.setattr(validate, "parse_json_line", lambda *a: parsed.append(1))
+    scan = DuplicateScan(["in.jsonl"])
+    scan.add(validate.scan_custom_ids(pa.table({"shard": ["in.jsonl"] * 100, "line": list(range(1, 101)), "raw": lines}),
+                                      max_line_bytes=1 << 20))
+    assert scan.duplicates(lambda wanted: pytest.fail("nothing to ask")) == set() and parsed == []
+
+
+def test_scan_input_parses_again_only_what_decides_a_duplicate(tmp_path):
+    """The runner's scan: a broken line that starts with an id claims nothing, so the
+    valid line after it is the first "x"; the later shard's "x" is the duplicate."""
+    from raybatch.config import RunConfig
+    from raybatch.runner import scan_input
+
+    data = tmp_path / "in"
+    data.mkdir()
+    valid = json.dumps({"custom_id": "x", "body": {"messages": []}})
+    (data / "a.jsonl").write_text('{"custom_id": "x", "body": \n' + valid + "\n" + valid.replace('"x"', '"y"') + "\n")
+    (data / "b.jsonl").write_text(valid + "\n")
+    config = RunConfig(input=str(data), output=str(tmp_path / "out"), model="m")
+    scan = scan_input(list_shards(str(data)), config)
+    assert (scan.lines, scan.duplicates) == (4, {("b.jsonl", 1)})

@@ -45,7 +45,7 @@ from raybatch.pipeline.preprocess import prepare_requests
 from raybatch.pipeline.rows import EngineRequest
 from raybatch.pipeline.read import UNREADABLE, LineSet, iter_lines, read_shards, shard_lines
 from raybatch.pipeline.rows import RAW_SCHEMA, column
-from raybatch.pipeline.validate import MAX_NESTING, DuplicateScan, scan_custom_ids, validate_body, validate_line
+from raybatch.pipeline.validate import MAX_NESTING, DuplicateScan, claims_among, scan_custom_ids, validate_body, validate_line
 from raybatch.output_layout import publish_files
 from raybatch.pipeline.write import OutputWriter
 from raybatch.protocol import CHAT_URL
@@ -86,7 +86,8 @@ def scan(raw: pa.Table, max_line_bytes: int) -> tuple[int, int, frozenset]:
     the lines come in shard-then-line order, so the first claim of a custom_id wins."""
     found = DuplicateScan(sorted(set(column(raw, "shard"))))
     found.add(scan_custom_ids(raw, max_line_bytes=max_line_bytes))
-    return found.lines, found.blank_lines, frozenset(found.duplicates())
+    duplicates = found.duplicates(lambda wanted: claims_among([raw], wanted, max_line_bytes=max_line_bytes))
+    return found.lines, found.blank_lines, frozenset(duplicates)
 
 
 def run_without_ray(input_url: str, output_url: str, max_line_bytes: int = MAX_LINE_BYTES, **engine_args) -> int:
@@ -222,9 +223,12 @@ def test_fifty_megabyte_line_is_one_error_row_in_bounded_memory(tmp_path, compre
 def test_nesting_past_the_limit_is_invalid_json(raw):
     assert error_of(raw) == ("invalid_json", None, f"line is nested deeper than {MAX_NESTING} levels")
     assert prepared([raw])[0]["error_code"] == "invalid_json"
-    assert scan_custom_ids(pa.Table.from_pydict({"shard": ["s"], "line": [1], "raw": [raw]}), max_line_bytes=MIB)[
-        "custom_id_digest"
-    ].to_pylist() == [None]  # the scan agrees: a refused line claims no custom_id
+    # The scan agrees: a refused line claims no custom_id, so a valid line after it with
+    # the same id is no duplicate (the scan reads the id off the line's start unparsed,
+    # and parses the line only because another claims the same id).
+    valid = b'{"custom_id": "x", "body": {"messages": [{"role": "user", "content": "hi"}]}}'
+    both = pa.Table.from_pydict({"shard": ["s", "s"], "line": [1, 2], "raw": [raw, valid]})
+    assert scan(both, MIB) == (2, 0, frozenset())
 
 
 def _schema(levels: int) -> dict:

@@ -14,7 +14,7 @@ import pytest
 from raybatch.exceptions import InputTooLarge
 from raybatch.pipeline.preprocess import prepare_requests
 from raybatch.pipeline.read import expanded_size, read_shards
-from raybatch.pipeline.validate import DuplicateScan, scan_custom_ids
+from raybatch.pipeline.validate import DuplicateScan, claims_among, scan_custom_ids
 from tests.helpers import peak_python_memory
 
 MIB = 1 << 20
@@ -59,15 +59,17 @@ def test_too_long_ids_claim_nothing_in_the_scan():
     assert digests[:2] == [None, None] and len(digests[2]) == 16 and digests[2] == digests[3]
     found = DuplicateScan(["in.jsonl"])
     found.add(scanned)
-    assert (found.lines, found.blank_lines, found.duplicates()) == (4, 0, {("in.jsonl", 4)})
+    duplicates = found.duplicates(lambda wanted: claims_among([raw], wanted, max_line_bytes=MIB))
+    assert (found.lines, found.blank_lines, duplicates) == (4, 0, {("in.jsonl", 4)})
 
 
 def test_the_first_claim_wins_in_shard_then_line_order_whatever_order_batches_arrive():
     found = DuplicateScan(["a.jsonl", "b.jsonl"])
-    found.add(scan_custom_ids(_raw(_line("q"), _line("r"), shard="b.jsonl"), max_line_bytes=MIB))
-    found.add(scan_custom_ids(_raw(b"", _line("r"), _line("q"), shard="a.jsonl"), max_line_bytes=MIB))
+    b, a = _raw(_line("q"), _line("r"), shard="b.jsonl"), _raw(b"", _line("r"), _line("q"), shard="a.jsonl")
+    found.add(scan_custom_ids(b, max_line_bytes=MIB))
+    found.add(scan_custom_ids(a, max_line_bytes=MIB))
     assert (found.lines, found.blank_lines) == (4, 1)
-    assert found.duplicates() == {("b.jsonl", 1), ("b.jsonl", 2)}
+    assert found.duplicates(lambda wanted: claims_among([a, b], wanted, max_line_bytes=MIB)) == {("b.jsonl", 1), ("b.jsonl", 2)}
 
 
 def _scan_long_ids(lines: int, id_bytes: int, keep_ids: bool) -> tuple[int, set]:
@@ -82,7 +84,14 @@ def _scan_long_ids(lines: int, id_bytes: int, keep_ids: bool) -> tuple[int, set]
         found.add(scan_custom_ids(raw, max_line_bytes=4 * MIB, max_custom_id_bytes=4 * MIB))
         if keep_ids:
             kept.setdefault(custom_id, number)
-    return found.lines, found.duplicates()
+
+    def confirm(wanted):  # the claims of the repeated id are parsed: the lines made again
+        numbers = sorted(line for _, line in wanted)
+        again = pa.table({"shard": ["in.jsonl"] * len(numbers), "line": numbers,
+                          "raw": [_line(f"{n % lines:08d}" + "x" * id_bytes) for n in numbers]})
+        return claims_among([again], wanted, max_line_bytes=4 * MIB, max_custom_id_bytes=4 * MIB)
+
+    return found.lines, found.duplicates(confirm)
 
 
 def test_scan_memory_does_not_grow_with_custom_id_length():
