@@ -58,6 +58,8 @@ WATCH_INTERVAL_SECONDS = 0.5
 # How long slots are kept for a started job's rows: a driver's start and Ray Data's
 # (seconds); a driver that never sends gives its share back after this.
 ARRIVAL_SECONDS = 30.0
+# Tickets and models kept parsed (two per job attempt); past this the cache starts over.
+MAX_PARSED = 4096
 
 
 class EnginePool:
@@ -67,15 +69,18 @@ class EnginePool:
         self._ended_runs: set[str] = set()  # attempts whose job ended: their rows are refused
         self._weights = dict(account_weights or {})
         self._tokens = itertools.count()
+        self._json: dict[str, JobTicket | PoolModel] = {}  # what `submit` was sent → parsed
         self._watcher: Optional[asyncio.Task] = None
         self.lifecycle = ReplicaLifecycle(self._models, on_ready=self._dispatch)
 
     # -------------------------------------------------------------- for jobs
 
-    async def submit(self, ticket: JobTicket, model: PoolModel, rows: list[tuple[str, int, str]]) -> list[Answer]:
+    async def submit(self, ticket: JobTicket | str, model: PoolModel | str, rows: list[tuple[str, int, str]]) -> list[Answer]:
         """Answer rows (shard, line, EngineRequest JSON) of one job, in order. Returns
         when every one is answered; raises EngineStartError when the model's engine
-        cannot start."""
+        cannot start. A job's engine stage sends the ticket and the model as JSON, which
+        is parsed once per job here: as objects, Ray would pickle them on every batch."""
+        ticket, model = self._parsed(JobTicket, ticket), self._parsed(PoolModel, model)
         if ticket.run_id in self._ended_runs:
             # Its job was cancelled, expired or re-queued while its driver still runs:
             # nothing more of this attempt reaches an engine.
@@ -103,6 +108,16 @@ class EnginePool:
         finally:
             if leading:
                 job.lead_answered.set()
+
+    def _parsed(self, kind, value):
+        if not isinstance(value, str):
+            return value
+        parsed = self._json.get(value)
+        if parsed is None:
+            if len(self._json) >= MAX_PARSED:
+                self._json.clear()
+            parsed = self._json[value] = kind.model_validate_json(value)
+        return parsed
 
     async def _behind_the_lead(self, job: JobRun, seconds: float) -> None:
         """Hold a batch until the job's first one is answered, at most `seconds` from

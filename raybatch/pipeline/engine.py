@@ -43,7 +43,9 @@ class PoolAccess(BaseModel):
 class EngineStage:
     def __init__(self, access: dict):
         access_ = PoolAccess.model_validate(access)
-        self._pool_name, self._ticket, self._model = access_.pool_name, access_.ticket, access_.model
+        self._pool_name = access_.pool_name
+        # As JSON: the pool parses each once per job; objects would be pickled per batch.
+        self._ticket, self._model = access_.ticket.model_dump_json(), access_.model.model_dump_json()
         self._pool = ray.get_actor(self._pool_name, namespace=NAMESPACE)
 
     async def _submit(self, rows: list[tuple[str, int, str]]) -> list:
