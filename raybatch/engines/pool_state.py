@@ -158,10 +158,11 @@ class JobRun:
     ticket: JobTicket
     model: str  # key into the pool's models
     failures: FailureLog
-    # Its first batch goes ahead; the others wait (at most the policy's
-    # lead_batch_seconds from `registered`) until it is answered.
+    # Its first batch goes ahead; when a replica was idle for it, the others wait (at
+    # most the policy's lead_batch_seconds from `registered`) until it is answered.
     registered: float = field(default_factory=time.monotonic)
     lead_sent: bool = False
+    lead_holds: bool = False
     lead_answered: asyncio.Event = field(default_factory=asyncio.Event)
 
 

@@ -1,6 +1,7 @@
-"""A job's first batch goes ahead (raybatch/engines/pool.py, `lead_batch_seconds`): its
-other batches wait until the first is answered, at most `lead_batch_seconds`, so that on
-an idle replica the first rows decode alone and come back fast. Fake replicas, no Ray."""
+"""A job's first batch goes ahead (raybatch/engines/pool.py, `lead_batch_seconds`): when
+a replica is idle for it, its other batches wait until the first is answered, at most
+`lead_batch_seconds`, so the first rows decode alone and come back fast; on a busy
+replica nothing is held. Fake replicas, no Ray."""
 
 from __future__ import annotations
 
@@ -96,3 +97,18 @@ def test_a_held_batch_of_an_ended_job_never_reaches_an_engine(monkeypatch, tmp_p
         return [custom_id for custom_id, _ in replica.calls]
 
     assert asyncio.run(scenario()) == ["a0"]
+
+
+def test_on_a_busy_replica_nothing_is_held(monkeypatch, tmp_path):
+    lead = model(lead_batch_seconds=30)
+    engines, (replica,) = fake_pool(monkeypatch, lead, replicas=1)
+
+    async def scenario():
+        asyncio.ensure_future(engines.submit(ticket(tmp_path, "globex", "g"), lead, rows("g", 1)))
+        await until(lambda: len(replica.open()) == 1)  # another job's row is in the engine
+        job = ticket(tmp_path, "acme", "a")
+        for prefix in ("a", "b"):
+            asyncio.ensure_future(engines.submit(job, lead, rows(prefix, 2)))
+        await until(lambda: len(replica.open()) == 5)  # its first batch would not be alone
+
+    asyncio.run(scenario())
