@@ -134,11 +134,7 @@ def drop_runs(state: ModelState, runs: set[str]) -> int:
     for replica in state.replicas:
         aborted = [token for token, entry in replica.in_flight.items() if entry.row.run_id in runs]
         for token in aborted:
-            entry = replica.in_flight.pop(token)
-            state.left(entry.row)
-            if entry.row.suspect:
-                replica.running_suspect = False
-            entry.row.answer.cancel()
+            state.take(replica, token).row.answer.cancel()
         if aborted:  # aborts the requests inside the engine
             asyncio.ensure_future(quietly(replica.actor.abort.remote(aborted)))
         dropped += len(aborted)

@@ -244,12 +244,9 @@ class EnginePool:
                 self._replica_failed(state, replica, f"engine replica died: {str(error).splitlines()[0]}")
                 return
             for token, answer in answers:
-                entry = replica.in_flight.pop(token, None)
+                entry = state.take(replica, token)
                 if entry is None:
                     continue  # its job ended meanwhile
-                state.left(entry.row)
-                if entry.row.suspect:
-                    replica.running_suspect = False
                 if not entry.row.answer.done():
                     entry.row.answer.set_result(answer)
             if not replica.in_flight:

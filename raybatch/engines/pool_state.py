@@ -145,6 +145,16 @@ class ModelState:
     def sent(self, row: "Row") -> None:
         self.account_in_flight[row.account] += 1
 
+    def take(self, replica: ReplicaState, token: int) -> Optional[InFlight]:
+        """A row leaves a replica (answered or aborted): its slot, its account's count and
+        the replica's suspect slot free. None when it had left already."""
+        entry = replica.in_flight.pop(token, None)
+        if entry is not None:
+            self.left(entry.row)
+            if entry.row.suspect:
+                replica.running_suspect = False
+        return entry
+
     def left(self, row: "Row") -> None:
         self.account_in_flight[row.account] -= 1
         if self.account_in_flight[row.account] <= 0:
