@@ -34,9 +34,9 @@ class FakeReplica:
         self._answered: list = []
         self._failure: Exception | None = None
         self._polls: list[asyncio.Future] = []
-        self.submit = _Method(self._submit)
-        self.collect = _Method(self._collect)
-        self.abort = _Method(self._abort)
+        self.submit = RemoteMethod(self._submit)
+        self.collect = RemoteMethod(self._collect)
+        self.abort = RemoteMethod(self._abort)
 
     def _submit(self, rows: list[tuple[int, str]]) -> asyncio.Future:
         for token, request_json in rows:
@@ -94,7 +94,9 @@ def _done() -> asyncio.Future:
     return future
 
 
-class _Method:
+class RemoteMethod:
+    """An actor method as the pool calls it: `method.remote(...)`."""
+
     def __init__(self, call) -> None:
         self.remote = call
 

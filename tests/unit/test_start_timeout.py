@@ -24,7 +24,7 @@ from raybatch.exceptions import EngineStartError
 from raybatch.jobs.run_config import RunConfigBuilder
 from raybatch.precision import EnginePlan
 from raybatch.store import Store
-from tests.pool_fakes import ticket
+from tests.pool_fakes import RemoteMethod, ticket
 
 TIMEOUT = 0.3  # seconds; the pool's watcher looks twice a second
 
@@ -40,10 +40,10 @@ class ThreadActor:
         self.loop = asyncio.get_running_loop()
         self.built = self.loop.create_future()
         self.killed = False
-        self.ready = _Method(lambda: asyncio.ensure_future(self._ready()))
+        self.ready = RemoteMethod(lambda: asyncio.ensure_future(self._ready()))
         # The actor's own batch calls, on a replica around the built engine.
         self.submit, self.collect, self.abort = (
-            _Method(lambda *args, name=name: asyncio.ensure_future(self._call(name, *args)))
+            RemoteMethod(lambda *args, name=name: asyncio.ensure_future(self._call(name, *args)))
             for name in ("submit", "collect", "abort")
         )
         threading.Thread(target=self._build, args=(spec,), daemon=True).start()
@@ -67,10 +67,6 @@ class ThreadActor:
         if not self.built.done():
             self.built.set_exception(ray.exceptions.ActorDiedError())
 
-
-class _Method:
-    def __init__(self, call) -> None:
-        self.remote = call
 
 
 @pytest.fixture
