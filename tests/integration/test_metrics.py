@@ -49,29 +49,33 @@ def test_counters_move_during_a_job(service, tmp_path):
     def moved(name, **match):
         return total(after, name, **match) - total(before, name, **match)
 
-    # Each process reports to its node's agent every few seconds: wait for the writer's
-    # last part and the scheduler's last pass to be exported.
+    def missing() -> list[str]:
+        """Every expected movement not yet seen in the last scrape."""
+        expected = {
+            "rows processed == 5": moved("ray_raybatch_rows_processed_total", **job) == 5,
+            "invalid_json row": moved("ray_raybatch_rows_failed_total", code="invalid_json", **job) == 1,
+            "input tokens": moved("ray_raybatch_input_tokens_total", account=ACCOUNT) > 0,
+            "output tokens": moved("ray_raybatch_output_tokens_total", account=ACCOUNT) > 0,
+            "committed bytes": moved("ray_raybatch_committed_bytes_total", account=ACCOUNT) > 0,
+            "commit latency": moved("ray_raybatch_commit_latency_seconds_count") >= 1,
+            "time to first row": moved("ray_raybatch_time_to_first_row_seconds_count") >= 1,
+            "COMPLETED transition": moved("ray_raybatch_job_state_changes_total", state="JOB_STATE_COMPLETED") >= 1,
+            "job create 200": moved("ray_raybatch_api_requests_total",
+                                    route="/v1/accounts/{account}/batchInferenceJobs", status="200") >= 1,
+            # The warm tiny replica, and this job's in-flight series (now back at 0).
+            "ready tiny replica": total(after, "ray_raybatch_engine_replicas", model="tiny", state="ready") >= 1,
+            "job's in-flight series": any(n == "ray_raybatch_rows_in_flight" and l.get("job_id") == JOB_ID
+                                          for n, l, _ in after),
+            "tiny queue depth": any(n == "ray_raybatch_queue_depth" and l.get("model") == "tiny" for n, l, _ in after),
+            "jobs gauge": any(n == "ray_raybatch_jobs" for n, _, _ in after),
+        }
+        return [name for name, seen in expected.items() if not seen]
+
+    # Each process (API replica, scheduler, writer) reports to its node's agent every few
+    # seconds, each on its own clock: wait until every one of them has been exported.
     deadline = time.monotonic() + 60
     after = scrape(service)
-    while time.monotonic() < deadline and not (
-        moved("ray_raybatch_rows_processed_total", **job) == 5
-        and moved("ray_raybatch_job_state_changes_total", state="JOB_STATE_COMPLETED")
-        and moved("ray_raybatch_time_to_first_row_seconds_count")
-    ):
+    while missing() and time.monotonic() < deadline:
         time.sleep(2)
         after = scrape(service)
-
-    assert moved("ray_raybatch_rows_processed_total", **job) == 5
-    assert moved("ray_raybatch_rows_failed_total", code="invalid_json", **job) == 1
-    assert moved("ray_raybatch_input_tokens_total", account=ACCOUNT) > 0
-    assert moved("ray_raybatch_output_tokens_total", account=ACCOUNT) > 0
-    assert moved("ray_raybatch_committed_bytes_total", account=ACCOUNT) > 0
-    assert moved("ray_raybatch_commit_latency_seconds_count") >= 1
-    assert moved("ray_raybatch_time_to_first_row_seconds_count") >= 1, sorted({n for n, _, _ in after})
-    assert moved("ray_raybatch_job_state_changes_total", state="JOB_STATE_COMPLETED") >= 1
-    assert moved("ray_raybatch_api_requests_total", route="/v1/accounts/{account}/batchInferenceJobs", status="200") >= 1
-    # The warm tiny replica, and this job's in-flight series (now back at 0).
-    assert total(after, "ray_raybatch_engine_replicas", model="tiny", state="ready") >= 1
-    assert any(n == "ray_raybatch_rows_in_flight" and l.get("job_id") == JOB_ID for n, l, _ in after)
-    assert any(n == "ray_raybatch_queue_depth" and l.get("model") == "tiny" for n, l, _ in after)
-    assert any(n == "ray_raybatch_jobs" for n, _, _ in after)
+    assert not missing(), (missing(), sorted({n for n, _, _ in after}))
