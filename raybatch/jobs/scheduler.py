@@ -48,7 +48,7 @@ from raybatch.jobs.creation import claim_output_dataset, job_fields, refuse_seco
 from raybatch.jobs.handoff import DriverAssignment, OutcomeState, delete_assignment, read_outcome, write_run_config
 from raybatch.jobs.model_access import model_refusal
 from raybatch.jobs.run_config import RunConfigBuilder, check_adapter_source, check_model_source
-from raybatch.jobs.spares import SpareDrivers
+from raybatch.jobs.spares import SpareDrivers, first_rows_pending
 from raybatch.jobs.states import transition
 from raybatch.jobs.publishing import Publisher
 from raybatch.output_layout import load_commits, progress_of, read_progress
@@ -195,8 +195,8 @@ class JobScheduler:
         if not self._warmed_catalog:
             self._warm_catalog()
         # A new spare's process start (seconds of CPU) waits for a pass that started no
-        # job, so that it does not slow down the start of the job that took the last one.
-        if not self._admit(records):
+        # job, and until every started job has its first rows: see spares.py.
+        if not self._admit(records) and not first_rows_pending(records, now()):
             self._spares.keep()
 
     def _admit(self, records: list[JobRecord]) -> int:

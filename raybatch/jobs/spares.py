@@ -7,19 +7,44 @@ seconds on a small machine; a job given a spare has them behind it. A spare
 that names the spare, and the spare runs the job only once the record names it: a
 scheduler that stops between the two leaves an idle spare, never a job run by a driver
 its record does not name. From then on a spare is the job's driver like any other.
+
+A spare's start is itself seconds of CPU: a Python process importing all of that, and
+Ray's job supervisor beside it. On a small machine that CPU comes out of the engines,
+and the spare that replaces a taken one would start just as the job that took it has
+its first rows decoding. So the scheduler starts spares only while no job is waiting
+for its first rows (`first_rows_pending`).
 """
 
 from __future__ import annotations
 
 import logging
 import uuid
-from typing import Optional
+from datetime import datetime, timedelta
+from typing import Iterable, Optional
 
 from raybatch.jobs.driver_control import DriverControl
 from raybatch.jobs.handoff import SPARE_DRIVER_PREFIX, DriverAssignment, read_assignment, write_assignment
+from raybatch.resources import JobRecord, JobState
 from raybatch.storage import Location
 
 logger = logging.getLogger(__name__)
+
+# How long after its start a job without a committed row holds spares back. Past it the
+# job is on a cold engine or stuck, and the next job's spare matters more.
+FIRST_ROWS_SECONDS = 30.0
+
+
+def first_rows_pending(records: Iterable[JobRecord], at: datetime) -> bool:
+    """Whether a job started less than FIRST_ROWS_SECONDS before `at` has committed no
+    row yet (a resumed attempt counts from its job's first start, so it never holds)."""
+    recent = timedelta(seconds=FIRST_ROWS_SECONDS)
+    return any(
+        r.job.state == JobState.RUNNING
+        and not r.job.job_progress.total_processed_requests
+        and r.runtime.running_since is not None
+        and at - r.runtime.running_since < recent
+        for r in records
+    )
 
 
 class SpareDrivers:

@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import threading
 import time
+from datetime import timedelta
+
+import pytest
 
 from raybatch.jobs import driver
 from raybatch.jobs.driver_control import DriverStatus
 from raybatch.jobs.handoff import SPARE_DRIVER_PREFIX, DriverAssignment, assignment_path, read_assignment
-from raybatch.jobs.spares import SpareDrivers
-from raybatch.resources import BatchInferenceJob, JobRecord, JobRuntime, JobState
+from raybatch.jobs.spares import FIRST_ROWS_SECONDS, SpareDrivers, first_rows_pending
+from raybatch.protocol import JobProgress
+from raybatch.resources import BatchInferenceJob, JobRecord, JobRuntime, JobState, now
 from raybatch.store import Store
 
 
@@ -55,6 +59,26 @@ def test_spares_are_kept_started_and_replaced_when_gone(tmp_path):
     ray_jobs.statuses[first[0]] = DriverStatus.SUCCEEDED  # it waited its idle time out
     spares.keep()
     assert len([s for s in ray_jobs.statuses.values() if s.alive]) == 2
+
+
+def running(started_ago: float, processed: int = 0, state: JobState = JobState.RUNNING) -> JobRecord:
+    return JobRecord(
+        job=BatchInferenceJob(name="accounts/acme/batchInferenceJobs/j1", state=state,
+                              job_progress=JobProgress(total_processed_requests=processed)),
+        runtime=JobRuntime(account="acme", running_since=now() - timedelta(seconds=started_ago)),
+    )
+
+
+@pytest.mark.parametrize("records, pending", [
+    ([], False),
+    ([running(2)], True),  # just started, nothing committed: its first rows come first
+    ([running(2, processed=16)], False),  # its first rows are in
+    ([running(FIRST_ROWS_SECONDS + 1)], False),  # a cold engine or a stuck job holds nothing
+    ([running(2, state=JobState.PENDING)], False),
+    ([running(2, processed=16), running(3)], True),
+])
+def test_spares_wait_while_a_new_job_has_no_rows_yet(records, pending):
+    assert first_rows_pending(records, now()) is pending
 
 
 def test_take_writes_the_assignment_and_hands_each_spare_out_once(tmp_path):
