@@ -412,7 +412,8 @@ class ServiceConfig(BaseModel):
                                              "one), so a spare outlives a stopped scheduler "
                                              "by this much at most.")
     progress_interval_seconds: float = Field(2.0, gt=0, description="How often the scheduler "
-                                             "publishes jobProgress and checks drivers.")
+                                             "publishes jobProgress and checks drivers (every 0.5 s at "
+                                             "most while a new job waits for its first rows).")
     signed_url_seconds: int = Field(3600, ge=1, description="Lifetime of upload/download URLs. "
                                     "Upload URLs also end when their dataset is READY, when "
                                     "a new :getUploadEndpoint replaces their registration, "

@@ -73,6 +73,10 @@ from raybatch.store import Store
 logger = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 3  # drivers that die without an answer before the job FAILS
+# While a job started in the last seconds has no committed row (spares.first_rows_pending),
+# the scheduler copies progress this often instead of every `progress_interval_seconds`:
+# one small read per such job, for at most those seconds, and a first row shows at once.
+FIRST_ROWS_POLL_SECONDS = 0.5
 S = JobState
 ACTIVE = (S.RUNNING, S.CANCELLING)  # states in which a driver may be running
 # Entering these, a job's rows in the engine pool are dropped: its driver is stopping,
@@ -94,6 +98,7 @@ class JobScheduler:
         self._configs = RunConfigBuilder(config, self._store, self._pool_name)
         self._quotas = AccountQuotas(self._store, config)
         self._warmed_catalog = False
+        self._awaiting_first_rows = False
         self._spares = SpareDrivers(
             self._drivers, self._store.location, self._store.root_url,
             config.spare_drivers, config.spare_driver_idle_seconds,
@@ -176,7 +181,10 @@ class JobScheduler:
                 self.tick()
             except Exception:  # the loop must outlive any one bad pass
                 logger.exception("scheduler pass failed")
-            deadline = time.monotonic() + self._config.progress_interval_seconds
+            interval = self._config.progress_interval_seconds
+            if self._awaiting_first_rows:  # their first progress is the one a user waits for
+                interval = min(interval, FIRST_ROWS_POLL_SECONDS)
+            deadline = time.monotonic() + interval
             while time.monotonic() < deadline and not self._woken:
                 time.sleep(0.1)
 
@@ -196,7 +204,9 @@ class JobScheduler:
             self._warm_catalog()
         # A new spare's process start (seconds of CPU) waits for a pass that started no
         # job, and until every started job has its first rows: see spares.py.
-        if not self._admit(records) and not first_rows_pending(records, now()):
+        started = self._admit(records)
+        self._awaiting_first_rows = bool(started) or first_rows_pending(records, now())
+        if not self._awaiting_first_rows:
             self._spares.keep()
 
     def _admit(self, records: list[JobRecord]) -> int:
