@@ -6,11 +6,15 @@ over the same prompts with the same engine arguments, all in one run:
   2. two accounts create same-size jobs at the same moment: how far the other job is
      when the first completes (target: >= 60 %);
   3. one long job: steady-state output tokens/s against one `LLM.chat` call (target:
-     >= 0.95x).
+     >= 0.95x);
+  4. (`--parts affinity`, not in the default run) prefix affinity: one job whose rows
+     share a few long few-shot prefixes, on two replicas, with `prefix_affinity` off and
+     on (a service each): cached input tokens and wall time.
 
     .venv/bin/python benchmarks/engine_pool.py            # ~13M-parameter model, 400 rows
     .venv/bin/python benchmarks/engine_pool.py --smoke    # tiny model, a few rows: does it work
     .venv/bin/python benchmarks/engine_pool.py --parts fair --service '{"spare_drivers": 2}'
+    .venv/bin/python benchmarks/engine_pool.py --parts affinity
 
 Prints a table and writes the figures as JSON (--out). It starts its own service
 (`raybatch up`): no other Ray may run on the machine. Figures go in docs/performance.md.
@@ -107,36 +111,53 @@ def steady_tokens_per_second(client, dataset: str, max_tokens: int) -> dict:
     return {"output_tokens_per_s": (k1 - k0) / max(t1 - t0, 1e-9), "rows": total}
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--smoke", action="store_true", help="tiny model, few rows: checks that it works")
-    parser.add_argument("--rows", type=int, help="rows per job (default 400; smoke 12)")
-    parser.add_argument("--max-tokens", type=int, help="output tokens per row (default 64; smoke 8)")
-    parser.add_argument("--out", default=str(ROOT / "out" / "bench-engine-pool.json"))
-    parser.add_argument("--parts", default="warm,fair,steady",
-                        help="which to run, of warm (jobs 1 and 2), fair (two accounts), steady (one long job)")
-    parser.add_argument("--service", default="{}", help="service settings (JSON) over the benchmark's")
-    args = parser.parse_args()
-    parts = set(args.parts.split(","))
-    rows = args.rows or (12 if args.smoke else 400)
-    max_tokens = args.max_tokens or (8 if args.smoke else 64)
-    shape = "tiny" if args.smoke else "small"
-    model = build_model(shape)
-    work = Path(tempfile.mkdtemp(prefix="raybatch-bench-"))
-    requests = write_requests(work / "requests.jsonl", rows, max_tokens)
-    long_requests = write_requests(work / "long.jsonl", 2 * rows, max_tokens)
-    arguments = engine_args(shape)
+def write_prefixed(path: Path, rows: int, prefixes: int, max_tokens: int) -> Path:
+    """Rows behind `prefixes` different few-shot system prompts (about 800 tokens each),
+    taken in turn: row i has prefix i mod `prefixes`, so an even spread puts every prefix
+    on every replica."""
+    shots = ["".join(f"Example {p}.{i}: what is {i} times {p + 2}? It is {i * (p + 2)}.\n" for i in range(24))
+             for p in range(prefixes)]
+    with open(path, "w") as out:
+        for i in range(rows):
+            body = {"messages": [{"role": "system", "content": shots[i % prefixes]},
+                                 {"role": "user", "content": f"What is {i} times {i % prefixes + 2}?"}],
+                    "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
+            out.write(json.dumps({"custom_id": f"row-{i}", "body": body}) + "\n")
+    return path
 
-    settings = json.loads(args.service)
-    print(f"model: {shape} ({model}); {rows} rows x {max_tokens} output tokens; engine {arguments}; "
-          f"service settings {settings or 'default'}", flush=True)
-    figures: dict = {"machine": f"{os.cpu_count()} cores", "model": shape, "rows": rows, "max_tokens": max_tokens,
-                     "engine_args": arguments, "service": settings}
-    if "steady" in parts:
-        figures["llm_chat"] = llm_chat_baseline(model, requests, arguments)
-        print(f"one LLM.chat call: {figures['llm_chat']}", flush=True)
 
-    catalog = {"bench": {"source": model, "engine": {"max_model_len": 1024, "engine_args": engine_extra(shape)}}}
+def prefix_affinity(work: Path, model: str, shape: str, rows: int, max_tokens: int) -> dict:
+    """The same job on two warm replicas, `prefix_affinity` off then on (a service each)."""
+    requests = write_prefixed(work / "prefixed.jsonl", rows, prefixes=8, max_tokens=max_tokens)
+    figures = {}
+    for affinity in (False, True):
+        engine = {"max_model_len": 1024, "replicas": 2, "prefix_affinity": affinity, "engine_args": engine_extra(shape)}
+        with service(work / f"affinity-{affinity}", {"bench": {"source": model, "engine": engine}},
+                     accounts=("bench-a",), settings={"admin_accounts": ["bench-a"]}) as clients:
+            client = clients["bench-a"]
+            client.create_dataset("prefixed")
+            client.upload_dataset("prefixed", requests)
+            deadline = time.monotonic() + 900
+            while sum(r["state"] == "ready" for r in client.list_engines()["replicas"]) < 2:
+                assert time.monotonic() < deadline, "two replicas never became ready"
+                time.sleep(2)
+            created = time.monotonic()
+            client.create_job(model="bench", input_dataset_id="prefixed", job_id="prefixed",
+                              inference_parameters={"max_tokens": max_tokens})
+            progress = _progress(_wait(client, "prefixed"))
+            figures["on" if affinity else "off"] = {
+                "total_s": time.monotonic() - created,
+                "input_tokens": int(progress.get("inputTokens") or 0),
+                "cached_input_tokens": int(progress.get("cachedInputTokenCount") or 0),
+                "output_tokens": int(progress.get("outputTokens") or 0),
+            }
+        print(f"prefix affinity {'on' if affinity else 'off'}: {figures['on' if affinity else 'off']}", flush=True)
+    return figures
+
+
+def pool_parts(parts: set[str], figures: dict, work: Path, catalog: dict, settings: dict,
+               requests: Path, long_requests: Path, max_tokens: int) -> None:
+    """Parts 1 to 3, through one service, into `figures`."""
     with service(work, catalog, accounts=("bench-a", "bench-b"), settings=settings) as clients:
         a = clients["bench-a"]
         for client in clients.values():
@@ -160,6 +181,43 @@ def main() -> int:
             figures["long_job"] = steady_tokens_per_second(a, "long", max_tokens)
             print(f"one long job: {figures['long_job']}", flush=True)
 
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="tiny model, few rows: checks that it works")
+    parser.add_argument("--rows", type=int, help="rows per job (default 400; smoke 12)")
+    parser.add_argument("--max-tokens", type=int, help="output tokens per row (default 64; smoke 8)")
+    parser.add_argument("--out", default=str(ROOT / "out" / "bench-engine-pool.json"))
+    parser.add_argument("--parts", default="warm,fair,steady",
+                        help="which to run, of warm (jobs 1 and 2), fair (two accounts), steady (one long "
+                             "job), affinity (two more services: prefix affinity off and on)")
+    parser.add_argument("--service", default="{}", help="service settings (JSON) over the benchmark's")
+    args = parser.parse_args()
+    parts = set(args.parts.split(","))
+    rows = args.rows or (12 if args.smoke else 400)
+    max_tokens = args.max_tokens or (8 if args.smoke else 64)
+    shape = "tiny" if args.smoke else "small"
+    model = build_model(shape)
+    work = Path(tempfile.mkdtemp(prefix="raybatch-bench-"))
+    requests = write_requests(work / "requests.jsonl", rows, max_tokens)
+    long_requests = write_requests(work / "long.jsonl", 2 * rows, max_tokens)
+    arguments = engine_args(shape)
+
+    settings = json.loads(args.service)
+    print(f"model: {shape} ({model}); {rows} rows x {max_tokens} output tokens; engine {arguments}; "
+          f"service settings {settings or 'default'}", flush=True)
+    figures: dict = {"machine": f"{os.cpu_count()} cores", "model": shape, "rows": rows, "max_tokens": max_tokens,
+                     "engine_args": arguments, "service": settings}
+    if "steady" in parts:
+        figures["llm_chat"] = llm_chat_baseline(model, requests, arguments)
+        print(f"one LLM.chat call: {figures['llm_chat']}", flush=True)
+
+    catalog = {"bench": {"source": model, "engine": {"max_model_len": 1024, "engine_args": engine_extra(shape)}}}
+    if parts & {"warm", "fair", "steady"}:
+        pool_parts(parts, figures, work, catalog, settings, requests, long_requests, max_tokens)
+    if "affinity" in parts:
+        figures["affinity"] = prefix_affinity(work, model, shape, rows, max_tokens)
+
     lines = []
     if "warm" in parts:
         job_1, job_2 = figures["job_1"], figures["job_2"]
@@ -171,6 +229,10 @@ def main() -> int:
     if "steady" in parts:
         ratio = figures["long_job"]["output_tokens_per_s"] / figures["llm_chat"]["output_tokens_per_s"]
         lines.append(("steady output tok/s / one LLM.chat call", f"{ratio:.2f}", ">= 0.95"))
+    if "affinity" in parts:
+        off, on = figures["affinity"]["off"], figures["affinity"]["on"]
+        lines += [("prefix affinity: cached input tokens off / on", f"{off['cached_input_tokens']}/{on['cached_input_tokens']}", "on more"),
+                  ("prefix affinity: wall time off / on", f"{off['total_s'] / on['total_s']:.2f}", "> 1")]
     figures["ratios"] = {name: figure for name, figure, _ in lines}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(figures, indent=2))
