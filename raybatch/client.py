@@ -107,7 +107,9 @@ class RaybatchClient:
         self.close()
 
     def _request(self, method: str, path: str, **kwargs) -> dict:
-        response = self._api.request(method, self._prefix + path, **kwargs)
+        """A call under this account's routes (`path` relative to them), or, for a path
+        from the root ("/v1/admin/..."), that route as it is."""
+        response = self._api.request(method, path if path.startswith("/") else self._prefix + path, **kwargs)
         _raise_for_error(response)
         return response.json() if response.content else {}
 

@@ -12,8 +12,8 @@ from tests.helpers import InputBuilder, chat, read_jsonl
 ACCOUNT = "cli"
 
 
-def _cli(service, key, *args, check=True) -> subprocess.CompletedProcess:
-    env = {"RAYBATCH_BASE_URL": service.base_url, "RAYBATCH_API_KEY": key, "RAYBATCH_ACCOUNT": ACCOUNT}
+def _cli(service, key, *args, check=True, account=ACCOUNT) -> subprocess.CompletedProcess:
+    env = {"RAYBATCH_BASE_URL": service.base_url, "RAYBATCH_API_KEY": key, "RAYBATCH_ACCOUNT": account}
     import os
 
     done = subprocess.run([sys.executable, "-m", "raybatch.cli", *args], env={**os.environ, **env},
@@ -53,6 +53,17 @@ def test_cli_exit_codes(service):
     assert failed.returncode == 1 and "JOB_STATE_FAILED" in failed.stdout and "config.json" in failed.stdout
     outside = _cli(service, key, "job", "create", "--model", "/no/such/model", "--input-dataset-id", "cli-in", check=False)
     assert outside.returncode == 4 and "400 INVALID_ARGUMENT: model '/no/such/model' is not served here" in outside.stderr
+
+
+def test_engines_lists_the_pools_replicas_for_an_admin_only(service):
+    listed = json.loads(_cli(service, service.key("admin"), "engines", "--json", account="admin").stdout)
+    assert isinstance(listed, list)
+    for replica in listed:
+        assert {"replicaId", "model", "precisionKey", "state", "rowsInFlight", "rowsQueued"} <= replica.keys()
+        assert replica["state"] in ("starting", "ready", "draining")
+    assert _cli(service, service.key("admin"), "engines", account="admin").stdout.startswith("REPLICA")
+    refused = _cli(service, service.key(ACCOUNT), "engines", check=False)
+    assert refused.returncode == 4 and "403 PERMISSION_DENIED" in refused.stderr
 
 
 def test_firectl_forms_end_to_end(service, tmp_path):

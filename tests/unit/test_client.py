@@ -283,6 +283,12 @@ def test_listing_follows_next_page_token(collection, listing, extra_query):
     assert all(has_key(r) for r in server.requests)
 
 
+def test_list_engines_asks_the_admin_route_not_an_account_route():
+    server = FakeServer({"GET /v1/admin/engines": ok({"replicas": []})})
+    assert server.client().list_engines() == {"replicas": []}
+    assert [r.url.path for r in server.requests] == ["/v1/admin/engines"]  # not under /v1/accounts/acme/
+
+
 def test_get_cancel_delete_job_take_the_last_name_segment():
     cancelling = {"state": "JOB_STATE_CANCELLING"}
     server = FakeServer(
