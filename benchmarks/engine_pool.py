@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import sys
 import tempfile
 import threading
@@ -115,14 +116,17 @@ def steady_tokens_per_second(client, dataset: str, max_tokens: int) -> dict:
 
 def write_prefixed(path: Path, rows: int, prefixes: int, max_tokens: int) -> Path:
     """Rows behind `prefixes` different few-shot system prompts (about 800 tokens each),
-    taken in turn: row i has prefix i mod `prefixes`, so an even spread puts every prefix
-    on every replica."""
+    each row's drawn at random (seeded): spread evenly over two replicas, every prefix
+    lands on both. (Taken in turn instead, row i's prefix i mod 8 would follow the even
+    spread's own alternation, and each replica would see only half the prefixes anyway.)"""
+    draw = random.Random(0)
     shots = ["".join(f"Example {p}.{i}: what is {i} times {p + 2}? It is {i * (p + 2)}.\n" for i in range(24))
              for p in range(prefixes)]
     with open(path, "w") as out:
         for i in range(rows):
-            body = {"messages": [{"role": "system", "content": shots[i % prefixes]},
-                                 {"role": "user", "content": f"What is {i} times {i % prefixes + 2}?"}],
+            shot = draw.randrange(prefixes)
+            body = {"messages": [{"role": "system", "content": shots[shot]},
+                                 {"role": "user", "content": f"What is {i} times {shot + 2}?"}],
                     "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
             out.write(json.dumps({"custom_id": f"row-{i}", "body": body}) + "\n")
     return path

@@ -36,7 +36,7 @@ FIRST_ROWS_SECONDS = 30.0
 
 def first_rows_pending(records: Iterable[JobRecord], at: datetime) -> bool:
     """Whether a job started less than FIRST_ROWS_SECONDS before `at` has committed no
-    row yet (a resumed attempt counts from its job's first start, so it never holds)."""
+    row yet (a resumed attempt counts from its job's first start)."""
     recent = timedelta(seconds=FIRST_ROWS_SECONDS)
     return any(
         r.job.state == JobState.RUNNING
