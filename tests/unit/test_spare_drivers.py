@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 
 import pytest
 
@@ -14,7 +14,7 @@ from raybatch.jobs.driver_control import DriverStatus
 from raybatch.jobs.handoff import SPARE_DRIVER_PREFIX, DriverAssignment, assignment_path, read_assignment
 from raybatch.jobs.spares import FIRST_ROWS_SECONDS, SpareDrivers, first_rows_pending
 from raybatch.protocol import JobProgress
-from raybatch.resources import BatchInferenceJob, JobRecord, JobRuntime, JobState, now
+from raybatch.resources import BatchInferenceJob, JobRecord, JobRuntime, JobState
 from raybatch.store import Store
 
 
@@ -61,11 +61,15 @@ def test_spares_are_kept_started_and_replaced_when_gone(tmp_path):
     assert len([s for s in ray_jobs.statuses.values() if s.alive]) == 2
 
 
+AT = datetime(2026, 1, 1, 12, 0, tzinfo=timezone.utc)  # a fixed "now": no test depends on when it runs
+
+
 def running(started_ago: float, processed: int = 0, state: JobState = JobState.RUNNING) -> JobRecord:
+    """A job that started `started_ago` seconds before AT."""
     return JobRecord(
         job=BatchInferenceJob(name="accounts/acme/batchInferenceJobs/j1", state=state,
                               job_progress=JobProgress(total_processed_requests=processed)),
-        runtime=JobRuntime(account="acme", running_since=now() - timedelta(seconds=started_ago)),
+        runtime=JobRuntime(account="acme", running_since=AT - timedelta(seconds=started_ago)),
     )
 
 
@@ -78,7 +82,7 @@ def running(started_ago: float, processed: int = 0, state: JobState = JobState.R
     ([running(2, processed=16), running(3)], True),
 ])
 def test_spares_wait_while_a_new_job_has_no_rows_yet(records, pending):
-    assert first_rows_pending(records, now()) is pending
+    assert first_rows_pending(records, AT) is pending
 
 
 def test_take_writes_the_assignment_and_hands_each_spare_out_once(tmp_path):
