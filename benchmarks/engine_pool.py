@@ -72,9 +72,11 @@ def timed_job(client, dataset: str, job_id: str, max_tokens: int) -> dict:
         if "at" not in first and int(_progress(job).get("totalProcessedRequests") or 0) > 0:
             first["at"] = time.monotonic() - created
 
-    job = _wait(client, job_id, watch)
+    progress = _progress(_wait(client, job_id, watch))
     return {"first_row_s": first.get("at"), "total_s": time.monotonic() - created,
-            "output_tokens": int(_progress(job).get("outputTokens") or 0)}
+            "input_tokens": int(progress.get("inputTokens") or 0),
+            "cached_input_tokens": int(progress.get("cachedInputTokenCount") or 0),
+            "output_tokens": int(progress.get("outputTokens") or 0)}
 
 
 def two_accounts(clients, dataset: str, max_tokens: int) -> dict:
@@ -106,12 +108,8 @@ def steady_tokens_per_second(client, dataset: str, max_tokens: int) -> dict:
     between 20 % and 80 % of the rows, measured before, reads progress that moves only
     at commits, in bursts of whole waves, and so measured the commits' timing more than
     the engine's pace.)"""
-    created = time.monotonic()
-    client.create_job(model="bench", input_dataset_id=dataset, job_id="steady", inference_parameters={"max_tokens": max_tokens})
-    job = _wait(client, "steady")
-    seconds = time.monotonic() - created
-    tokens = int(_progress(job).get("outputTokens") or 0)
-    return {"output_tokens_per_s": tokens / seconds, "total_s": seconds, "output_tokens": tokens}
+    job = timed_job(client, dataset, "steady", max_tokens)
+    return {**job, "output_tokens_per_s": job["output_tokens"] / job["total_s"]}
 
 
 def write_prefixed(path: Path, rows: int, prefixes: int, max_tokens: int) -> Path:
@@ -147,17 +145,9 @@ def prefix_affinity(work: Path, model: str, shape: str, rows: int, max_tokens: i
             while sum(r["state"] == "ready" for r in client.list_engines()["replicas"]) < 2:
                 assert time.monotonic() < deadline, "two replicas never became ready"
                 time.sleep(2)
-            created = time.monotonic()
-            client.create_job(model="bench", input_dataset_id="prefixed", job_id="prefixed",
-                              inference_parameters={"max_tokens": max_tokens})
-            progress = _progress(_wait(client, "prefixed"))
-            figures["on" if affinity else "off"] = {
-                "total_s": time.monotonic() - created,
-                "input_tokens": int(progress.get("inputTokens") or 0),
-                "cached_input_tokens": int(progress.get("cachedInputTokenCount") or 0),
-                "output_tokens": int(progress.get("outputTokens") or 0),
-            }
-        print(f"prefix affinity {'on' if affinity else 'off'}: {figures['on' if affinity else 'off']}", flush=True)
+            setting = "on" if affinity else "off"
+            figures[setting] = timed_job(client, "prefixed", "prefixed", max_tokens)
+        print(f"prefix affinity {setting}: {figures[setting]}", flush=True)
     return figures
 
 

@@ -50,7 +50,7 @@ class ReplicaLifecycle:
                 break
         now = time.time()
         for replica in list(state.replicas):
-            idle = replica.state == "ready" and not replica.in_flight and not len(state.queue) and not state.suspects
+            idle = replica.idle and not len(state.queue) and not state.suspects
             if idle and now - replica.idle_since > policy.idle_seconds and len(state.live()) > policy.min_replicas:
                 log_replica("stopping", state, replica, reason=f"idle for {policy.idle_seconds:g}s")
                 self.stop(state, replica)
@@ -178,7 +178,7 @@ class ReplicaLifecycle:
             if state.pool_model.spec.key == spec.key or len(state.queue) or state.suspects:
                 continue
             for replica in state.replicas:
-                if replica.state == "ready" and not replica.in_flight and state.pool_model.spec.gpus:
+                if replica.idle and state.pool_model.spec.gpus:
                     log_replica("stopping", state, replica, reason=f"its GPUs go to {spec.model}")
                     self.stop(state, replica)
                     return True

@@ -93,7 +93,7 @@ class EnginePool:
             job.lead_sent = True
             # Only an idle replica answers a lone batch fast: on a busy or starting one,
             # the job's other batches would be held back for nothing.
-            job.lead_holds = not len(state.queue) and any(r.state == "ready" and not r.in_flight for r in state.replicas)
+            job.lead_holds = not len(state.queue) and any(r.idle for r in state.replicas)
         elif job.lead_holds:
             await self._behind_the_lead(job, state.policy.lead_batch_seconds)
         loop = asyncio.get_running_loop()

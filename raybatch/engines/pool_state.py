@@ -112,6 +112,11 @@ class ReplicaState:
     held_for_suspect: bool = False  # takes no new rows: a suspect waits for it to drain
     collector: Any = None  # the pool's task taking its answers (`EnginePool._collect`)
 
+    @property
+    def idle(self) -> bool:
+        """Ready, with no row in its engine."""
+        return self.state == "ready" and not self.in_flight
+
 
 @dataclass(eq=False)
 class ModelState:

@@ -68,7 +68,6 @@ class ThreadActor:
             self.built.set_exception(ray.exceptions.ActorDiedError())
 
 
-
 @pytest.fixture
 def actors(monkeypatch, tmp_path):
     """Every replica the pool starts is a ThreadActor; faults armed under tmp_path."""
