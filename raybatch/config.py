@@ -129,6 +129,14 @@ class EngineConfig(BaseModel):
     engine_args: dict[str, Any] = Field(
         default_factory=dict, description="Further vLLM engine arguments, passed as given."
     )
+    tokenize_in_pipeline: bool = Field(
+        True, description="Render chat rows through the chat template and tokenize prompts "
+        "in the job's preprocess stage, so the replica receives token ids and its process "
+        "only feeds the engine (pipeline/prompts.py). Costs each job's driver vLLM's "
+        "tokenizer (about 4 s of CPU to import, in a background thread, and 350 MB); rows "
+        "prepared before it has loaded, and every row where it cannot load, are rendered "
+        "by the replica as before. Off: the replica renders every row."
+    )
     request_timeout_seconds: float = Field(
         600, gt=0, description="A request inside an engine this long means a hung engine: "
         "the replica is replaced and every row it had in flight, of every job, is retried. "

@@ -46,6 +46,7 @@ from raybatch.pipeline.images import ImageLimits
 from raybatch.pipeline.in_driver import stream_in_driver
 from raybatch.pipeline.postprocess import finish_rows
 from raybatch.pipeline.preprocess import prepare_requests
+from raybatch.pipeline.prompts import prompt_rendering, ready_renderer
 from raybatch.pipeline.read import read_shards
 from raybatch.pipeline.validate import DuplicateScan, claims_among, scan_custom_ids, validate_body
 from raybatch.pipeline.write import OutputWriter, WriterFeed
@@ -256,6 +257,7 @@ def _prepare_args(config: RunConfig, scan: InputScan) -> dict:
             url_schemes=tuple(config.image_url_schemes),
         ),
         "task": config.engine.task,
+        "prompts": rendering.model_dump() if (rendering := prompt_rendering(config.engine, config.model)) else None,
         **row_bounds(config),
     }
 
@@ -339,6 +341,9 @@ def run_job(
         model=job_pool_model(config, plan, fixed=own_pool),
     )
     pool.warm.remote(access.model)  # engines start while the input is scanned
+    rendering = prompt_rendering(config.engine, config.model)
+    if rendering is not None and _in_driver(shards, config):
+        ready_renderer(rendering)  # and the tokenizer loads (Ray Data's workers load their own)
     try:
         return _stream(config, shards, access, on_progress, publish, started)
     finally:

@@ -24,30 +24,12 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from raybatch.exceptions import RowError
+from raybatch.pipeline.prompts import render_chat
 from raybatch.pipeline.rows import EngineRequest
 from raybatch.protocol import ErrorCode
 
 # engine_args keys that belong to the front end, not to vLLM's AsyncEngineArgs.
 FRONTEND_ARGS = ("tool_call_parser", "chat_template")
-
-
-def render_chat(
-    tokenizer: Any,
-    messages: list[dict[str, Any]],
-    *,
-    tools: Optional[list[dict[str, Any]]] = None,
-    chat_template: Optional[str] = None,
-) -> str:
-    """The prompt text of a chat row: its messages (and tools, for templates that take
-    them) through the chat template. The one place a row meets the template, so that
-    templating can move to a stage of its own. Raises RowError when the template refuses
-    the conversation (a role order, a missing field)."""
-    try:
-        return tokenizer.apply_chat_template(
-            messages, tools=tools, chat_template=chat_template, add_generation_prompt=True, tokenize=False
-        )
-    except Exception as exc:  # a template may refuse e.g. a role order
-        raise RowError(ErrorCode.INVALID_REQUEST, f"chat template refused: {exc}") from None
 
 
 def new_tool_call_id() -> str:
@@ -111,8 +93,10 @@ class ChatFrontend:
 
     def prepare(self, request: EngineRequest) -> PreparedChat:
         """Render the row and build its output constraint. Raises RowError."""
-        prompt = render_chat(self._tokenizer, request.messages, tools=request.tools, chat_template=self._chat_template)
-        prompt_ids = self._tokenizer.encode(prompt, add_special_tokens=False)
+        prompt_ids = request.prompt_token_ids  # rendered in the pipeline (pipeline/prompts.py)
+        if prompt_ids is None:
+            prompt = render_chat(self._tokenizer, request.messages, tools=request.tools, chat_template=self._chat_template)
+            prompt_ids = self._tokenizer.encode(prompt, add_special_tokens=False)
         structured = None
         if request.structured_output:
             from vllm.sampling_params import StructuredOutputsParams

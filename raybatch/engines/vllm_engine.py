@@ -57,6 +57,8 @@ class VllmEngine:
         self._pooling = self._llm.model_config.runner_type == "pooling"
 
     def _prompt_ids(self, request: EngineRequest) -> list[int]:
+        if request.prompt_token_ids is not None:  # tokenized in the pipeline (pipeline/prompts.py)
+            return request.prompt_token_ids
         tokenizer = self._tokenizer
         if isinstance(request.prompt, str):
             return tokenizer.encode(request.prompt)

@@ -17,6 +17,7 @@ from raybatch.adapters import AdapterRouting, route_row
 from raybatch.exceptions import RowError
 from raybatch.pipeline.images import ImageLimits, count_images, resolve_all
 from raybatch.pipeline.embeddings import to_embedding_request
+from raybatch.pipeline.prompts import PromptRendering, ready_renderer
 from raybatch.pipeline.rows import REQUEST_SCHEMA, EngineRequest, column
 from raybatch.pipeline.validate import Body, ValidatedRequest, is_blank, validate_line
 from raybatch.protocol import DEFAULT_MAX_CUSTOM_ID_BYTES, DEFAULT_MAX_OUTPUT_TOKENS, ChatCompletionBody, EmbeddingBody
@@ -134,16 +135,19 @@ def prepare_requests(
     lora: Optional[dict[str, Any]] = None,
     images: Optional[ImageLimits] = None,
     task: str = "generate",
+    prompts: Optional[dict[str, Any]] = None,
     **bounds: int,
 ) -> pa.Table:
     """Ray Data UDF for stages 2 and 3: raw lines in, engine requests or errors out.
     `bounds`: the job's limits on expensive rows other than max_n (`check_row_bounds`);
     `lora`: the job's AdapterRouting (as a dict), when its model has LoRA adapters;
-    `images`: the job's bounds on images in chat rows.
+    `images`: the job's bounds on images in chat rows; `prompts`: the job's
+    PromptRendering (as a dict), when its prompts are rendered here (pipeline/prompts.py).
 
     Blank lines are dropped here (the input scan counts them)."""
     out: dict[str, list] = {name: [] for name in REQUEST_SCHEMA.names}
     routing = AdapterRouting.model_validate(lora) if lora is not None else None
+    renderer = ready_renderer(PromptRendering(**prompts)) if prompts is not None else None
     rows = []  # (shard, line, custom_id, ValidatedRequest or RowError)
     for shard, line, raw in zip(column(batch, "shard"), column(batch, "line"), column(batch, "raw")):
         if is_blank(raw):
@@ -178,6 +182,8 @@ def prepare_requests(
                 fields = engine_request_fields(outcome, cap, messages)
                 if routing is not None:
                     fields = with_adapter(fields, routing, outcome.body.model)
+                if renderer is not None:
+                    fields = renderer.render(fields)
                 # As EngineRequest(**fields).model_dump_json(exclude_none=True) writes it
                 # (tests/unit/test_output_lines.py); the replica validates it as the model.
                 request_json = to_json(fields).decode()

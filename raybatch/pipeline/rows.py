@@ -89,6 +89,10 @@ class EngineRequest(BaseModel):
     messages: Optional[list[dict[str, Any]]] = None  # role, content; tool_calls, tool_call_id, name when given
     images: Optional[int] = None  # image parts in `messages`: such a row is rendered by vLLM's chat path
     prompt: Optional[Union[str, list[int]]] = None
+    # The prompt as the preprocess stage rendered and tokenized it (pipeline/prompts.py):
+    # a chat row's messages through the chat template, a completion's text. None: the
+    # replica renders it.
+    prompt_token_ids: Optional[list[int]] = None
     sampling: dict[str, Any]
     max_tokens: Optional[int] = None  # None: whatever the context leaves, up to the cap
     max_tokens_cap: Optional[int] = None  # the job's bound, for a row that set no max_tokens
@@ -110,6 +114,7 @@ class EngineRequest(BaseModel):
 # How much of a prompt's start names its prefix: about 128 tokens, the CPU engine's
 # KV-cache block (a shorter shared start is never cached) and several GPU blocks.
 PREFIX_CHARS = 512
+PREFIX_TOKENS = 128
 
 
 def prompt_prefix(request_json: str) -> str:
@@ -117,6 +122,8 @@ def prompt_prefix(request_json: str) -> str:
     (and that use the same LoRA adapter, whose KV cache is its own) share KV-cache
     blocks on the replica that computed them."""
     request = json.loads(request_json)
+    if request.get("prompt_token_ids"):  # tokenized already: its first KV-cache block
+        return f"{request.get('adapter') or ''}\0{request['prompt_token_ids'][:PREFIX_TOKENS]}"
     if request.get("messages"):
         text = "\0".join(f"{m.get('role')}\0{m.get('content')}" for m in request["messages"])
     elif request.get("inputs"):  # an embeddings row: its first item (else all would share "None")

@@ -105,7 +105,7 @@ def tokenizer(tmp_path_factory):
 
 
 def test_tiny_template_renders_tools_and_tool_turns_and_plain_chats_as_before(tokenizer):
-    from raybatch.engines.chat_frontend import render_chat
+    from raybatch.pipeline.prompts import render_chat
 
     plain = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
     assert render_chat(tokenizer, plain) == "<|im_start|>system\nbe brief<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
