@@ -4,6 +4,8 @@
   - `python -m vllm.entrypoints.openai.run_batch` (vLLM's own batch runner),
   - `raybatch run`, cold (Ray start, input scan, engine start: all of it),
   - a job through a running service whose replica is warm;
+  - (`--runners ...,service_text`) the same with the replica rendering the prompts, not
+    the pipeline (`tokenize_in_pipeline` off), on the same warm replica, run first;
 
 over four workloads:
 
@@ -50,6 +52,7 @@ from benchmarks.common import (  # noqa: E402
 )
 
 RUNNERS = ("llm_chat", "run_batch", "raybatch_run", "service_warm")
+EXTRA_RUNNERS = ("service_text",)
 WORKLOADS = ("uniform", "mixed", "fewshot", "tiny")
 FEW_SHOT = "".join(f"Question: what is {i} plus {i}? Answer: {2 * i}.\n" for i in range(20))  # ~540 tokens
 
@@ -170,7 +173,7 @@ def main() -> int:
     smoke = args.smoke
     workloads = [w for w in args.workloads.split(",") if w]
     runners = [r for r in args.runners.split(",") if r]
-    assert set(workloads) <= set(WORKLOADS) and set(runners) <= set(RUNNERS), (workloads, runners)
+    assert set(workloads) <= set(WORKLOADS) and set(runners) <= set(RUNNERS + EXTRA_RUNNERS), (workloads, runners)
     shape = "tiny" if smoke else args.shape
     sizes = {  # (rows, max_tokens)
         "uniform": (args.rows or (12 if smoke else 400), 8 if smoke else 64),
@@ -204,9 +207,12 @@ def main() -> int:
             print(f"{w} / raybatch run (cold): {figures[w]['raybatch_run']}", flush=True)
 
     three_jobs = None
-    if "service_warm" in runners:
+    if {"service_warm", "service_text"} & set(runners):
         catalog = {name: {"source": path, "engine": {"max_model_len": 1024, "min_replicas": 1, "engine_args": extra}}
                    for name, path in models.items() if name in set(model_of.values())}
+        # The same replicas (the same engine arguments), the replica rendering the prompts.
+        catalog.update({f"{name}-text": {**entry, "engine": {**entry["engine"], "tokenize_in_pipeline": False}}
+                        for name, entry in catalog.items()})
         with service(work / "service", catalog=catalog, accounts=("bench",)) as clients:
             client = clients["bench"]
             for w in workloads:
@@ -216,9 +222,13 @@ def main() -> int:
                 warm = next(w for w in workloads if model_of[w] == name)
                 service_job(client, name, warm, f"warm-{name}")
             for w in workloads:
-                figures[w]["service_warm"] = service_job(client, model_of[w], w, f"job-{w}")
-                print(f"{w} / service, warm: {figures[w]['service_warm']}", flush=True)
-            if "uniform" in workloads:  # three jobs in a row through the running service
+                if "service_text" in runners:
+                    figures[w]["service_text"] = service_job(client, f"{model_of[w]}-text", w, f"text-{w}")
+                    print(f"{w} / service, warm, the replica renders: {figures[w]['service_text']}", flush=True)
+                if "service_warm" in runners:
+                    figures[w]["service_warm"] = service_job(client, model_of[w], w, f"job-{w}")
+                    print(f"{w} / service, warm: {figures[w]['service_warm']}", flush=True)
+            if "uniform" in workloads and "service_warm" in runners:  # three jobs in a row through the running service
                 three = [figures["uniform"]["service_warm"]] + [
                     service_job(client, "bench", "uniform", f"again-{i}") for i in range(2)]
                 three_jobs = sum(j["wall_s"] for j in three)

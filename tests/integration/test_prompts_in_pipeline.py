@@ -18,6 +18,7 @@ pytestmark = pytest.mark.engine
 
 # The catalog's `tiny` engine arguments (tests/helpers.py SERVICE_MODELS): its warm replica.
 ENGINE_ARGS = {"enforce_eager": True, "tool_call_parser": "hermes"}
+PREPARE = raybatch.runner.prepare_requests  # the stage itself, under the spy of each run
 
 
 def _input() -> InputBuilder:
@@ -43,10 +44,9 @@ def _run(root, tiny_model: str, service, in_pipeline: bool, monkeypatch) -> tupl
     if in_pipeline:  # loaded before the run, so that every row goes as ids
         assert ready_renderer(prompt_rendering(engine, tiny_model), wait=True) is not None
     requests: list[str] = []
-    prepare = raybatch.runner.prepare_requests
 
     def spied(table, **args):
-        prepared = prepare(table, **args)
+        prepared = PREPARE(table, **args)
         requests.extend(r for r in prepared.column("request").to_pylist() if r)
         return prepared
 
