@@ -8,8 +8,9 @@ small model's engine outruns one process that also renders every prompt.
 The tokenizer is vLLM's own (`vllm.tokenizers.get_tokenizer`, with the engine's
 tokenizer arguments), so the ids are those the replica would have made. Loading it
 imports torch and transformers: about 4 s of CPU and 350 MB in the driver here. It
-loads in a background thread, and rows prepared meanwhile go as they are, rendered by
-the replica as before (`engines/chat_frontend.py`): the first rows never wait for it.
+loads in a background thread at the lowest CPU priority, and rows prepared meanwhile go
+as they are, rendered by the replica as before (`engines/chat_frontend.py`): neither the
+first rows nor a cold engine's start wait for it.
 A tokenizer that cannot load here (a driver without the model's files) leaves every row
 to the replica, with one warning. Rows with images keep vLLM's chat path, where the
 model's processor places the images.
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional, Union
@@ -118,6 +120,21 @@ _renderers: dict[PromptRendering, Union[PromptRenderer, None, object]] = {}
 _lock = threading.Lock()
 
 
+def _in_background(target, *args) -> None:
+    """Run `target` in a daemon thread whose CPU goes last. Linux sets niceness per
+    thread: the load overlaps a cold engine start (whose processes Ray runs at niceness
+    15) on the same cores, and the engine must not wait for it."""
+
+    def run() -> None:
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        except (AttributeError, OSError):  # not Linux: an ordinary thread
+            pass
+        target(*args)
+
+    threading.Thread(target=run, name="raybatch-tokenizer", daemon=True).start()
+
+
 def _load(rendering: PromptRendering) -> None:
     try:
         from vllm.renderers.chat_utils import load_chat_template
@@ -149,7 +166,7 @@ def ready_renderer(rendering: PromptRendering, wait: bool = False) -> Optional[P
         if rendering not in _renderers:
             _renderers[rendering] = _LOADING
             if not wait:
-                threading.Thread(target=_load, args=(rendering,), name="raybatch-tokenizer", daemon=True).start()
+                _in_background(_load, rendering)
         elif state is not _LOADING or not wait:
             return state if isinstance(state, PromptRenderer) else None
     if wait:
@@ -169,4 +186,4 @@ def import_in_background() -> None:
         except Exception:  # an install without vLLM: its jobs' replicas render
             pass
 
-    threading.Thread(target=load, name="raybatch-tokenizer-imports", daemon=True).start()
+    _in_background(load)
