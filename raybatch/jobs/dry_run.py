@@ -82,7 +82,8 @@ def dry_run(store: Store, config: ServiceConfig, account: str, request: CreateJo
     count, method = _token_counter(run_config.model)
     bad: collections.Counter = collections.Counter()
     valid = tokens = 0
-    prepare_args = _prepare_args(run_config, scan)
+    # Rows as text: this counts tokens its own way, and loads no engine tokenizer.
+    prepare_args = {**_prepare_args(run_config, scan), "prompts": None}
     for lines in _lines_here(shards, run_config):
         prepared = prepare_requests(lines, **prepare_args)
         for request_json, code in zip(column(prepared, "request"), column(prepared, "error_code")):

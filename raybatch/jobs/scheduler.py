@@ -369,12 +369,15 @@ class JobScheduler:
             delete_assignment(self._store.location, record.runtime.driver_id)
             self._finish(record, S.EXPIRED, f"time limit of {limit.total_seconds():g}s reached; partial results kept")
             return
-        status = self._drivers.status(record.runtime.driver_id)
-        if status.alive:
-            return
-        delete_assignment(self._store.location, record.runtime.driver_id)
+        # The outcome is the driver's last act, written once everything is committed:
+        # the job moves on without waiting for the process to exit and Ray Jobs to say so
+        # (about 2 s of every job's end, measured).
         outcome = read_outcome(self._store.location, account, job_id, record.runtime.attempts)
         if outcome is None:
+            status = self._drivers.status(record.runtime.driver_id)
+            if status.alive:
+                return
+            delete_assignment(self._store.location, record.runtime.driver_id)
             # It ended without an answer (crashed, killed, its node or cluster lost): the
             # next attempt resumes from the committed parts.
             ended = status.value.lower()
@@ -382,7 +385,9 @@ class JobScheduler:
                 self._fail(record, f"gave up after {record.runtime.attempts} attempts: driver {ended}")
             else:
                 self._move_if(record, S.RUNNING, S.RE_QUEUEING, f"driver {record.runtime.driver_id} {ended}")
-        elif outcome.state == OutcomeState.COMPLETED:
+            return
+        delete_assignment(self._store.location, record.runtime.driver_id)
+        if outcome.state == OutcomeState.COMPLETED:
             self._move_if(record, S.RUNNING, S.WRITING_RESULTS, "")
             self._finish(self._reload(record), S.COMPLETED, "")
         elif outcome.state == OutcomeState.OUTPUT_CAP_REACHED:
