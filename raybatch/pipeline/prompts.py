@@ -8,9 +8,9 @@ small model's engine outruns one process that also renders every prompt.
 The tokenizer is vLLM's own (`vllm.tokenizers.get_tokenizer`, with the engine's
 tokenizer arguments), so the ids are those the replica would have made. Loading it
 imports torch and transformers: about 4 s of CPU and 350 MB in the driver here. It
-loads in a background thread at the lowest CPU priority, and rows prepared meanwhile go
-as they are, rendered by the replica as before (`engines/chat_frontend.py`): neither the
-first rows nor a cold engine's start wait for it.
+loads in a background thread, and rows prepared meanwhile go as they are, rendered by
+the replica as before (`engines/chat_frontend.py`): the first rows never wait for it.
+A spare driver imports those modules before it waits for a job.
 A tokenizer that cannot load here (a driver without the model's files) leaves every row
 to the replica, with one warning. Rows with images keep vLLM's chat path, where the
 model's processor places the images.
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import importlib
 import logging
-import os
 import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional, Union
@@ -120,21 +119,6 @@ _renderers: dict[PromptRendering, Union[PromptRenderer, None, object]] = {}
 _lock = threading.Lock()
 
 
-def _in_background(target, *args) -> None:
-    """Run `target` in a daemon thread whose CPU goes last. Linux sets niceness per
-    thread: the load overlaps a cold engine start (whose processes Ray runs at niceness
-    15) on the same cores, and the engine must not wait for it."""
-
-    def run() -> None:
-        try:
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-        except (AttributeError, OSError):  # not Linux: an ordinary thread
-            pass
-        target(*args)
-
-    threading.Thread(target=run, name="raybatch-tokenizer", daemon=True).start()
-
-
 def _load(rendering: PromptRendering) -> None:
     try:
         from vllm.renderers.chat_utils import load_chat_template
@@ -166,7 +150,10 @@ def ready_renderer(rendering: PromptRendering, wait: bool = False) -> Optional[P
         if rendering not in _renderers:
             _renderers[rendering] = _LOADING
             if not wait:
-                _in_background(_load, rendering)
+                # At the process's own priority: a thread at a lower one can be
+                # descheduled while it holds the GIL, and then stalls the pipeline's
+                # thread behind it (a warm job's first row came at 15.7 s, not 4 s).
+                threading.Thread(target=_load, args=(rendering,), name="raybatch-tokenizer", daemon=True).start()
         elif state is not _LOADING or not wait:
             return state if isinstance(state, PromptRenderer) else None
     if wait:
@@ -175,15 +162,12 @@ def ready_renderer(rendering: PromptRendering, wait: bool = False) -> Optional[P
     return None
 
 
-def import_in_background() -> None:
-    """Import what loading a tokenizer needs, in a background thread: a spare driver
-    does it while it waits for a job, so that its job's tokenizer loads in milliseconds."""
-
-    def load() -> None:
-        try:
-            for module in ("vllm.tokenizers", "vllm.renderers.chat_utils"):
-                importlib.import_module(module)
-        except Exception:  # an install without vLLM: its jobs' replicas render
-            pass
-
-    _in_background(load)
+def import_tokenizer_modules() -> None:
+    """Import what loading a tokenizer needs (torch, transformers, vLLM's tokenizers):
+    a spare driver does it before it waits for a job, so that its job's tokenizer loads
+    in milliseconds. An install without vLLM has nothing to import: its replicas render."""
+    try:
+        for module in ("vllm.tokenizers", "vllm.renderers.chat_utils"):
+            importlib.import_module(module)
+    except Exception:
+        pass
