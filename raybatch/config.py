@@ -135,7 +135,8 @@ class EngineConfig(BaseModel):
         "only feeds the engine (pipeline/prompts.py). Costs each job's driver vLLM's "
         "tokenizer (about 4 s of CPU to import, in a background thread, and 350 MB); rows "
         "prepared before it has loaded, and every row where it cannot load, are rendered "
-        "by the replica as before. Off: the replica renders every row."
+        "by the replica as before. It starts loading once the job's first rows are answered, "
+        "so that neither they nor a cold engine's start wait for it. Off: the replica renders every row."
     )
     request_timeout_seconds: float = Field(
         600, gt=0, description="A request inside an engine this long means a hung engine: "

@@ -46,7 +46,7 @@ from raybatch.pipeline.images import ImageLimits
 from raybatch.pipeline.in_driver import stream_in_driver
 from raybatch.pipeline.postprocess import finish_rows
 from raybatch.pipeline.preprocess import prepare_requests
-from raybatch.pipeline.prompts import prompt_rendering, ready_renderer
+from raybatch.pipeline.prompts import prompt_rendering
 from raybatch.pipeline.read import read_shards
 from raybatch.pipeline.validate import DuplicateScan, claims_among, scan_custom_ids, validate_body
 from raybatch.pipeline.write import OutputWriter, WriterFeed
@@ -283,11 +283,21 @@ def answered_batches(shards: list[Shard], config: RunConfig, access: PoolAccess,
     finish_args = _finish_args(config)
     if _in_driver(shards, config):
         prepare_args = _prepare_args(config, scan)
+        # Prompts go as text until the job's first rows are answered: loading the
+        # tokenizer (seconds of CPU, pipeline/prompts.py) then runs beside the engine,
+        # not in front of the first rows (a warm job's first row came 2 to 5 s later).
+        rendering = prepare_args.pop("prompts")
+        answered: list[bool] = []
+
+        def finish(table: pa.Table) -> pa.Table:
+            answered.append(True)
+            return finish_rows(table, **finish_args)
+
         return stream_in_driver(
             _lines_here(shards, config, skip),
-            lambda table: prepare_requests(table, **prepare_args),
+            lambda table: prepare_requests(table, **prepare_args, prompts=rendering if answered else None),
             EngineStage(access.model_dump()),
-            lambda table: finish_rows(table, **finish_args),
+            finish,
             config.engine.batch_size,
             _concurrent_batches(config, access),
         )
@@ -343,9 +353,6 @@ def run_job(
         model=job_pool_model(config, plan, fixed=own_pool),
     )
     pool.warm.remote(access.model)  # engines start while the input is scanned
-    rendering = prompt_rendering(config.engine, config.model)
-    if rendering is not None and _in_driver(shards, config):
-        ready_renderer(rendering)  # and the tokenizer loads (Ray Data's workers load their own)
     try:
         return _stream(config, shards, access, on_progress, publish, started)
     finally:

@@ -82,13 +82,11 @@ def main(argv=None) -> int:
     # anything uncommitted is simply not done yet.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
-    from raybatch.pipeline.prompts import import_tokenizer_modules
     from raybatch.runner import ensure_ray, run_job
 
     store = Store(args.storage)
     if args.spare:
         ensure_ray()  # joining the cluster is part of what a spare does ahead of its job
-        import_tokenizer_modules()  # and so is importing what its job's tokenizer needs
         assignment = wait_for_assignment(store, args.spare, args.idle_seconds)
         if assignment is None:
             return 0

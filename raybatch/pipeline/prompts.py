@@ -9,8 +9,11 @@ The tokenizer is vLLM's own (`vllm.tokenizers.get_tokenizer`, with the engine's
 tokenizer arguments), so the ids are those the replica would have made. Loading it
 imports torch and transformers: about 4 s of CPU and 350 MB in the driver here. It
 loads in a background thread, and rows prepared meanwhile go as they are, rendered by
-the replica as before (`engines/chat_frontend.py`): the first rows never wait for it.
-A spare driver imports those modules before it waits for a job.
+the replica as before (`engines/chat_frontend.py`). A job's pipeline in its driver
+starts the load only once its first rows are answered (`runner.answered_batches`), so
+that neither its first rows nor its engine's start wait for it: on two cores, its
+import in front of them (in the job, or in the spare driver that was to run it)
+delayed a warm job's first row by 2 to 5 s.
 A tokenizer that cannot load here (a driver without the model's files) leaves every row
 to the replica, with one warning. Rows with images keep vLLM's chat path, where the
 model's processor places the images.
@@ -18,7 +21,6 @@ model's processor places the images.
 
 from __future__ import annotations
 
-import importlib
 import logging
 import threading
 from dataclasses import dataclass
@@ -160,14 +162,3 @@ def ready_renderer(rendering: PromptRendering, wait: bool = False) -> Optional[P
         _load(rendering)
         return _renderers[rendering]  # type: ignore[return-value]
     return None
-
-
-def import_tokenizer_modules() -> None:
-    """Import what loading a tokenizer needs (torch, transformers, vLLM's tokenizers):
-    a spare driver does it before it waits for a job, so that its job's tokenizer loads
-    in milliseconds. An install without vLLM has nothing to import: its replicas render."""
-    try:
-        for module in ("vllm.tokenizers", "vllm.renderers.chat_utils"):
-            importlib.import_module(module)
-    except Exception:
-        pass

@@ -22,32 +22,37 @@ PREPARE = raybatch.runner.prepare_requests  # the stage itself, under the spy of
 
 
 def _input() -> InputBuilder:
+    """Three shards: the read stage gives each its own table, so the preprocess stage
+    sees them one by one."""
     built = InputBuilder()
     for i in range(6):
-        built.ok("in.jsonl", f"plain-{i}", chat(f"count to {i}", max_tokens=4, temperature=0))
-    built.ok("in.jsonl", "turns", {"messages": [
+        built.ok("a.jsonl" if i < 3 else "b.jsonl", f"plain-{i}", chat(f"count to {i}", max_tokens=4, temperature=0))
+    built.ok("b.jsonl", "turns", {"messages": [
         {"role": "system", "content": "answer in one word"}, {"role": "user", "content": "hi"},
         {"role": "assistant", "content": "hello"}, {"role": "user", "content": "again"}], "max_tokens": 4})
-    built.ok("in.jsonl", "tools", {"messages": [{"role": "user", "content": "weather?"}], "tools": [WEATHER_TOOL],
-                                   "tool_choice": "required", "parallel_tool_calls": False, "seed": 1,
-                                   "max_tokens": 100, "temperature": 1.0})  # as tests/helpers.py tool_rows
-    built.ok("in.jsonl", "echo", {"prompt": "once upon a time", "max_tokens": 2, "echo": True},
+    built.ok("c.jsonl", "tools", {"messages": [{"role": "user", "content": "weather?"}], "tools": [WEATHER_TOOL],
+                                  "tool_choice": "required", "parallel_tool_calls": False, "seed": 1,
+                                  "max_tokens": 100, "temperature": 1.0})  # as tests/helpers.py tool_rows
+    built.ok("c.jsonl", "echo", {"prompt": "once upon a time", "max_tokens": 2, "echo": True},
              url="/v1/completions")
     return built
 
 
-def _run(root, tiny_model: str, service, in_pipeline: bool, monkeypatch) -> tuple[dict, list[str]]:
-    """(custom_id → result line, the requests the preprocess stage handed the engine)."""
+def _run(root, tiny_model: str, service, in_pipeline: bool, monkeypatch) -> tuple[dict, dict[str, str]]:
+    """(custom_id → result line, custom_id → the request the preprocess stage handed the engine)."""
     built = _input()
     built.write(str(root / "in"))
-    engine = EngineConfig(engine_args=ENGINE_ARGS, tokenize_in_pipeline=in_pipeline)
-    if in_pipeline:  # loaded before the run, so that every row goes as ids
+    # One row at a time: the second shard is prepared only after the first rows are
+    # answered, when the pipeline starts rendering (runner.answered_batches).
+    engine = EngineConfig(engine_args=ENGINE_ARGS, tokenize_in_pipeline=in_pipeline, batch_size=1,
+                          concurrent_batches=1)
+    if in_pipeline:  # loaded before the run: every row prepared once it may render goes as ids
         assert ready_renderer(prompt_rendering(engine, tiny_model), wait=True) is not None
-    requests: list[str] = []
+    requests: dict[str, str] = {}
 
     def spied(table, **args):
         prepared = PREPARE(table, **args)
-        requests.extend(r for r in prepared.column("request").to_pylist() if r)
+        requests.update((row["custom_id"], row["request"]) for row in prepared.to_pylist() if row["request"])
         return prepared
 
     monkeypatch.setattr(raybatch.runner, "prepare_requests", spied)
@@ -64,9 +69,12 @@ def test_token_ids_from_the_pipeline_give_the_engine_the_prompts_it_would_have_m
     as_ids, sent_ids = _run(tmp_path / "ids", tiny_model, service, True, monkeypatch)
     as_text, sent_text = _run(tmp_path / "text", tiny_model, service, False, monkeypatch)
 
-    assert len(sent_ids) == len(sent_text) == 9
-    assert all('"prompt_token_ids"' in r for r in sent_ids)
-    assert not any('"prompt_token_ids"' in r for r in sent_text)
+    assert set(sent_ids) == set(sent_text) == set(as_ids)
+    # The first shard was prepared before any row was answered: as text, as with the
+    # setting off. Every later row reached the engine as token ids.
+    as_text_first = {f"plain-{i}" for i in range(3)}
+    assert {cid for cid, r in sent_ids.items() if '"prompt_token_ids"' not in r} == as_text_first
+    assert not any('"prompt_token_ids"' in r for r in sent_text.values())
     assert set(as_ids) == set(as_text) == {*(f"plain-{i}" for i in range(6)), "turns", "tools", "echo"}
     for custom_id, row in as_ids.items():
         body, other = row["response"]["body"], as_text[custom_id]["response"]["body"]
