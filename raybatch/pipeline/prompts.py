@@ -37,10 +37,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-# engine_args that decide how the replica tokenizes (vLLM's ModelConfig names them).
-TOKENIZER_ARGS = ("tokenizer", "tokenizer_mode", "tokenizer_revision", "revision", "trust_remote_code")
-
-
 class PromptRendering(BaseModel):
     """What rendering a job's prompts takes: the replica's tokenizer and chat template."""
 
