@@ -259,9 +259,14 @@ def _prepare_args(config: RunConfig, scan: InputScan) -> dict:
             url_schemes=tuple(config.image_url_schemes),
         ),
         "task": config.engine.task,
-        "prompts": rendering.model_dump() if (rendering := prompt_rendering(config.engine, config.model)) else None,
         **row_bounds(config),
     }
+
+
+def _prompts(config: RunConfig) -> Optional[dict]:
+    """`prepare_requests`' `prompts`: how the job renders prompts before the engine."""
+    rendering = prompt_rendering(config.engine, config.model)
+    return rendering.model_dump() if rendering is not None else None
 
 
 def _finish_args(config: RunConfig) -> dict:
@@ -286,7 +291,7 @@ def answered_batches(shards: list[Shard], config: RunConfig, access: PoolAccess,
         # Prompts go as text until the job's first rows are answered: loading the
         # tokenizer (seconds of CPU, pipeline/prompts.py) then runs beside the engine,
         # not in front of the first rows (a warm job's first row came 2 to 5 s later).
-        rendering = prepare_args.pop("prompts")
+        prompts = _prompts(config)
         answered: list[bool] = []
 
         def finish(table: pa.Table) -> pa.Table:
@@ -295,7 +300,7 @@ def answered_batches(shards: list[Shard], config: RunConfig, access: PoolAccess,
 
         return stream_in_driver(
             _lines_here(shards, config, skip),
-            lambda table: prepare_requests(table, **prepare_args, prompts=rendering if answered else None),
+            lambda table: prepare_requests(table, **prepare_args, prompts=prompts if answered else None),
             EngineStage(access.model_dump()),
             finish,
             config.engine.batch_size,
@@ -306,7 +311,7 @@ def answered_batches(shards: list[Shard], config: RunConfig, access: PoolAccess,
 
 def build_pipeline(shards: list[Shard], config: RunConfig, access: PoolAccess, scan: InputScan, skip) -> ray.data.Dataset:
     prepared = _lines(shards, config, skip).map_batches(
-        prepare_requests, batch_format="pyarrow", fn_kwargs=_prepare_args(config, scan)
+        prepare_requests, batch_format="pyarrow", fn_kwargs={**_prepare_args(config, scan), "prompts": _prompts(config)}
     )
     engine = config.engine
     # Blocks of one engine batch each (streaming, nothing materialized): a shard's lines

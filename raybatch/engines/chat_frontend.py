@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from raybatch.exceptions import RowError
-from raybatch.pipeline.prompts import render_chat
+from raybatch.pipeline.prompts import chat_prompt_ids
 from raybatch.pipeline.rows import EngineRequest
 from raybatch.protocol import ErrorCode
 
@@ -95,8 +95,8 @@ class ChatFrontend:
         """Render the row and build its output constraint. Raises RowError."""
         prompt_ids = request.prompt_token_ids  # rendered in the pipeline (pipeline/prompts.py)
         if prompt_ids is None:
-            prompt = render_chat(self._tokenizer, request.messages, tools=request.tools, chat_template=self._chat_template)
-            prompt_ids = self._tokenizer.encode(prompt, add_special_tokens=False)
+            prompt_ids = chat_prompt_ids(self._tokenizer, request.messages, tools=request.tools,
+                                         chat_template=self._chat_template)
         structured = None
         if request.structured_output:
             from vllm.sampling_params import StructuredOutputsParams

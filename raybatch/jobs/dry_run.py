@@ -82,8 +82,7 @@ def dry_run(store: Store, config: ServiceConfig, account: str, request: CreateJo
     count, method = _token_counter(run_config.model)
     bad: collections.Counter = collections.Counter()
     valid = tokens = 0
-    # Rows as text: this counts tokens its own way, and loads no engine tokenizer.
-    prepare_args = {**_prepare_args(run_config, scan), "prompts": None}
+    prepare_args = _prepare_args(run_config, scan)
     for lines in _lines_here(shards, run_config):
         prepared = prepare_requests(lines, **prepare_args)
         for request_json, code in zip(column(prepared, "request"), column(prepared, "error_code")):

@@ -87,6 +87,20 @@ def render_chat(
         raise RowError(ErrorCode.INVALID_REQUEST, f"chat template refused: {exc}") from None
 
 
+def chat_prompt_ids(
+    tokenizer: Any,
+    messages: list[dict[str, Any]],
+    *,
+    tools: Optional[list[dict[str, Any]]] = None,
+    chat_template: Optional[str] = None,
+) -> list[int]:
+    """A chat row's prompt as token ids: `render_chat`, then the tokenizer without
+    special tokens of its own (the template wrote those it wants). The pipeline and the
+    replica both call this, so the ids are the same wherever the row is rendered."""
+    text = render_chat(tokenizer, messages, tools=tools, chat_template=chat_template)
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
 @dataclass(frozen=True)
 class PromptRenderer:
     tokenizer: Any
@@ -99,10 +113,8 @@ class PromptRenderer:
         template refuses the conversation."""
         kind = fields["kind"]
         if kind == "chat" and not fields.get("images"):
-            text = render_chat(self.tokenizer, fields["messages"], tools=fields.get("tools"),
-                               chat_template=self.chat_template)
-            # As the replica: the template wrote the special tokens it wants.
-            ids = self.tokenizer.encode(text, add_special_tokens=False)
+            ids = chat_prompt_ids(self.tokenizer, fields["messages"], tools=fields.get("tools"),
+                                  chat_template=self.chat_template)
             dropped = () if fields.get("tools") or self.keep_messages else ("messages",)
         elif kind == "completion" and isinstance(fields.get("prompt"), str):
             ids, dropped = self.tokenizer.encode(fields["prompt"]), ("prompt",)
