@@ -292,12 +292,16 @@ class BackgroundValidations:
         if dataset.state != DatasetState.UPLOADING or dataset.source_job_name:
             return dataset
         account, dataset_id = dataset.name.split("/")[1], dataset.name.rsplit("/", 1)[-1]
+        with self._lock:
+            run = self._runs.get((account, dataset_id))  # alive, however late its heartbeat
+        if run is not None:
+            # This replica's own run: its progress as of now, not as of the last
+            # heartbeat (other replicas show the stored record, at most a beat old).
+            return dataset.model_copy(update={"status": Status(code="OK", message=run.record.message())})
         record = self.record(account, dataset_id)
         if record is None:
             return dataset
-        with self._lock:
-            ours = (account, dataset_id) in self._runs  # alive, however late its heartbeat
-        if not ours and not self._live(record):
+        if not self._live(record):
             if record.restarts >= MAX_RESTARTS:
                 status = Status(code="ABORTED", message=f"validation was interrupted {record.restarts + 1} times "
                                 "(the replicas validating it stopped); nothing was published: call "

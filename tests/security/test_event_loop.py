@@ -4,9 +4,10 @@ shows the progress (bytes read, lines counted) and then READY; meanwhile the run
 service still answers `/healthz` and another account's GET promptly (storage I/O and
 the validation run off the API replica's event loop).
 
-The dataset: about 250 MB of short JSONL lines in under 1 MB of gzip, within the
+The dataset: 400 MiB of short JSONL lines in under 2 MB of gzip, within the
 default 500 MiB dataset limit, which this 2-core machine validates in about 10 s
-(measured: median answer about 100 ms, slowest about 220 ms). The
+(measured: median answer about 50 ms, slowest about 150 ms). At 250 MiB a faster CI
+machine validated it between five GETs, too few to tell. The
 bound: each answer within ONE_ANSWER; most within the issue's 200 ms (the validation
 holds the GIL in the same process between its zlib calls, so an answer now and then
 waits for it; before the fix every answer waited for the whole validation)."""
@@ -23,7 +24,7 @@ import httpx
 import pytest
 
 ACCOUNT, OTHER = "loop-big", "loop-other"
-EXPANDED = 250 << 20
+EXPANDED = 400 << 20
 ONE_ANSWER = 1.0  # seconds, the slowest answer allowed
 MEDIAN = 0.2  # seconds, the issue's bound, for the median answer
 PROMPT = 3.0  # seconds :validateUpload and :upload may take (they wait 1 s for the validation)
@@ -44,7 +45,7 @@ def _lines(data: bytes) -> int:
 def world(service):
     keys = {account: service.key(account) for account in (ACCOUNT, OTHER)}
     data = _big_gzip()
-    assert len(data) < 1 << 20
+    assert len(data) < 2 << 20
 
     def call(account, method, path, **kwargs) -> httpx.Response:
         return httpx.request(method, f"{service.base_url}/v1/accounts/{account}/{path}",
@@ -83,11 +84,14 @@ def _check(times: list[float]) -> None:
 
 
 def _check_progress(messages: list[str], data: bytes) -> None:
-    """GET showed the validation going: expanded bytes read growing, lines counted."""
+    """GET showed the validation going: expanded bytes measured, then read, growing
+    (the replica validating it shows its progress live), lines counted."""
     print(f"{len(messages)} progress messages, e.g. {messages[len(messages) // 2]!r}")
     expanded = len(zlib.decompress(data, 31))
-    read = [int(m) for m in re.findall(r"(\d+) of %d bytes read" % expanded, " ".join(messages))]
-    assert len(set(read)) >= 3 and any(0 < n < expanded for n in read), messages
+    text = " ".join(messages)
+    read = [int(m) for m in re.findall(r"(\d+) of %d bytes read" % expanded, text)]
+    measured = [int(m) for m in re.findall(r"expanded size, (\d+) bytes so far", text)]
+    assert len(set(read)) + len(set(measured)) >= 3 and any(0 < n < expanded for n in read), messages
     assert any("counting lines" in m for m in messages), messages
     assert all(m.startswith("validating: ") for m in messages), messages
 

@@ -127,6 +127,22 @@ def test_a_large_dataset_answers_uploading_shows_progress_then_is_ready(world):
     assert store.dataset_files("acme", "big").list() == ["in.jsonl"]
 
 
+def test_the_replica_validating_shows_its_progress_at_once_and_others_within_a_beat(tmp_path):
+    store, datasets, validations, key_id = _world(tmp_path, validation_wait_seconds=0.1,
+                                                   validation_stale_seconds=40.0)  # one beat a second
+    other_replica = BackgroundValidations(store, DatasetService(store, validations._config), validations._config)
+    _signed_upload(store, datasets, key_id, "big", gzip.compress(LINE * LINES))
+    reached, release = _hold_at(datasets, "lines")
+    validations.validate("acme", "big")
+    assert reached.wait(10)
+    # No heartbeat has written "lines" yet; the owning replica's GET shows it anyway.
+    assert "8192 lines so far" in _view(validations, datasets, "big").status.message
+    # Another replica reads the record, which the next beat brings up to date.
+    assert _until(lambda: "8192 lines so far" in _view(other_replica, datasets, "big").status.message, 5.0)
+    release.set()
+    assert _until(lambda: _view(validations, datasets, "big").state.value == "READY")
+
+
 def test_a_failure_in_the_background_is_the_status_and_nothing_is_lost(tmp_path):
     store, datasets, validations, key_id = _world(tmp_path, validation_wait_seconds=0, max_dataset_bytes=len(LINE) * 100)
     bomb = gzip.compress(LINE * 1000)  # small stored, expands past the limit
