@@ -412,10 +412,12 @@ class ServiceConfig(BaseModel):
                                       "pool's replicas).")
     max_job_duration_seconds: float = Field(24 * 3600, gt=0, description="A job running "
                                             "longer EXPIRES, keeping partial results.")
-    spare_drivers: int = Field(1, ge=0, description="Job drivers started ahead of the jobs "
-                               "that will need them. A job given a spare skips its driver's "
-                               "process start and imports (seconds on a small machine); each "
-                               "spare holds an idle process of a few hundred MB.")
+    spare_drivers: int = Field(2, ge=0, description="Idle job drivers kept ready: started "
+                               "ahead of the jobs that will need them, and taken back when "
+                               "their job ends. A job given a spare skips its driver's process "
+                               "start and imports (seconds on a small machine, 20 s beside "
+                               "busy engines); two let two jobs created together both start "
+                               "at once. Each holds an idle process of a few hundred MB.")
     spare_driver_idle_seconds: float = Field(900, gt=0, description="A spare that gets no job "
                                              "in this time exits (the scheduler starts a new "
                                              "one), so a spare outlives a stopped scheduler "

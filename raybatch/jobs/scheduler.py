@@ -387,6 +387,7 @@ class JobScheduler:
                 self._move_if(record, S.RUNNING, S.RE_QUEUEING, f"driver {record.runtime.driver_id} {ended}")
             return
         delete_assignment(self._store.location, record.runtime.driver_id)
+        self._spares.give_back(record.runtime.driver_id)  # it waits for the next job
         if outcome.state == OutcomeState.COMPLETED:
             self._move_if(record, S.RUNNING, S.WRITING_RESULTS, "")
             self._finish(self._reload(record), S.COMPLETED, "")

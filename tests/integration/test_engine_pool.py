@@ -9,6 +9,7 @@ import time
 import httpx
 import pytest
 
+from raybatch.jobs.handoff import SPARE_DRIVER_PREFIX
 from tests.helpers import InputBuilder, chat, check_run, dataset_files_url, invocations, read_jsonl, sdk_client, wait_job, wait_until
 
 COMPLETED = {"JOB_STATE_COMPLETED"}
@@ -164,7 +165,8 @@ def test_engines_are_listed_for_admins_only(service):
 @pytest.mark.engine
 def test_a_second_job_finds_the_vllm_replica_warm(service, tmp_path):
     """`tiny` is kept warm (min_replicas 1): two jobs one after the other are answered by
-    the same replica, and no engine starts for the second."""
+    the same replica, and no engine starts for the second. Nor does a driver process:
+    the second job runs in the first one's spare driver, taken back when it ended."""
     account = "pool-warm"
     first = _job(service, account, "warm-1", "tiny", 20, tmp_path)
     _check(service, account, "warm-1", first)
@@ -178,6 +180,8 @@ def test_a_second_job_finds_the_vllm_replica_warm(service, tmp_path):
     after = [r for r in _engines(service).json()["replicas"] if r["model"] == "tiny"]
     assert len(before) == 1 and before[0]["state"] == "ready"
     assert [r["replicaId"] for r in after] == [before[0]["replicaId"]]
+    drivers = [_record(service, account, job_id).runtime.driver_id for job_id in ("warm-1", "warm-2")]
+    assert drivers[0].startswith(SPARE_DRIVER_PREFIX) and drivers[1] == drivers[0], drivers
 
 
 def test_rows_sharing_a_long_prefix_report_cached_tokens(service, tmp_path):

@@ -96,6 +96,39 @@ def test_take_writes_the_assignment_and_hands_each_spare_out_once(tmp_path):
     assert spares.take(assignment) is None
 
 
+def test_a_spare_that_died_idle_is_not_given_a_job(tmp_path):
+    store = Store(str(tmp_path))
+    ray_jobs = FakeRayJobs()
+    spares = SpareDrivers(ray_jobs, store.location, str(tmp_path), count=2, idle_seconds=60)
+    spares.keep()
+    dead, alive = list(ray_jobs.statuses)
+    ray_jobs.statuses[dead] = DriverStatus.FAILED  # killed, or its node lost
+    assignment = DriverAssignment(account="acme", job_id="j1", attempt=1)
+    assert spares.take(assignment) == alive
+    assert read_assignment(store.location, dead) is None
+
+
+def test_a_spare_whose_job_ended_is_first_in_line_and_surplus_ones_stop(tmp_path):
+    store = Store(str(tmp_path))
+    ray_jobs = FakeRayJobs()
+    spares = SpareDrivers(ray_jobs, store.location, str(tmp_path), count=2, idle_seconds=60)
+    spares.keep()
+    first, second = list(ray_jobs.statuses)
+    busy = spares.take(DriverAssignment(account="acme", job_id="j1", attempt=1))
+    assert busy == first
+    spares.keep()  # a new one replaces it meanwhile
+    third = [d for d in ray_jobs.statuses if d not in (first, second)][0]
+    spares.give_back(busy)  # its job's outcome is in: it waits for the next
+    assert ray_jobs.stopped == [third]  # two ready without it: the newest start goes
+    assert spares.take(DriverAssignment(account="globex", job_id="j2", attempt=1)) == busy
+    assert spares.take(DriverAssignment(account="globex", job_id="j3", attempt=1)) == second
+    spares.give_back("raybatch-acme-j4-1-abc")  # a driver of its own exits by itself
+    spares.give_back(busy)
+    spares.give_back(busy)  # twice: still one entry
+    assert spares.take(DriverAssignment(account="acme", job_id="j5", attempt=1)) == busy
+    assert spares.take(DriverAssignment(account="acme", job_id="j6", attempt=1)) is None
+
+
 def test_a_new_scheduler_stops_the_idle_spares_of_the_last_but_not_their_jobs(tmp_path):
     store = Store(str(tmp_path))
     idle, busy = f"{SPARE_DRIVER_PREFIX}idle", f"{SPARE_DRIVER_PREFIX}busy"
@@ -117,6 +150,42 @@ def test_a_spare_runs_the_job_its_record_names(tmp_path):
 
     threading.Thread(target=scheduler).start()
     assert driver.wait_for_assignment(store, "spare-1", idle_seconds=10) == assignment
+
+
+def test_a_spare_runs_one_job_after_another_and_never_the_same_twice(tmp_path):
+    """After its job, the spare waits on; the assignment it has just run, still there
+    until the scheduler removes it, is not run again."""
+    store = Store(str(tmp_path))
+    first = DriverAssignment(account="acme", job_id="j1", attempt=1)
+    store.location.write_atomic(assignment_path("spare-1"), first.model_dump_json().encode())
+    named(store, "spare-1")
+    assert driver.wait_for_assignment(store, "spare-1", idle_seconds=10) == first
+    started = time.monotonic()
+    assert driver.wait_for_assignment(store, "spare-1", idle_seconds=0.5, done=first) is None
+    assert time.monotonic() - started >= 0.5
+    again = DriverAssignment(account="acme", job_id="j1", attempt=2)  # the job's next attempt
+
+    def scheduler():
+        time.sleep(0.3)
+        store.location.write_atomic(assignment_path("spare-1"), again.model_dump_json().encode())
+        named(store, "spare-1", attempt=2)
+
+    threading.Thread(target=scheduler).start()
+    assert driver.wait_for_assignment(store, "spare-1", idle_seconds=10, done=first) == again
+
+
+def test_a_spare_runs_its_jobs_in_one_process(tmp_path, monkeypatch):
+    """`jobs/driver.py --spare`: each assignment run in turn in the same process; no
+    assignment within the idle time ends it."""
+    ran: list[tuple] = []
+    assignments = iter([DriverAssignment(account="acme", job_id="j1", attempt=1),
+                        DriverAssignment(account="globex", job_id="j2", attempt=1), None])
+    monkeypatch.setattr(driver, "wait_for_assignment", lambda *args: next(assignments))
+    monkeypatch.setattr(driver, "run_attempt", lambda store, *job: ran.append(job) or 0)
+    monkeypatch.setattr("raybatch.runner.ensure_ray", lambda: None)
+    monkeypatch.setattr(driver.signal, "signal", lambda *args: None)
+    assert driver.main(["--storage", str(tmp_path), "--spare", "spare-1"]) == 0
+    assert ran == [("acme", "j1", 1), ("globex", "j2", 1)]
 
 
 def test_a_spare_whose_record_names_another_driver_runs_nothing(tmp_path, monkeypatch):
