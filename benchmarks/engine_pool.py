@@ -14,7 +14,7 @@ over the same prompts with the same engine arguments, all in one run:
 
     .venv/bin/python benchmarks/engine_pool.py            # ~13M-parameter model, 400 rows
     .venv/bin/python benchmarks/engine_pool.py --smoke    # tiny model, a few rows: does it work
-    .venv/bin/python benchmarks/engine_pool.py --parts fair --service '{"spare_drivers": 2}'
+    .venv/bin/python benchmarks/engine_pool.py --parts fair --service '{"spare_drivers": 1}'
     .venv/bin/python benchmarks/engine_pool.py --parts affinity
 
 Prints a table and writes the figures as JSON (--out). It starts its own service

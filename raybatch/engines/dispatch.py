@@ -109,19 +109,19 @@ def replica_for(state: ModelState, row: Row, free: list[ReplicaState]) -> Replic
 def share_caps(state: ModelState, slots: int) -> tuple[dict[str, int], bool]:
     """Each account's weighted share of the slots, over the accounts with rows queued or
     in flight and those arriving (a job the scheduler has started whose rows are not here
-    yet); and whether any is arriving. Rows in an engine are never taken back, so
+    yet, or whose rows wait behind its lead batch); and whether any is arriving. Rows in
+    an engine are never taken back, so
     without shares in flight the first job to send would fill every slot and a job
     started at the same moment would wait a whole wave of generation; queue order alone
     (the fair queue) only decides which of the waiting rows goes next."""
     now = time.monotonic()
     state.arriving = {a: until for a, until in state.arriving.items() if until > now}
     sending = state.queue.accounts() | set(state.account_in_flight)  # `left` drops zeros
-    arriving = set(state.arriving) - sending
-    everyone = sending | arriving
+    everyone = sending | set(state.arriving)
     if len(everyone) < 2:
         return {}, False
     total = sum(state.queue.weight(a) for a in everyone)
-    return {a: max(1, int(slots * state.queue.weight(a) / total)) for a in sending}, bool(arriving)
+    return {a: max(1, int(slots * state.queue.weight(a) / total)) for a in sending}, bool(state.arriving)
 
 
 def drop_runs(state: ModelState, runs: set[str]) -> int:

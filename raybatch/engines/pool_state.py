@@ -136,6 +136,7 @@ class ModelState:
     # Prompt prefix → the replica its last row went to (most recent last, bounded):
     # that replica's prefix cache holds it (dispatch.replica_for).
     prefix_homes: "OrderedDict[str, ReplicaState]" = field(default_factory=OrderedDict)
+    dispatch_pending: bool = False  # a pass is scheduled for the loop's next turn (`_dispatch_soon`)
 
     @property
     def policy(self) -> PoolPolicy:
@@ -179,6 +180,7 @@ class JobRun:
     lead_sent: bool = False
     lead_holds: bool = False
     lead_answered: asyncio.Event = field(default_factory=asyncio.Event)
+    held: int = 0  # its batches waiting behind the lead
 
 
 def pool_model_for(engine: "EngineConfig", plan: "EnginePlan", model: str, served_name: str, fixed: bool) -> PoolModel:

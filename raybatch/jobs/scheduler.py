@@ -27,8 +27,8 @@ import logging
 import threading
 import time
 import uuid
-from datetime import timedelta
-from typing import Optional
+from datetime import datetime, timedelta
+from typing import Iterable, Optional
 
 import ray
 
@@ -48,7 +48,7 @@ from raybatch.jobs.creation import claim_output_dataset, job_fields, refuse_seco
 from raybatch.jobs.handoff import DriverAssignment, OutcomeState, delete_assignment, read_outcome, write_run_config
 from raybatch.jobs.model_access import model_refusal
 from raybatch.jobs.run_config import RunConfigBuilder, check_adapter_source, check_model_source
-from raybatch.jobs.spares import SpareDrivers, first_rows_pending
+from raybatch.jobs.spares import SpareDrivers
 from raybatch.jobs.states import transition
 from raybatch.jobs.publishing import Publisher
 from raybatch.output_layout import load_commits, progress_of, read_progress
@@ -73,7 +73,7 @@ from raybatch.store import Store
 logger = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 3  # drivers that die without an answer before the job FAILS
-# While a job started in the last seconds has no committed row (spares.first_rows_pending),
+# While a job started in the last seconds has no committed row (first_rows_pending),
 # the scheduler copies progress this often instead of every `progress_interval_seconds`:
 # one small read per such job, for at most those seconds, and a first row shows at once.
 FIRST_ROWS_POLL_SECONDS = 0.5
@@ -82,6 +82,22 @@ ACTIVE = (S.RUNNING, S.CANCELLING)  # states in which a driver may be running
 # Entering these, a job's rows in the engine pool are dropped: its driver is stopping,
 # dead (a new attempt sends its rows again) or done.
 RELEASES_ENGINES = frozenset({S.CANCELLING, S.RE_QUEUEING} | {s for s in S if s.terminal})
+# How long after its start a job without a committed row has its progress copied every
+# FIRST_ROWS_POLL_SECONDS. Past it the job is on a cold engine or stuck.
+FIRST_ROWS_SECONDS = 30.0
+
+
+def first_rows_pending(records: Iterable[JobRecord], at: datetime) -> bool:
+    """Whether a job started less than FIRST_ROWS_SECONDS before `at` has committed no
+    row yet (a resumed attempt counts from its job's first start)."""
+    recent = timedelta(seconds=FIRST_ROWS_SECONDS)
+    return any(
+        r.job.state == JobState.RUNNING
+        and not r.job.job_progress.total_processed_requests
+        and r.runtime.running_since is not None
+        and at - r.runtime.running_since < recent
+        for r in records
+    )
 
 
 class JobScheduler:
@@ -202,11 +218,10 @@ class JobScheduler:
                 self._fail(record, f"internal error: {error}")
         if not self._warmed_catalog:
             self._warm_catalog()
-        # A new spare's process start (seconds of CPU) waits for a pass that started no
-        # job, and until every started job has its first rows: see spares.py.
         started = self._admit(records)
         self._awaiting_first_rows = bool(started) or first_rows_pending(records, now())
-        if not self._awaiting_first_rows:
+        # A new spare's process start (seconds of CPU) waits until no job runs: see spares.py.
+        if not started and not any(r.job.state in ACTIVE for r in records):
             self._spares.keep()
 
     def _admit(self, records: list[JobRecord]) -> int:

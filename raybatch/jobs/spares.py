@@ -8,52 +8,30 @@ that names the spare, and the spare runs the job only once the record names it: 
 scheduler that stops between the two leaves an idle spare, never a job run by a driver
 its record does not name. From then on a spare is the job's driver like any other.
 
-A spare's start is itself seconds of CPU: a Python process importing all of that, and
-Ray's job supervisor beside it. On a small machine that CPU comes out of the engines,
-and the spare that replaces a taken one would start just as the job that took it has
-its first rows decoding. So the scheduler starts spares only while no job is waiting
-for its first rows (`first_rows_pending`).
-
 A spare outlives its job: once the job's outcome is read, the scheduler takes it back as
 a ready spare (`give_back`, first in line: it has nothing left to import, and its
-tokenizers are loaded), and it waits for the next assignment. So in steady use no
-driver process starts at all: a job started while another runs gets a driver that is
-ready, instead of one whose start competes with the engines for the CPU (two accounts'
-jobs created together: the second one's fresh driver took 21 s to connect, measured).
-The scheduler keeps `count` idle spares: one given back beyond that is stopped.
+tokenizers are loaded), and it waits for the next assignment. The scheduler keeps
+`count` idle spares: one given back beyond that is stopped.
+
+A spare's start is itself seconds of CPU: a Python process importing all of that, and
+Ray's job supervisor beside it. On a small machine that CPU comes out of the engines
+(measured: two spares started beside two running jobs took 29 s to connect, and held
+one of the jobs back). So the scheduler starts spares only while no job runs (`keep`);
+while jobs run, the spares come back as their jobs end. A job started when none is
+ready gets a driver of its own, which exits after its job.
 """
 
 from __future__ import annotations
 
 import logging
 import uuid
-from datetime import datetime, timedelta
-from typing import Iterable, Optional
+from typing import Optional
 
 from raybatch.jobs.driver_control import DriverControl
 from raybatch.jobs.handoff import SPARE_DRIVER_PREFIX, DriverAssignment, read_assignment, write_assignment
-from raybatch.resources import JobRecord, JobState
 from raybatch.storage import Location
 
 logger = logging.getLogger(__name__)
-
-# How long after its start a job without a committed row holds spares back. Past it the
-# job is on a cold engine or stuck, and the next job's spare matters more.
-FIRST_ROWS_SECONDS = 30.0
-
-
-def first_rows_pending(records: Iterable[JobRecord], at: datetime) -> bool:
-    """Whether a job started less than FIRST_ROWS_SECONDS before `at` has committed no
-    row yet (a resumed attempt counts from its job's first start)."""
-    recent = timedelta(seconds=FIRST_ROWS_SECONDS)
-    return any(
-        r.job.state == JobState.RUNNING
-        and not r.job.job_progress.total_processed_requests
-        and r.runtime.running_since is not None
-        and at - r.runtime.running_since < recent
-        for r in records
-    )
-
 
 class SpareDrivers:
     def __init__(self, drivers: DriverControl, store: Location, storage_url: str, count: int, idle_seconds: float):

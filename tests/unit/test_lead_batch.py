@@ -112,3 +112,35 @@ def test_on_a_busy_replica_nothing_is_held(monkeypatch, tmp_path):
         await until(lambda: len(replica.open()) == 5)  # its first batch would not be alone
 
     asyncio.run(scenario())
+
+
+def test_rows_held_behind_a_lead_keep_their_accounts_share(monkeypatch, tmp_path):
+    """Two accounts' jobs start together on an idle replica: the first to send leads and
+    holds its other rows; the second sends all of its rows at once. Those fill only the
+    second account's share of the slots, and the first's held rows find the rest free
+    (before: the second took every slot, and the first waited a whole wave; measured
+    48 % done when the other completed)."""
+    lead = model(lead_batch_seconds=30)
+    engines, (replica,) = fake_pool(monkeypatch, lead, replicas=1)  # 10 slots
+    acme, globex = ticket(tmp_path, "acme", "a"), ticket(tmp_path, "globex", "b")
+
+    async def scenario():
+        first = asyncio.ensure_future(engines.submit(acme, lead, rows("a", 2)))
+        await until(lambda: len(replica.open()) == 2)
+        held = asyncio.ensure_future(engines.submit(acme, lead, rows("a-held", 8)))
+        other = asyncio.ensure_future(engines.submit(globex, lead, rows("b", 12)))
+        await asyncio.sleep(0.3)  # the watcher's passes change nothing while the lead holds
+        while_leading = sorted(replica.open())
+        replica.answer()  # the lead: acme's held rows go
+        replica.answer()
+        await until(lambda: len(replica.open()) == 10)
+        after_lead = replica.open()
+        while replica.open():
+            replica.answer()
+            await settle()
+        return while_leading, after_lead, await first, await held, await other
+
+    while_leading, after_lead, *answers = asyncio.run(scenario())
+    assert while_leading == ["a0", "a1"] + [f"b{i}" for i in range(5)]  # globex: its half, 5 of 10
+    assert sum(row.startswith("a-held") for row in after_lead) == 5  # acme's half, at once
+    assert [len(batch) for batch in answers] == [2, 8, 12]

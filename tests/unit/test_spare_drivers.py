@@ -12,7 +12,8 @@ import pytest
 from raybatch.jobs import driver
 from raybatch.jobs.driver_control import DriverStatus
 from raybatch.jobs.handoff import SPARE_DRIVER_PREFIX, DriverAssignment, assignment_path, read_assignment
-from raybatch.jobs.spares import FIRST_ROWS_SECONDS, SpareDrivers, first_rows_pending
+from raybatch.jobs.scheduler import FIRST_ROWS_SECONDS, first_rows_pending
+from raybatch.jobs.spares import SpareDrivers
 from raybatch.protocol import JobProgress
 from raybatch.resources import BatchInferenceJob, JobRecord, JobRuntime, JobState
 from raybatch.store import Store
@@ -81,7 +82,7 @@ def running(started_ago: float, processed: int = 0, state: JobState = JobState.R
     ([running(2, state=JobState.PENDING)], False),
     ([running(2, processed=16), running(3)], True),
 ])
-def test_spares_wait_while_a_new_job_has_no_rows_yet(records, pending):
+def test_a_new_job_without_rows_is_polled_often(records, pending):
     assert first_rows_pending(records, AT) is pending
 
 
