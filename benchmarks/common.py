@@ -64,10 +64,11 @@ def write_requests(path: Path, rows: int, max_tokens: int) -> Path:
     return path
 
 
-def llm_chat_baseline(model: str, requests: Path, arguments: dict) -> dict:
-    """One `LLM.chat` call over the same rows, in a fresh process (`llm_chat.py`)."""
-    done = subprocess.run([PYTHON, str(ROOT / "benchmarks" / "llm_chat.py"), model, str(requests), json.dumps(arguments)],
-                          capture_output=True, text=True, timeout=3600)
+def llm_chat_baseline(model: str, requests: Path, arguments: dict, then: Path | None = None) -> dict:
+    """One `LLM.chat` call over the same rows, in a fresh process (`llm_chat.py`); with
+    `then`, a second call over those rows on the same engine (under "then")."""
+    command = [PYTHON, str(ROOT / "benchmarks" / "llm_chat.py"), model, str(requests), json.dumps(arguments)]
+    done = subprocess.run(command + ([str(then)] if then else []), capture_output=True, text=True, timeout=3600)
     if done.returncode != 0:
         raise RuntimeError(f"LLM.chat baseline failed:\n{done.stderr[-3000:]}")
     # vLLM logs to stdout too, also after the result line.
