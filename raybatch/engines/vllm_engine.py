@@ -102,7 +102,7 @@ class VllmEngine:
     async def generate(self, request: EngineRequest) -> EngineResult:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
-        from vllm.sampling_params import StructuredOutputsParams
+        from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
         from vllm.v1.engine.exceptions import EngineDeadError
 
         if self._pooling != (request.kind == EMBEDDING_KIND):
@@ -134,7 +134,13 @@ class VllmEngine:
                     sampling["structured_outputs"] = StructuredOutputsParams(**request.structured_output)
             prompt, prompt_tokens = TokensPrompt(prompt_token_ids=prompt_ids), len(prompt_ids)
         try:
-            params = SamplingParams(max_tokens=self._max_tokens(request, prompt_tokens), **sampling)
+            # FINAL_ONLY: a batch row needs its whole answer only. vLLM's default for
+            # AsyncLLM (CUMULATIVE) builds each request's output again at every step and
+            # wakes its coroutine: with 256 rows decoding, 256 outputs per step in the
+            # replica's process, beside the engine on the same cores (`LLM.chat` asks
+            # for final outputs only too).
+            params = SamplingParams(max_tokens=self._max_tokens(request, prompt_tokens),
+                                    output_kind=RequestOutputKind.FINAL_ONLY, **sampling)
         except (ValueError, TypeError) as exc:
             raise RowError(ErrorCode.INVALID_REQUEST, str(exc)) from None
         lora_request = self._adapters.request(request) if request.adapter else None
