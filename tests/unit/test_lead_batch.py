@@ -127,20 +127,22 @@ def test_rows_held_behind_a_lead_keep_their_accounts_share(monkeypatch, tmp_path
     async def scenario():
         first = asyncio.ensure_future(engines.submit(acme, lead, rows("a", 2)))
         await until(lambda: len(replica.open()) == 2)
-        held = asyncio.ensure_future(engines.submit(acme, lead, rows("a-held", 8)))
+        held = [asyncio.ensure_future(engines.submit(acme, lead, rows(f"a-held{i}-", 4))) for i in range(2)]
         other = asyncio.ensure_future(engines.submit(globex, lead, rows("b", 12)))
         await asyncio.sleep(0.3)  # the watcher's passes change nothing while the lead holds
         while_leading = sorted(replica.open())
-        replica.answer()  # the lead: acme's held rows go
+        replica.answer()  # the lead: acme's held batches go, both at once
         replica.answer()
         await until(lambda: len(replica.open()) == 10)
         after_lead = replica.open()
         while replica.open():
             replica.answer()
             await settle()
-        return while_leading, after_lead, await first, await held, await other
+        return while_leading, after_lead, [await first] + [await batch for batch in held] + [await other]
 
-    while_leading, after_lead, *answers = asyncio.run(scenario())
+    while_leading, after_lead, answers = asyncio.run(scenario())
     assert while_leading == ["a0", "a1"] + [f"b{i}" for i in range(5)]  # globex: its half, 5 of 10
-    assert sum(row.startswith("a-held") for row in after_lead) == 5  # acme's half, at once
-    assert [len(batch) for batch in answers] == [2, 8, 12]
+    # acme's half, at once: released one batch at a time, the first (4 rows) would have
+    # been dispatched alone, and globex's queued rows would have taken the free slot.
+    assert sum(row.startswith("a-held") for row in after_lead) == 5
+    assert [len(batch) for batch in answers] == [2, 4, 4, 12]
