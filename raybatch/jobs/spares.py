@@ -40,17 +40,19 @@ class SpareDrivers:
         self._storage_url = storage_url
         self._count = count
         self._idle_seconds = idle_seconds
-        self._ready: Optional[list[str]] = None  # None until the first `keep` has looked
+        self._ready: list[str] = []
+        self._looked = False  # whether `keep` has stopped an earlier scheduler's idle spares
 
     def keep(self) -> None:
         """Keep `count` spares started. The first call stops the idle spares an earlier
-        scheduler left (their ids died with it); spares already given a job run on."""
+        scheduler left (their ids died with it); spares given a job run on, and come
+        back to this scheduler when it ends (`give_back`)."""
         try:
-            if self._ready is None:
+            if not self._looked:
                 for driver_id in self._drivers.live_drivers(SPARE_DRIVER_PREFIX):
-                    if read_assignment(self._store, driver_id) is None:
+                    if driver_id not in self._ready and read_assignment(self._store, driver_id) is None:
                         self._drivers.stop(driver_id, wait_seconds=0)
-                self._ready = []
+                self._looked = True
             self._ready = [d for d in self._ready if self._drivers.status(d).alive]
             while len(self._ready) < self._count:
                 driver_id = f"{SPARE_DRIVER_PREFIX}{uuid.uuid4().hex[:12]}"
@@ -63,7 +65,7 @@ class SpareDrivers:
         """A spare whose job has ended waits for its next (jobs/driver.py): first in line,
         or stopped when `count` spares are ready without it. Any other driver exits by
         itself."""
-        if not (driver_id or "").startswith(SPARE_DRIVER_PREFIX) or self._ready is None or driver_id in self._ready:
+        if not (driver_id or "").startswith(SPARE_DRIVER_PREFIX) or driver_id in self._ready:
             return
         self._ready.insert(0, driver_id)
         while len(self._ready) > self._count:

@@ -139,6 +139,19 @@ def test_a_new_scheduler_stops_the_idle_spares_of_the_last_but_not_their_jobs(tm
     assert ray_jobs.stopped == [idle]
 
 
+def test_a_new_scheduler_takes_back_the_spares_whose_jobs_it_sees_end(tmp_path):
+    """Jobs ran on spares of the scheduler before; this one reads their outcomes before
+    its first look at the spares: they are its ready spares, not idle ones to stop."""
+    store = Store(str(tmp_path))
+    finished, idle = f"{SPARE_DRIVER_PREFIX}finished", f"{SPARE_DRIVER_PREFIX}idle"
+    ray_jobs = FakeRayJobs(live=[finished, idle])
+    spares = SpareDrivers(ray_jobs, store.location, str(tmp_path), count=1, idle_seconds=60)
+    spares.give_back(finished)  # its job's outcome is in (the assignment removed)
+    spares.keep()
+    assert ray_jobs.stopped == [idle]
+    assert spares.take(DriverAssignment(account="acme", job_id="j2", attempt=1)) == finished
+
+
 def test_a_spare_runs_the_job_its_record_names(tmp_path):
     store = Store(str(tmp_path))
     assignment = DriverAssignment(account="acme", job_id="j1", attempt=1)
