@@ -292,10 +292,11 @@ def answered_batches(shards: list[Shard], config: RunConfig, access: PoolAccess,
         # tokenizer (seconds of CPU, pipeline/prompts.py) then runs beside the engine,
         # not in front of the first rows (a warm job's first row came 2 to 5 s later).
         prompts = _prompts(config)
-        answered: list[bool] = []
+        answered = False
 
         def finish(table: pa.Table) -> pa.Table:
-            answered.append(True)
+            nonlocal answered
+            answered = True
             return finish_rows(table, **finish_args)
 
         return stream_in_driver(

@@ -48,11 +48,17 @@ def named(store: Store, driver_id: str, attempt: int = 1) -> None:
     ))
 
 
-def test_spares_are_kept_started_and_replaced_when_gone(tmp_path):
+def two_started(tmp_path) -> tuple[Store, FakeRayJobs, SpareDrivers]:
+    """A store, Ray's jobs, and a SpareDrivers of count 2 that has started its two."""
     store = Store(str(tmp_path))
     ray_jobs = FakeRayJobs()
     spares = SpareDrivers(ray_jobs, store.location, str(tmp_path), count=2, idle_seconds=60)
     spares.keep()
+    return store, ray_jobs, spares
+
+
+def test_spares_are_kept_started_and_replaced_when_gone(tmp_path):
+    _, ray_jobs, spares = two_started(tmp_path)
     first = list(ray_jobs.statuses)
     assert len(first) == 2 and all(d.startswith(SPARE_DRIVER_PREFIX) for d in first)
     spares.keep()
@@ -98,10 +104,7 @@ def test_take_writes_the_assignment_and_hands_each_spare_out_once(tmp_path):
 
 
 def test_a_spare_that_died_idle_is_not_given_a_job(tmp_path):
-    store = Store(str(tmp_path))
-    ray_jobs = FakeRayJobs()
-    spares = SpareDrivers(ray_jobs, store.location, str(tmp_path), count=2, idle_seconds=60)
-    spares.keep()
+    store, ray_jobs, spares = two_started(tmp_path)
     dead, alive = list(ray_jobs.statuses)
     ray_jobs.statuses[dead] = DriverStatus.FAILED  # killed, or its node lost
     assignment = DriverAssignment(account="acme", job_id="j1", attempt=1)
@@ -110,10 +113,7 @@ def test_a_spare_that_died_idle_is_not_given_a_job(tmp_path):
 
 
 def test_a_spare_whose_job_ended_is_first_in_line_and_surplus_ones_stop(tmp_path):
-    store = Store(str(tmp_path))
-    ray_jobs = FakeRayJobs()
-    spares = SpareDrivers(ray_jobs, store.location, str(tmp_path), count=2, idle_seconds=60)
-    spares.keep()
+    _, ray_jobs, spares = two_started(tmp_path)
     first, second = list(ray_jobs.statuses)
     busy = spares.take(DriverAssignment(account="acme", job_id="j1", attempt=1))
     assert busy == first
