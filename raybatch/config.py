@@ -256,6 +256,11 @@ class RunConfig(BaseModel):
     part_max_seconds: float = Field(
         5.0, gt=0, description="A part is committed at least this often while rows arrive."
     )
+    part_quiet_seconds: float = Field(
+        1.0, gt=0, description="Rows held for a part are committed once no new rows came "
+        "for this long: a burst of answers shows in the job's progress at once, not up to "
+        "part_max_seconds later. At most one part more per burst."
+    )
     in_driver_bytes: int = Field(
         32 * MIB, ge=0, description="Inputs up to this size (stored bytes) are scanned and "
         "streamed through the pipeline in the job's driver process; larger ones through Ray "

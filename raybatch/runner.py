@@ -388,6 +388,7 @@ def _stream(
         part_max_rows=config.part_max_rows,
         part_max_bytes=config.part_max_bytes,
         part_max_seconds=config.part_max_seconds,
+        part_quiet_seconds=config.part_quiet_seconds,
         metric_labels=metrics.job_labels(config.job_id, config.account),
     )
     scan = scan_input(shards, config)

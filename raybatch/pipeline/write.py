@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import collections
 import os
+import threading
 import time
 import uuid
 from typing import Any, Callable, Optional
@@ -50,16 +51,20 @@ class OutputWriter:
         part_max_rows: int,
         part_max_bytes: int,
         part_max_seconds: float,
+        part_quiet_seconds: Optional[float] = None,
         total_input_requests: Optional[int] = None,
         metric_labels: Optional[dict[str, str]] = None,
     ):
         """`total_input_requests` may come later, through `begin`: a run creates its
-        writer before it scans the input, so that the actor's process starts meanwhile."""
+        writer before it scans the input, so that the actor's process starts meanwhile.
+        `part_quiet_seconds`: rows still held that long after the last append are
+        committed by a timer (None: only appends and `flush` commit)."""
         self._out = Location(output_url)
         self._cap_bytes = cap_bytes
         self._part_max_rows = part_max_rows
         self._part_max_bytes = part_max_bytes
         self._part_max_seconds = part_max_seconds
+        self._part_quiet_seconds = part_quiet_seconds
         self._total = total_input_requests
         self._metric_labels = metric_labels or metrics.job_labels(None, "local")
         self._run = uuid.uuid4().hex[:8]
@@ -73,16 +78,30 @@ class OutputWriter:
         self._buffered: set[tuple[str, int]] = set()
         self._buffer_bytes = 0
         self._last_commit = time.monotonic()
+        self._last_append = time.monotonic()
         self._cap_reached = False
+        # The quiet timer commits from its own thread: one lock keeps commits in order
+        # with the actor's calls. At most one timer is pending.
+        self._lock = threading.Lock()
+        self._quiet_timer: Optional[threading.Timer] = None
         if total_input_requests is not None:
             self._write_progress()
 
     def begin(self, total_input_requests: int) -> OutputStatus:
-        self._total = total_input_requests
-        self._write_progress()
-        return self.status()
+        with self._lock:
+            self._total = total_input_requests
+            self._write_progress()
+            return self.status()
 
     def append(self, table: pa.Table) -> OutputStatus:
+        with self._lock:
+            self._last_append = time.monotonic()
+            self._append(table)
+            if self._buffer and self._part_quiet_seconds is not None and self._quiet_timer is None:
+                self._start_quiet_timer(self._part_quiet_seconds)
+            return self.status()
+
+    def _append(self, table: pa.Table) -> None:
         rows = zip(
             column(table, "shard"),
             column(table, "line"),
@@ -109,11 +128,32 @@ class OutputWriter:
         first = self._seq == self._first_seq and self._buffer
         if first or time.monotonic() - self._last_commit >= self._part_max_seconds:
             self._commit()
-        return self.status()
 
     def flush(self) -> OutputStatus:
-        self._commit()
-        return self.status()
+        with self._lock:
+            self._commit()
+            return self.status()
+
+    def _start_quiet_timer(self, seconds: float) -> None:
+        self._quiet_timer = threading.Timer(seconds, self._commit_when_quiet)
+        self._quiet_timer.daemon = True
+        self._quiet_timer.start()
+
+    def _commit_when_quiet(self) -> None:
+        """Commit the rows held once appends stop. Why: answers come in bursts (rows that
+        started together end together), and `part_max_seconds` alone commits only the
+        burst's first append at once. The rest waited for the next burst, or the job's
+        end: a job whose rows were all answered showed half of them (docs/performance.md).
+        A steady stream never falls quiet and commits every `part_max_seconds` as before."""
+        with self._lock:
+            self._quiet_timer = None
+            if not self._buffer:
+                return
+            remaining = self._last_append + self._part_quiet_seconds - time.monotonic()
+            if remaining > 0:
+                self._start_quiet_timer(remaining)
+            else:
+                self._commit()
 
     def status(self) -> OutputStatus:
         return OutputStatus(

@@ -1,11 +1,12 @@
 """The writer and the commit records, on local storage, without Ray."""
 
 import json
+import time
 
 from raybatch.output_layout import load_commits, publish_files
 from raybatch.pipeline.write import OutputWriter
 from raybatch.storage import Location
-from tests.helpers import batch
+from tests.helpers import batch, wait_until
 
 
 def writer(out, cap=10**9, rows=4, total=10):
@@ -88,3 +89,30 @@ def test_the_first_rows_commit_at_once_later_ones_by_the_part_rules(tmp_path):
     resumed = writer(tmp_path, rows=1000, total=20)
     assert resumed.append(batch([5])).progress.total_processed_requests == 5
     assert read_progress(Location(str(tmp_path))).progress.total_processed_requests == 5
+
+
+def test_a_burst_of_answers_commits_once_appends_stop(tmp_path):
+    """Rows that started together end together: after the first commit, the rest of a
+    burst is held (part_max_seconds has not passed) and committed by the quiet timer
+    once appends stop, with no further call; never while they go on."""
+    w = OutputWriter(str(tmp_path), cap_bytes=10**9, part_max_rows=1000, part_max_bytes=10**9,
+                     part_max_seconds=3600, part_quiet_seconds=0.5, total_input_requests=30)
+    out = Location(str(tmp_path))
+
+    def committed() -> int:
+        return sum(c.results + c.errors for c in load_commits(out))
+
+    w.append(batch([1]))  # a job's first rows commit at once
+    assert committed() == 1
+    for line in range(2, 22):  # one append every 0.05 s for a second: never quiet
+        w.append(batch([line]))
+        time.sleep(0.05)
+    assert committed() == 1, "committed while appends still came"
+    wait_until(lambda: committed() == 21, timeout=5, interval=0.05)
+    progress = json.loads((tmp_path / "_raybatch" / "progress.json").read_text())
+    assert progress["progress"]["totalProcessedRequests"] == 21
+    w.append(batch([22]))  # the next burst: held, then committed by a new timer
+    wait_until(lambda: committed() == 22, timeout=5, interval=0.05)
+    assert [c.seq for c in load_commits(out)] == [1, 2, 3]
+    assert sorted(output_lines(tmp_path)[0]) == list(range(1, 23))
+
