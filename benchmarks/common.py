@@ -41,14 +41,14 @@ def engine_extra(shape: str) -> dict:
     return extra
 
 
-def engine_args(shape: str) -> dict:
-    """The vLLM arguments the service's planner gives the model, so that the baseline
-    gets the very same."""
+def engine_args(shape: str, extra: dict | None = None) -> dict:
+    """The vLLM arguments the service's planner gives the model (with `extra`, default
+    `engine_extra(shape)`), so that the baseline gets the very same."""
     from raybatch.config import EngineConfig
     from raybatch.precision import NodeResources, plan_engines
     from raybatch.protocol import Precision
 
-    config = EngineConfig(max_model_len=1024, engine_args=engine_extra(shape))
+    config = EngineConfig(max_model_len=1024, engine_args=engine_extra(shape) if extra is None else extra)
     return plan_engines(config, Precision.PRECISION_UNSPECIFIED, [NodeResources()]).engine_args
 
 

@@ -20,6 +20,8 @@ over the same prompts with the same engine arguments, all in one run:
     .venv/bin/python benchmarks/engine_pool.py --smoke    # tiny model, a few rows: does it work
     .venv/bin/python benchmarks/engine_pool.py --parts fair --service '{"spare_drivers": 1}'
     .venv/bin/python benchmarks/engine_pool.py --parts affinity
+    # the issue's own setting: the ~110M model, vLLM's defaults (torch.compile), bf16
+    .venv/bin/python benchmarks/engine_pool.py --parts warm --shape bench --engine-args '{}'
 
 Prints a table and writes the figures as JSON (--out). It starts its own service
 (`raybatch up`): no other Ray may run on the machine. Figures go in docs/performance.md.
@@ -156,12 +158,12 @@ def write_prefixed(path: Path, rows: int, prefixes: int, max_tokens: int) -> Pat
     return path
 
 
-def prefix_affinity(work: Path, model: str, shape: str, rows: int, max_tokens: int) -> dict:
+def prefix_affinity(work: Path, model: str, extra: dict, rows: int, max_tokens: int) -> dict:
     """The same job on two warm replicas, `prefix_affinity` off then on (a service each)."""
     requests = write_prefixed(work / "prefixed.jsonl", rows, prefixes=8, max_tokens=max_tokens)
     figures = {}
     for affinity in (False, True):
-        engine = {"max_model_len": 1024, "replicas": 2, "prefix_affinity": affinity, "engine_args": engine_extra(shape)}
+        engine = {"max_model_len": 1024, "replicas": 2, "prefix_affinity": affinity, "engine_args": extra}
         with service(work / f"affinity-{affinity}", {"bench": {"source": model, "engine": engine}},
                      accounts=("bench-a",), settings={"admin_accounts": ["bench-a"]}) as clients:
             client = clients["bench-a"]
@@ -215,18 +217,23 @@ def main() -> int:
                         help="which to run, of warm (jobs 1 and 2), fair (two accounts), steady (a warm job "
                              "over the baseline's rows), affinity (two more services: prefix affinity off and on)")
     parser.add_argument("--service", default="{}", help="service settings (JSON) over the benchmark's")
+    parser.add_argument("--shape", choices=("tiny", "small", "bench"),
+                        help="the random model's shape (default small, ~13M parameters; smoke tiny; bench ~110M)")
+    parser.add_argument("--engine-args", help="vLLM arguments (JSON) instead of the benchmark's "
+                        "(eager, float32 on CPU), for the service and the baseline alike")
     parser.add_argument("--steady-factor", type=int, default=4,
                         help="the steady part's long job has this many times the rows (default 4)")
     args = parser.parse_args()
     parts = set(args.parts.split(","))
     rows = args.rows or (12 if args.smoke else 400)
     max_tokens = args.max_tokens or (8 if args.smoke else 64)
-    shape = "tiny" if args.smoke else "small"
+    shape = args.shape or ("tiny" if args.smoke else "small")
     model = build_model(shape)
+    extra = engine_extra(shape) if args.engine_args is None else json.loads(args.engine_args)
     work = Path(tempfile.mkdtemp(prefix="raybatch-bench-"))
     requests = write_requests(work / "requests.jsonl", rows, max_tokens)
     long_requests = write_requests(work / "long.jsonl", rows * args.steady_factor, max_tokens)
-    arguments = engine_args(shape)
+    arguments = engine_args(shape, extra)
 
     settings = json.loads(args.service)
     print(f"model: {shape} ({model}); {rows} rows x {max_tokens} output tokens; engine {arguments}; "
@@ -237,11 +244,11 @@ def main() -> int:
         figures["llm_chat"] = llm_chat_baseline(model, requests, arguments, then=long_requests)
         print(f"one LLM.chat call: {figures['llm_chat']}", flush=True)
 
-    catalog = {"bench": {"source": model, "engine": {"max_model_len": 1024, "engine_args": engine_extra(shape)}}}
+    catalog = {"bench": {"source": model, "engine": {"max_model_len": 1024, "engine_args": extra}}}
     if parts & {"warm", "fair", "steady"}:
         pool_parts(parts, figures, work, catalog, settings, requests, long_requests, max_tokens)
     if "affinity" in parts:
-        figures["affinity"] = prefix_affinity(work, model, shape, rows, max_tokens)
+        figures["affinity"] = prefix_affinity(work, model, extra, rows, max_tokens)
 
     lines = []
     if "warm" in parts:
