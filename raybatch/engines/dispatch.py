@@ -63,17 +63,28 @@ def dispatch(state: ModelState, send: Send) -> None:
         replica.running_suspect = True
         send(replica, row)
     open_replicas = [r for r in ready if not r.running_suspect and not r.held_for_suspect]
-    slots = state.policy.slots_per_replica
+    policy = state.policy
+    slots = policy.slots_per_replica
     in_flight = state.account_in_flight
-    shares, arriving = share_caps(state, slots * len(open_replicas))
+    # Shares of what the engines run at once first, then of the slots: an engine runs
+    # its first max_num_seqs rows and queues the rest by arrival, so the account that
+    # sent first would hold more of the running rows than its share of the slots says,
+    # a lead that lasts every wave. Each level is (shares, whether any is arriving).
+    levels = [share_caps(state, slots * len(open_replicas))]
+    if policy.running_per_replica is not None and policy.running_per_replica < slots:
+        levels.insert(0, share_caps(state, policy.running_per_replica * len(open_replicas)))
     while len(state.queue):
         free = [r for r in open_replicas if len(r.in_flight) < slots]
         if not free:
             break
-        # An account at its share of the slots waits while another below its share has
-        # rows queued; when none has, the slot is not left idle, unless it is kept for
-        # a job that is arriving.
-        popped = state.queue.pop(skip={a for a, share in shares.items() if in_flight[a] >= share})
+        # An account at its share waits while another below its share has rows queued;
+        # when none has, the slot is not left idle, unless it is kept for a job that is
+        # arriving.
+        popped = None
+        for shares, arriving in levels:
+            popped = state.queue.pop(skip={a for a, share in shares.items() if in_flight[a] >= share})
+            if popped is not None or arriving:
+                break
         if popped is None:
             if arriving:
                 break

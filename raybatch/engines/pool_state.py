@@ -36,6 +36,9 @@ class PoolPolicy(BaseModel):
     max_replicas: int = 1
     idle_seconds: float = 300
     slots_per_replica: int = 320  # admission_factor x max_num_seqs
+    # The rows an engine runs at once (max_num_seqs); the rest of its slots wait in the
+    # engine's own queue, first come first served. None: the same as the slots.
+    running_per_replica: Optional[int] = None
     prefix_affinity: bool = True
     lead_batch_seconds: float = 5
     request_timeout_seconds: float = 600
@@ -206,6 +209,7 @@ def pool_model_for(engine: "EngineConfig", plan: "EnginePlan", model: str, serve
         max_replicas=max_replicas,
         idle_seconds=engine.idle_seconds,
         slots_per_replica=math.ceil(engine.admission_factor * max_num_seqs),
+        running_per_replica=max_num_seqs,
         prefix_affinity=engine.prefix_affinity,
         lead_batch_seconds=engine.lead_batch_seconds,
         request_timeout_seconds=engine.request_timeout_seconds,
