@@ -93,6 +93,8 @@ class EnginePool:
             # Only an idle replica answers a lone batch fast: on a busy or starting one,
             # the job's other batches would be held back for nothing.
             job.lead_holds = not len(state.queue) and any(r.idle for r in state.replicas)
+            if not job.lead_holds:
+                self._release_leads(job.model)
         if leading and job.lead_holds:
             # Its other rows come once the lead is answered, or its time is up: until
             # then they count as arriving, or a job of another account started at the
@@ -133,6 +135,16 @@ class EnginePool:
                 self._json.clear()
             parsed = self._json[value] = kind.model_validate_json(value)
         return parsed
+
+    def _release_leads(self, model: str) -> None:
+        """Another job's rows are coming: a lead batch is no longer alone on its replica,
+        so its job's held rows go now. Held until the lead was answered (with the
+        newcomer's rows beside it, a whole wave), they started up to
+        lead_batch_seconds after the newcomer's, and that job kept the lead of every
+        wave (measured: 5 s behind, 52 % done when the other completed)."""
+        for other in self._runs.values():
+            if other.model == model and other.lead_holds:
+                other.lead_answered.set()
 
     async def _behind_the_lead(self, job: JobRun) -> None:
         """Hold a batch until the job's first one is answered, at most the policy's
