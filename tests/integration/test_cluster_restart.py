@@ -55,4 +55,9 @@ def test_job_resumes_after_the_cluster_restarts(service, tmp_path, stop, model):
     assert len(committed_before) < lines, "the job ended before the stop: nothing was tested"
     from raybatch.store import Store
 
-    assert Store(service.storage).get_job(ACCOUNT, job_id).runtime.attempts == 2
+    # One resume after the restart. `ray stop --force` kills the raylet first and the
+    # scheduler a moment later: the scheduler may see the driver fail in between and
+    # start one more attempt, which the stop then ends too (seen once: attempt 2 started
+    # 2 s after the raylet died, attempt 3 ran after the restart).
+    attempts = Store(service.storage).get_job(ACCOUNT, job_id).runtime.attempts
+    assert attempts == 2 or (stop == "ray stop --force" and attempts == 3), attempts
