@@ -84,17 +84,20 @@ class OutputWriter:
         # with the actor's calls. At most one timer is pending.
         self._lock = threading.Lock()
         self._quiet_timer: Optional[threading.Timer] = None
+        self._quiet_failure: Optional[Exception] = None  # raised by the next call
         if total_input_requests is not None:
             self._write_progress()
 
     def begin(self, total_input_requests: int) -> OutputStatus:
         with self._lock:
+            self._raise_quiet_failure()
             self._total = total_input_requests
             self._write_progress()
             return self.status()
 
     def append(self, table: pa.Table) -> OutputStatus:
         with self._lock:
+            self._raise_quiet_failure()
             self._last_append = time.monotonic()
             self._append(table)
             if self._buffer and self._part_quiet_seconds is not None and self._quiet_timer is None:
@@ -131,8 +134,16 @@ class OutputWriter:
 
     def flush(self) -> OutputStatus:
         with self._lock:
+            self._raise_quiet_failure()
             self._commit()
             return self.status()
+
+    def _raise_quiet_failure(self) -> None:
+        """A commit that failed in the timer's thread fails the writer's next call, as
+        one in that call would have: its rows left the buffer uncommitted, and the run
+        must not end as if they were written (the next attempt answers them)."""
+        if self._quiet_failure is not None:
+            raise self._quiet_failure
 
     def _start_quiet_timer(self, seconds: float) -> None:
         self._quiet_timer = threading.Timer(seconds, self._commit_when_quiet)
@@ -142,18 +153,21 @@ class OutputWriter:
     def _commit_when_quiet(self) -> None:
         """Commit the rows held once appends stop. Why: answers come in bursts (rows that
         started together end together), and `part_max_seconds` alone commits only the
-        burst's first append at once. The rest waited for the next burst, or the job's
-        end: a job whose rows were all answered showed half of them (docs/performance.md).
-        A steady stream never falls quiet and commits every `part_max_seconds` as before."""
+        burst's first append at once; the rest waited for the next burst, or the job's
+        end (docs/performance.md). A steady stream never falls quiet and commits every
+        `part_max_seconds` as before."""
         with self._lock:
             self._quiet_timer = None
-            if not self._buffer:
+            if not self._buffer or self._quiet_failure is not None:
                 return
             remaining = self._last_append + self._part_quiet_seconds - time.monotonic()
             if remaining > 0:
                 self._start_quiet_timer(remaining)
-            else:
+                return
+            try:
                 self._commit()
+            except Exception as exc:  # noqa: BLE001 - no caller in this thread: kept for the next call
+                self._quiet_failure = exc
 
     def status(self) -> OutputStatus:
         return OutputStatus(

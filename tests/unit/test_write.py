@@ -96,7 +96,7 @@ def test_a_burst_of_answers_commits_once_appends_stop(tmp_path):
     burst is held (part_max_seconds has not passed) and committed by the quiet timer
     once appends stop, with no further call; never while they go on."""
     w = OutputWriter(str(tmp_path), cap_bytes=10**9, part_max_rows=1000, part_max_bytes=10**9,
-                     part_max_seconds=3600, part_quiet_seconds=0.5, total_input_requests=30)
+                     part_max_seconds=3600, part_quiet_seconds=1.0, total_input_requests=30)
     out = Location(str(tmp_path))
 
     def committed() -> int:
@@ -104,7 +104,7 @@ def test_a_burst_of_answers_commits_once_appends_stop(tmp_path):
 
     w.append(batch([1]))  # a job's first rows commit at once
     assert committed() == 1
-    for line in range(2, 22):  # one append every 0.05 s for a second: never quiet
+    for line in range(2, 22):  # one append every 0.05 s for a second: never quiet for 1 s
         w.append(batch([line]))
         time.sleep(0.05)
     assert committed() == 1, "committed while appends still came"
@@ -116,3 +116,26 @@ def test_a_burst_of_answers_commits_once_appends_stop(tmp_path):
     assert [c.seq for c in load_commits(out)] == [1, 2, 3]
     assert sorted(output_lines(tmp_path)[0]) == list(range(1, 23))
 
+
+
+def test_a_quiet_commit_that_fails_fails_the_next_call_and_commits_nothing(tmp_path):
+    """The timer's commit has no caller to raise to: its failure is raised by the
+    writer's next call, so the run fails (and its next attempt answers those rows)
+    instead of ending as if they were written."""
+    w = OutputWriter(str(tmp_path), cap_bytes=10**9, part_max_rows=1000, part_max_bytes=10**9,
+                     part_max_seconds=3600, part_quiet_seconds=0.2, total_input_requests=3)
+    w.append(batch([1]))  # committed at once
+
+    def storage_down(rows, size):
+        raise OSError("storage down")
+
+    w._commit_part = storage_down
+    w.append(batch([2]))
+    time.sleep(1.0)  # the timer tried, and failed
+    try:
+        w.append(batch([3]))
+    except OSError as exc:
+        assert str(exc) == "storage down"
+    else:
+        raise AssertionError("the quiet commit's failure was not raised")
+    assert [c.results for c in load_commits(Location(str(tmp_path)))] == [1]
