@@ -79,8 +79,13 @@ def fires(point: str, count: int) -> bool:
         return False  # another process claimed it first
     # Its time is now when the fault fired, not when it was armed; its text, the process
     # that fired it (with several engines, the tests' only sure way to tell which broke).
-    with open(fired, "w") as record:
+    # Written to a new file and renamed over: another process may have opened the armed
+    # file just before the rename and still be reading it, and truncating that same file
+    # would hand it this pid instead of the spec.
+    record_path = f"{fired}.{os.getpid()}"
+    with open(record_path, "w") as record:
         record.write(str(os.getpid()))
+    os.replace(record_path, fired)
     return True
 
 
