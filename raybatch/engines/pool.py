@@ -92,7 +92,7 @@ class EnginePool:
             job.lead_sent = True
             # Only an idle replica answers a lone batch fast: on a busy or starting one,
             # the job's other batches would be held back for nothing.
-            job.lead_holds = not len(state.queue) and any(r.idle for r in state.replicas)
+            job.lead_holds = self._room_for_a_lead(state)
             if not job.lead_holds:
                 self._release_leads(job.model)
         if leading and job.lead_holds:
@@ -123,6 +123,10 @@ class EnginePool:
         finally:
             if leading:
                 job.lead_answered.set()
+                if job.lead_holds:
+                    # Its held rows go now and fill the engine: a lead of another job
+                    # beside them no longer decodes fast, so its rows go too.
+                    self._release_leads(job.model)
                 if job.lead_holds and not job.held:  # nothing more of it is coming
                     state.arriving.pop(ticket.account, None)
 
@@ -136,12 +140,25 @@ class EnginePool:
             parsed = self._json[value] = kind.model_validate_json(value)
         return parsed
 
+    def _room_for_a_lead(self, state: ModelState) -> bool:
+        """Nothing queued, and a ready replica runs nothing but lead batches still
+        holding their jobs' other rows: a lead sent there decodes beside a few dozen rows,
+        in seconds. So jobs created together each get their first rows fast (measured:
+        4.2 and 4.7 s after create; with the first job's rows released when the second
+        came, both first rows came with the first whole wave, 14 s)."""
+        if len(state.queue):
+            return False
+        leading = {run_id for run_id, job in self._runs.items() if job.lead_holds and not job.lead_answered.is_set()}
+        return any(replica.state == "ready" and all(entry.row.run_id in leading for entry in replica.in_flight.values())
+                   for replica in state.replicas)
+
     def _release_leads(self, model: str) -> None:
-        """Another job's rows are coming: a lead batch is no longer alone on its replica,
-        so its job's held rows go now. Held until the lead was answered (with the
-        newcomer's rows beside it, a whole wave), they started up to
-        lead_batch_seconds after the newcomer's, and that job kept the lead of every
-        wave (measured: 5 s behind, 52 % done when the other completed)."""
+        """The leads of this model are no longer alone on their replicas (a new job's
+        rows go without holding, or an answered lead's held rows fill the engine), so
+        every job's held rows go now. Held until their own lead was answered, a whole
+        wave with the others' rows beside it, they started up to lead_batch_seconds
+        after the others', and those jobs kept the lead of every wave (measured: 5 s
+        behind, 52 % done when the other account's job completed)."""
         for other in self._runs.values():
             if other.model == model and other.lead_holds:
                 other.lead_answered.set()

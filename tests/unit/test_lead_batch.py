@@ -99,13 +99,27 @@ def test_a_held_batch_of_an_ended_job_never_reaches_an_engine(monkeypatch, tmp_p
     assert asyncio.run(scenario()) == ["a0"]
 
 
+def _past_its_lead(engines, replica, job, model):
+    """A job whose lead batch was answered, with one row of a later batch in the engine:
+    a replica busy with rows that hold nothing back."""
+
+    async def steps():
+        lead_batch = asyncio.ensure_future(engines.submit(job, model, rows("g", 1)))
+        await until(lambda: replica.open() == ["g0"])
+        replica.answer()
+        await lead_batch
+        asyncio.ensure_future(engines.submit(job, model, rows("h", 1)))
+        await until(lambda: replica.open() == ["h0"])
+
+    return steps()
+
+
 def test_on_a_busy_replica_nothing_is_held(monkeypatch, tmp_path):
     lead = model(lead_batch_seconds=30)
     engines, (replica,) = fake_pool(monkeypatch, lead, replicas=1)
 
     async def scenario():
-        asyncio.ensure_future(engines.submit(ticket(tmp_path, "globex", "g"), lead, rows("g", 1)))
-        await until(lambda: len(replica.open()) == 1)  # another job's row is in the engine
+        await _past_its_lead(engines, replica, ticket(tmp_path, "globex", "g"), lead)
         job = ticket(tmp_path, "acme", "a")
         for prefix in ("a", "b"):
             asyncio.ensure_future(engines.submit(job, lead, rows(prefix, 2)))
@@ -114,36 +128,69 @@ def test_on_a_busy_replica_nothing_is_held(monkeypatch, tmp_path):
     asyncio.run(scenario())
 
 
-def test_rows_held_behind_a_lead_keep_their_accounts_share(monkeypatch, tmp_path):
-    """Two accounts' jobs start together on an idle replica: the first to send leads and
-    holds its other rows. Until the second sends, those rows keep the first account's
-    share free; when the second sends, the lead is no longer alone and the held rows
-    go at once, so both start together and each has its share of the slots (before:
-    the second took every slot and the first waited a whole wave, 48 % done when the
-    other completed; then, held until the lead was answered, the first's rows started
-    5 s after the other's, 52 %)."""
+def test_jobs_created_together_each_lead_and_all_go_when_the_first_lead_is_answered(monkeypatch, tmp_path):
+    """Two accounts' jobs start together on an idle replica. The second's lead finds only
+    the first's lead in the engine, so it goes too and holds its job's other rows: both
+    first batches decode beside a few others, in seconds (when the first job's rows went
+    as soon as the second's came, both first rows came with the first whole wave, 14 s
+    after create). When the first lead is answered, every held row goes, each account
+    to its half of the slots: the engine fills again, and a lead beside a full engine
+    would not come back sooner (measured: the second job's first row 4.1 s later than
+    the first's when it held its rows to the end of its own lead, 0.5 s when not)."""
     lead = model(lead_batch_seconds=30)
     engines, (replica,) = fake_pool(monkeypatch, lead, replicas=1)  # 10 slots
     acme, globex = ticket(tmp_path, "acme", "a"), ticket(tmp_path, "globex", "b")
 
     async def scenario():
-        first = asyncio.ensure_future(engines.submit(acme, lead, rows("a", 2)))
+        seen = {}
+        batches = [asyncio.ensure_future(engines.submit(acme, lead, rows("a", 2)))]
         await until(lambda: len(replica.open()) == 2)
-        held = [asyncio.ensure_future(engines.submit(acme, lead, rows(f"a-held{i}-", 4))) for i in range(2)]
-        await asyncio.sleep(0.3)  # the watcher's passes change nothing while the lead holds
-        while_alone = sorted(replica.open())
-        other = asyncio.ensure_future(engines.submit(globex, lead, rows("b", 12)))
+        batches += [asyncio.ensure_future(engines.submit(acme, lead, rows(f"a-held{i}-", 4))) for i in range(2)]
+        await settle()
+        batches.append(asyncio.ensure_future(engines.submit(globex, lead, rows("b", 2))))
+        await until(lambda: len(replica.open()) == 4)
+        batches += [asyncio.ensure_future(engines.submit(globex, lead, rows(f"b-held{i}-", 4))) for i in range(2)]
+        await asyncio.sleep(0.3)  # the watcher's passes change nothing while both leads hold
+        seen["both leads"] = sorted(replica.open())
+        replica.answer()
+        replica.answer()  # acme's lead, a0 and a1
         await until(lambda: len(replica.open()) == 10)
-        together = replica.open()
+        seen["acme's lead answered"] = replica.open()
         while replica.open():
             replica.answer()
             await settle()
-        return while_alone, together, [await first] + [await batch for batch in held] + [await other]
+        return seen, [await batch for batch in batches]
 
-    while_alone, together, answers = asyncio.run(scenario())
-    assert while_alone == ["a0", "a1"]
-    # The lead (2 rows) is still unanswered: acme's held rows went when globex's came,
-    # and each account has its half of the 10 slots.
-    assert sum(row.startswith("a-held") for row in together) == 3
-    assert sum(row.startswith("b") for row in together) == 5
-    assert [len(batch) for batch in answers] == [2, 4, 4, 12]
+    seen, answers = asyncio.run(scenario())
+    assert seen["both leads"] == ["a0", "a1", "b0", "b1"]
+    released = seen["acme's lead answered"]
+    assert {"b0", "b1"} <= set(released)  # globex's lead is still in the engine
+    assert sum(row.startswith("a-held") for row in released) == 5
+    assert sum(row.startswith("b-held") for row in released) == 3  # with b0 and b1, its half
+    assert [len(batch) for batch in answers] == [2, 4, 4, 2, 4, 4]
+
+
+def test_a_lead_stops_holding_when_a_new_job_finds_no_room_for_its_own(monkeypatch, tmp_path):
+    """acme's lead holds alone; then another job's later rows join it in the engine, and
+    a third job's lead comes: no replica runs leads alone any more, so that lead holds
+    nothing, and acme's held rows go at once rather than wait for a lead that now
+    decodes beside everything else (measured: 5 s behind the others, 52 % done when
+    the other account's job completed)."""
+    lead = model(lead_batch_seconds=30)
+    engines, (replica,) = fake_pool(monkeypatch, lead, replicas=1)
+    acme, globex, initech = (ticket(tmp_path, account, account[0]) for account in ("acme", "globex", "initech"))
+
+    async def scenario():
+        await _past_its_lead(engines, replica, globex, lead)
+        replica.answer()  # h0: the replica is idle again
+        await until(lambda: not replica.open())
+        asyncio.ensure_future(engines.submit(acme, lead, rows("a", 1)))
+        await until(lambda: replica.open() == ["a0"])
+        asyncio.ensure_future(engines.submit(acme, lead, rows("a-held", 1)))
+        asyncio.ensure_future(engines.submit(globex, lead, rows("later", 1)))
+        await until(lambda: replica.open() == ["a0", "later0"])  # acme's held row waits
+        asyncio.ensure_future(engines.submit(initech, lead, rows("i", 1)))
+        await until(lambda: len(replica.open()) == 4)
+        return sorted(replica.open())
+
+    assert asyncio.run(scenario()) == ["a-held0", "a0", "i0", "later0"]
