@@ -68,7 +68,8 @@ class EngineConfig(BaseModel):
     lead_batch_seconds: float = Field(
         5, ge=0, description="A job's first batch of rows goes to the engine ahead of the "
         "rest, which wait until it is answered, at most this long, when a replica was idle "
-        "for it (on a busy one nothing is held). On the idle replica its "
+        "for it (running nothing, or only other jobs' first batches; on a busy one nothing "
+        "is held). On the idle replica its "
         "rows then decode in a small, fast batch, and the job's first results are visible "
         "within seconds instead of after a whole wave of its rows (hundreds decoding in "
         "lockstep). Costs the job at most this long of a fuller engine at its start. 0: off."
