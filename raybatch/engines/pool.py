@@ -127,8 +127,8 @@ class EnginePool:
                     # Its held rows go now and fill the engine: a lead of another job
                     # beside them no longer decodes fast, so its rows go too.
                     self._release_leads(job.model)
-                if job.lead_holds and not job.held:  # nothing more of it is coming
-                    state.arriving.pop(ticket.account, None)
+                    if not job.held:  # nothing more of it is coming
+                        state.arriving.pop(ticket.account, None)
 
     def _parsed(self, kind, value):
         if not isinstance(value, str):
